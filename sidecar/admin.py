@@ -1,0 +1,97 @@
+"""The admin API (SPEC §7), served by aiohttp on `admin.listen`.
+
+Endpoints:
+  GET  /live                          200 while the event loop runs
+  GET  /ready                         200 when every readiness latch is set; 503 + JSON reasons otherwise
+  GET  /metrics                       Prometheus text format
+  GET  /v1/status                     JSON: service, readiness, per upstream endpoints/circuit/in-flight
+  POST /v1/breakers/{upstream}/reset  closes that circuit; loopback clients only (403 otherwise)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sidecar import __version__
+from sidecar.config import Config
+from sidecar.lifecycle import Readiness
+from sidecar.proxy.upstream import Upstream
+from sidecar.telemetry.logging import get_logger
+from sidecar.telemetry.metrics import Metrics
+
+log = get_logger("sidecar.admin")
+
+
+def _is_loopback(remote: str | None) -> bool:
+    if not remote:
+        return False
+    try:
+        return ipaddress.ip_address(remote.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def build_admin_app(
+    config: Config,
+    readiness: Readiness,
+    upstreams: Mapping[str, Upstream],
+    metrics: Metrics,
+) -> web.Application:
+    """The aiohttp application behind the admin listener."""
+
+    async def live(_: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def ready(_: web.Request) -> web.Response:
+        if readiness.ready:
+            return web.json_response({"ready": True})
+        return web.json_response({"ready": False, "reasons": readiness.reasons()}, status=503)
+
+    async def metrics_endpoint(_: web.Request) -> web.Response:
+        body = generate_latest(metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def status(_: web.Request) -> web.Response:
+        body: dict[str, Any] = {
+            "version": __version__,
+            "service": {
+                "name": config.service.name,
+                "id": config.service.id,
+                "address": config.service.address,
+                "port": config.service.port,
+                "registration": "disabled" if not config.consul.enabled else "pending",
+            },
+            "ready": readiness.ready,
+            "not_ready_reasons": readiness.reasons(),
+            "upstreams": {name: up.status() for name, up in upstreams.items()},
+        }
+        return web.json_response(body)
+
+    async def reset_breaker(request: web.Request) -> web.Response:
+        if not _is_loopback(request.remote):
+            return _error(403, "FORBIDDEN", "breaker reset is allowed from loopback clients only")
+        name = request.match_info["upstream"]
+        upstream = upstreams.get(name)
+        if upstream is None:
+            return _error(404, "NO_ROUTE", f"no upstream named {name!r} is configured")
+        before = upstream.breaker.state
+        upstream.breaker.reset()
+        log.info("circuit_reset", upstream=name, before=before, remote=request.remote)
+        return web.json_response({"upstream": name, "before": before, "circuit": "closed"})
+
+    app = web.Application()
+    app.router.add_get("/live", live)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/v1/status", status)
+    app.router.add_post("/v1/breakers/{upstream}/reset", reset_breaker)
+    return app

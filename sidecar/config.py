@@ -1,0 +1,982 @@
+"""Configuration: the only reader of the environment and of the YAML file (SPEC §3).
+
+`load_config` returns an inert, frozen `Config` or raises `ConfigError` listing every
+problem at once as `path: reason`. Nothing here connects, binds or logs; building live
+objects from a `Config` is the app's job.
+
+Environment overrides win over the file. An empty environment variable counts as
+unset, so `FOO=` in a pod spec never replaces a file value with nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import os
+import re
+import socket
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Any, NamedTuple, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from sidecar.errors import ConfigError
+
+__all__ = [
+    "ENV_ADMIN_LISTEN",
+    "ENV_CONFIG",
+    "ENV_CONSUL_ADDR",
+    "ENV_CONSUL_CACERT",
+    "ENV_CONSUL_ENABLED",
+    "ENV_CONSUL_TOKEN",
+    "ENV_CONSUL_TOKEN_FILE",
+    "ENV_LISTEN",
+    "ENV_LOG_FORMAT",
+    "ENV_LOG_LEVEL",
+    "ENV_SERVICE_ADDRESS",
+    "ENV_SERVICE_NAME",
+    "ENV_SERVICE_PORT",
+    "ENV_VARS",
+    "Address",
+    "AdminConfig",
+    "BreakerConfig",
+    "Config",
+    "ConsulConfig",
+    "DiscoveryConfig",
+    "EnvVar",
+    "FallbackConfig",
+    "HealthConfig",
+    "OutlierConfig",
+    "RetryConfig",
+    "ServiceConfig",
+    "ShutdownConfig",
+    "TelemetryConfig",
+    "UpstreamConfig",
+    "config_from_mapping",
+    "load_config",
+    "parse_duration",
+    "parse_size",
+    "resolve_config_path",
+]
+
+T = TypeVar("T")
+
+ENV_CONFIG = "SIDECAR_CONFIG"
+ENV_SERVICE_NAME = "SIDECAR_SERVICE_NAME"
+ENV_SERVICE_ADDRESS = "SIDECAR_SERVICE_ADDRESS"
+ENV_SERVICE_PORT = "SIDECAR_SERVICE_PORT"
+ENV_LISTEN = "SIDECAR_LISTEN"
+ENV_ADMIN_LISTEN = "SIDECAR_ADMIN_LISTEN"
+ENV_LOG_FORMAT = "SIDECAR_LOG_FORMAT"
+ENV_LOG_LEVEL = "SIDECAR_LOG_LEVEL"
+ENV_CONSUL_ENABLED = "SIDECAR_CONSUL_ENABLED"
+ENV_CONSUL_ADDR = "CONSUL_HTTP_ADDR"
+ENV_CONSUL_TOKEN = "CONSUL_HTTP_TOKEN"
+ENV_CONSUL_TOKEN_FILE = "CONSUL_HTTP_TOKEN_FILE"
+ENV_CONSUL_CACERT = "CONSUL_CACERT"
+
+
+class EnvVar(NamedTuple):
+    """One environment variable the sidecar reads: its name, the config path it sets, what for."""
+
+    name: str
+    path: str
+    description: str
+
+
+ENV_VARS: tuple[EnvVar, ...] = (
+    EnvVar(ENV_CONFIG, "-", "path of the YAML config file when `-c` is not given"),
+    EnvVar(ENV_SERVICE_NAME, "service.name", "name of the app beside this sidecar"),
+    EnvVar(ENV_SERVICE_ADDRESS, "service.address", "address registered for the app"),
+    EnvVar(ENV_SERVICE_PORT, "service.port", "the app's own port"),
+    EnvVar(ENV_LISTEN, "listen", "app-facing API address, host:port"),
+    EnvVar(ENV_ADMIN_LISTEN, "admin.listen", "admin API address, host:port"),
+    EnvVar(ENV_LOG_FORMAT, "telemetry.log_format", "json or console"),
+    EnvVar(ENV_LOG_LEVEL, "telemetry.log_level", "debug, info, warning or error"),
+    EnvVar(ENV_CONSUL_ENABLED, "consul.enabled", "true/false/1/0/yes/no"),
+    EnvVar(ENV_CONSUL_ADDR, "consul.address", "Consul HTTP API URL (scheme optional)"),
+    EnvVar(ENV_CONSUL_TOKEN, "consul.token", "Consul ACL token; wins over the token file"),
+    EnvVar(ENV_CONSUL_TOKEN_FILE, "consul.token_file", "file holding the Consul ACL token"),
+    EnvVar(ENV_CONSUL_CACERT, "consul.ca_file", "CA bundle for a TLS Consul address"),
+)
+
+
+# --- the model -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A `host:port` to bind or connect to; IPv6 hosts are stored without brackets."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, *, min_port: int = 0) -> Address:
+        """Parse `host:port` or `[v6]:port`; raises ValueError naming the text."""
+        match = _ADDRESS.fullmatch(text.strip())
+        if match is None:
+            raise ValueError(f"invalid address {text!r} (expected host:port)")
+        host, port = match["v6"] or match["host"], int(match["port"])
+        if match["v6"] is not None:
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"invalid address {text!r} (bad IPv6 literal)") from None
+        if not min_port <= port <= 65535:
+            raise ValueError(f"invalid address {text!r} (port must be {min_port}-65535)")
+        return cls(host, port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+_DEFAULT_LISTEN = Address("127.0.0.1", 4001)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """How the sidecar probes the app: HTTP GET `path`, or a TCP connect when it is None."""
+
+    path: str | None = None
+    interval: float = 10.0
+    timeout: float = 2.0
+    deregister_critical_after: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """The app beside this sidecar, as registered in Consul."""
+
+    name: str
+    id: str
+    address: str
+    port: int | None = None
+    tags: tuple[str, ...] = ()
+    meta: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    health: HealthConfig = HealthConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: Address = Address("0.0.0.0", 9902)  # all interfaces: Prometheus scrapes it
+
+
+@dataclass(frozen=True, slots=True)
+class ConsulConfig:
+    """Consul agent access; `token` comes from the environment or `token_file`, never the file."""
+
+    enabled: bool = True
+    address: str = "http://127.0.0.1:8500"
+    token: str | None = field(default=None, repr=False)
+    token_file: str | None = None
+    ca_file: str | None = None
+    datacenter: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """When a failed attempt is retried; YAML `on:` sets the four `on_*` fields."""
+
+    max: int = 2
+    on_connect_failure: bool = True
+    on_timeout: bool = False
+    on_reset: bool = False
+    on_statuses: frozenset[int] = frozenset({502, 503, 504})
+    budget_ratio: float = 0.2
+    min_retries_per_second: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    failure_threshold: int = 5
+    open_for: float = 30.0
+    half_open_probes: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierConfig:
+    consecutive_failures: int = 5
+    base_ejection: float = 30.0
+    max_ejection: float = 300.0
+    max_ejection_percent: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackConfig:
+    """The canned response served while an upstream's circuit is open."""
+
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """One service the app may call; `service` defaults to `name`."""
+
+    name: str
+    service: str = ""
+    tags: tuple[str, ...] = ()
+    endpoints: tuple[Address, ...] = ()
+    listen: Address | None = None
+    timeout: float = 10.0
+    per_try_timeout: float = 3.0
+    retries: RetryConfig = RetryConfig()
+    circuit_breaker: BreakerConfig = BreakerConfig()
+    outlier: OutlierConfig = OutlierConfig()
+    max_concurrent_requests: int = 1024
+    fallback: FallbackConfig | None = None
+    balancer: str = "peak_ewma"
+
+    def __post_init__(self) -> None:
+        if not self.service:
+            object.__setattr__(self, "service", self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    allow_any_service: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    log_format: str = "json"
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownConfig:
+    drain: float = 5.0
+    grace: float = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated configuration; build one with `load_config` or `config_from_mapping`."""
+
+    service: ServiceConfig
+    listen: Address = _DEFAULT_LISTEN
+    admin: AdminConfig = AdminConfig()
+    consul: ConsulConfig = ConsulConfig()
+    upstreams: Mapping[str, UpstreamConfig] = field(default_factory=lambda: MappingProxyType({}))
+    discovery: DiscoveryConfig = DiscoveryConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+
+
+# --- public helpers ------------------------------------------------------------------------
+
+_ADDRESS = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+)):(?P<port>\d{1,5})")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h))+")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_SECONDS = {"s": 1, "m": 60, "h": 3600}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|kB|B)?")
+_SIZE_UNITS = {"B": 1, "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_SIZE_UNITS |= {f"{p}iB": 1024 ** (i + 1) for i, p in enumerate("KMGT")}
+
+
+def parse_duration(value: object) -> float:
+    """`500ms`, `10s`, `1m`, `1m30s`, `2h` or a number of seconds, as float seconds.
+
+    Raises ValueError (`invalid duration '...'`) for anything else, including negatives.
+    """
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if _NUMBER.fullmatch(text):
+            seconds = float(text)
+        elif _DURATION.fullmatch(text):
+            seconds = sum(
+                float(n) / 1000 if unit == "ms" else float(n) * _SECONDS[unit]
+                for n, unit in _DURATION_PART.findall(text)
+            )
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"invalid duration {value!r}")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """`512MiB`, `1KB` (decimal), `1KiB` (binary), `100B` or an int, as whole bytes.
+
+    Raises ValueError (`invalid size '...'`) for anything else, including negatives.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and (match := _SIZE.fullmatch(value.strip())):
+        return int(Decimal(match[1]) * _SIZE_UNITS[match[2] or "B"])
+    raise ValueError(f"invalid size {value!r}")
+
+
+def resolve_config_path(
+    path: str | None = None, environ: Mapping[str, str] | None = None
+) -> str | None:
+    """The config file to read: `path`, else `$SIDECAR_CONFIG`, else None (env + defaults)."""
+    env = os.environ if environ is None else environ
+    return path or env.get(ENV_CONFIG) or None
+
+
+def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the YAML file (see `resolve_config_path`), apply env overrides, validate.
+
+    Raises ConfigError with every problem found.
+    """
+    env = os.environ if environ is None else environ
+    source = resolve_config_path(path, env)
+    data = {} if source is None else _read_yaml(source)
+    return config_from_mapping(data, env, source or "(defaults)")
+
+
+def config_from_mapping(
+    data: Mapping[str, Any], environ: Mapping[str, str], source: str = "<config>"
+) -> Config:
+    """Build a `Config` from already-parsed YAML data plus env overrides.
+
+    Raises ConfigError with every problem found.
+    """
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError([f"{source}: expected a mapping at the top level, got {_kind(data)}"])
+    ctx = _Context(environ)
+    root = _Section(data, "", ctx)
+    service = _service(root.section("service"))
+    listen = root.get("listen", _address(0), _DEFAULT_LISTEN, env=ENV_LISTEN)
+    admin = _admin(root.section("admin"))
+    consul = _consul(root.section("consul"))
+    upstreams = _upstreams(root.section("upstreams"), consul.enabled)
+    discovery = DiscoveryConfig(**root.section("discovery").take(allow_any_service=_boolean))
+    telemetry = _telemetry(root.section("telemetry"))
+    shutdown = ShutdownConfig(
+        **root.section("shutdown").take(drain=_duration(allow_zero=True), grace=_duration())
+    )
+    root.done(unsupported={"events", "alerts"})
+
+    if discovery.allow_any_service and not consul.enabled:
+        ctx.problem("discovery.allow_any_service", "needs consul.enabled")
+    _check_ports(ctx, listen, admin, upstreams)
+
+    if ctx.problems:
+        raise ConfigError(ctx.problems)
+    return Config(
+        service=service,
+        listen=listen,
+        admin=admin,
+        consul=consul,
+        upstreams=MappingProxyType(upstreams),
+        discovery=discovery,
+        telemetry=telemetry,
+        shutdown=shutdown,
+    )
+
+
+# --- reading the YAML file -----------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans that rejects a duplicate key.
+
+    YAML 1.1 reads `on`, `off`, `yes` and `no` as booleans, which would turn the
+    `retries: {on: [...]}` key into `True`; only true/false are booleans here.
+    """
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    keys: set[object] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        try:
+            duplicate = key in keys
+            keys.add(key)
+        except TypeError:  # an unhashable key; construct_mapping reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+    return loader.construct_mapping(node)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return yaml.load(file, Loader=_Loader)  # a SafeLoader: no arbitrary objects
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file ({exc.strerror})"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"{path}: invalid YAML{where}: {exc.problem}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
+
+
+# --- the validation helper -----------------------------------------------------------------
+
+
+class _Context:
+    """What every section shares while reading: the environment and the problems so far."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+        self.problems: list[str] = []
+
+    def problem(self, path: str, reason: str) -> None:
+        self.problems.append(f"{path}: {reason}")
+
+    def env(self, name: str) -> str | None:
+        return self.environ.get(name) or None
+
+    def parse(self, path: str, parse: Callable[[Any], T], value: object) -> T | None:
+        """`parse(value)`, or None after recording the ValueError's message at `path`."""
+        try:
+            return parse(value)
+        except ValueError as exc:
+            self.problem(path, str(exc))
+            return None
+
+
+_UNSET: Any = object()
+
+
+class _Section:
+    """One mapping of the config, read at `path`; every problem is recorded, none raised.
+
+    Keys read through it are remembered, so `done()` can report the rest as unknown.
+    """
+
+    def __init__(self, data: object, path: str, ctx: _Context) -> None:
+        self.path = path
+        self.ctx = ctx
+        self.seen: set[object] = set()
+        if not isinstance(data, Mapping):
+            if data is not None:
+                ctx.problem(path, f"expected a mapping, got {_kind(data)}")
+            data = {}
+        self.data: Mapping[object, Any] = data
+
+    def at(self, key: object) -> str:
+        return f"{self.path}.{key}" if self.path else str(key)
+
+    def has(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def get(
+        self,
+        key: str,
+        parse: Callable[[Any], T],
+        default: T,
+        *,
+        env: str | None = None,
+        env_parse: Callable[[str], T] | None = None,
+    ) -> T:
+        """The value at `key` (or env var `env`, which wins), parsed; `default` if absent or bad."""
+        self.seen.add(key)
+        text = self.ctx.env(env) if env else None
+        if env is not None and text is not None:
+            parsed = self.ctx.parse(env, env_parse or parse, text)
+        elif self.has(key):
+            parsed = self.ctx.parse(self.at(key), parse, self.data[key])
+        else:
+            return default
+        return default if parsed is None else parsed
+
+    def require(
+        self, key: str, parse: Callable[[Any], T], placeholder: T, *, env: str | None = None
+    ) -> T:
+        """Like `get`, but reports `required` when neither the key nor the env var is set."""
+        if not self.has(key) and not (env and self.ctx.env(env)):
+            self.seen.add(key)
+            self.ctx.problem(self.at(key), "required")
+            return placeholder
+        return self.get(key, parse, placeholder, env=env)
+
+    def take(self, **parsers: Callable[[Any], Any]) -> dict[str, Any]:
+        """The parsed value of each key present and valid, so dataclass defaults fill the rest."""
+        values = {key: self.get(key, parse, _UNSET) for key, parse in parsers.items()}
+        return {key: value for key, value in values.items() if value is not _UNSET}
+
+    def items(self, key: str, parse: Callable[[Any], T]) -> tuple[T, ...] | None:
+        """A list at `key`, each element parsed at `key[i]`; None when absent."""
+        self.seen.add(key)
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            self.ctx.problem(self.at(key), f"expected a list, got {_kind(value)}")
+            return ()
+        parsed = (self.ctx.parse(f"{self.at(key)}[{i}]", parse, v) for i, v in enumerate(value))
+        return tuple(item for item in parsed if item is not None)
+
+    def mapping(self, key: str, parse: Callable[[Any], T]) -> dict[str, T]:
+        """A string-keyed mapping at `key`, each value parsed at `key.name`."""
+        section = self.section(key)
+        result: dict[str, T] = {}
+        for name, value in section.data.items():
+            section.seen.add(name)
+            if not isinstance(name, str):
+                section.ctx.problem(section.at(name), f"expected a string key, got {_kind(name)}")
+            elif (parsed := section.ctx.parse(section.at(name), parse, value)) is not None:
+                result[name] = parsed
+        return result
+
+    def section(self, key: str) -> _Section:
+        self.seen.add(key)
+        return _Section(self.data.get(key), self.at(key), self.ctx)
+
+    def reject(self, key: str, reason: str) -> None:
+        if key in self.data:
+            self.seen.add(key)
+            self.ctx.problem(self.at(key), reason)
+
+    def done(self, unsupported: Collection[str] = ()) -> None:
+        """Report every key not read: later-build sections as such, the rest as unknown."""
+        for key in self.data:
+            if key not in self.seen:
+                known_later = key in unsupported
+                reason = "not supported in this build yet" if known_later else "unknown key"
+                self.ctx.problem(self.at(key), reason)
+
+
+# --- value parsers: each raises ValueError whose message is the reason shown -----------------
+
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_UPSTREAM_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_RETRY_FLAGS = ("connect-failure", "timeout", "reset")
+
+
+def _kind(value: object) -> str:
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list"}
+    names |= {dict: "mapping", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _one_of(options: Collection[object]) -> str:
+    *head, last = map(str, options)
+    return f"{', '.join(head)} or {last}" if head else last
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_kind(value)}")
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_kind(value)}")
+    return value
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_kind(value)}")
+    return value
+
+
+def _env_boolean(text: str) -> bool:
+    word = text.strip().lower()
+    if word in ("true", "1", "yes"):
+        return True
+    if word in ("false", "0", "no"):
+        return False
+    raise ValueError(f"invalid boolean {text!r} (expected true, false, 1, 0, yes or no)")
+
+
+def _integer(low: int, high: int | None = None) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {_kind(value)}")
+        if value < low or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise ValueError(f"must be {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+def _number(low: float, high: float | None = None) -> Callable[[object], float]:
+    def parse(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"expected a number, got {_kind(value)}")
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
+            bounds = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+            raise ValueError(f"must be {bounds}, got {value}")
+        return float(value)
+
+    return parse
+
+
+def _duration(*, allow_zero: bool = False) -> Callable[[object], float]:
+    def parse(value: object) -> float:
+        seconds = parse_duration(value)
+        if seconds == 0 and not allow_zero:
+            raise ValueError("must be greater than 0")
+        return seconds
+
+    return parse
+
+
+def _choice(*options: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        word = _string(value).strip().lower()
+        if word not in options:
+            raise ValueError(f"expected {_one_of(options)}, got {value!r}")
+        return word
+
+    return parse
+
+
+def _port(value: object) -> int:
+    return _integer(1, 65535)(value)
+
+
+def _port_text(text: str) -> int:
+    if not (text.strip().isascii() and text.strip().isdigit()) or not 1 <= int(text) <= 65535:
+        raise ValueError(f"invalid port {text!r}")
+    return int(text)
+
+
+def _address(min_port: int) -> Callable[[object], Address]:
+    return lambda value: Address.parse(_string(value), min_port=min_port)
+
+
+def _host(value: object) -> str:
+    host = _string(value).strip()
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not (_HOST.fullmatch(host) and len(host) <= 253):
+            raise ValueError(
+                f"invalid host {value!r} (expected an IP address or host name)"
+            ) from None
+    return host
+
+
+def _service_name(value: object) -> str:
+    name = _string(value)
+    if not _SERVICE_NAME.fullmatch(name):
+        raise ValueError(f"invalid name {name!r} (expected letters, digits, '.', '_' or '-')")
+    return name
+
+
+def _http_path(value: object) -> str:
+    path = _string(value)
+    if not path.startswith("/") or any(c.isspace() for c in path):
+        raise ValueError(f"invalid path {path!r} (expected an absolute path like /healthz)")
+    return path
+
+
+def _consul_url(value: object) -> str:
+    text = _string(value).strip().rstrip("/")
+    url = text if "://" in text else f"http://{text}"  # Consul's CLI accepts a bare host:port
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"invalid URL {value!r} (expected http://host:port or https://host:port)")
+    return url
+
+
+def _secret_file(value: object) -> tuple[str, str]:
+    """The path and its stripped contents; the contents are never put in a message."""
+    path = _string(value)
+    try:
+        with open(path, encoding="utf-8") as file:
+            secret = file.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ValueError(f"cannot read {path!r} ({reason})") from None
+    if not secret:
+        raise ValueError(f"{path!r} is empty")
+    return path, secret
+
+
+def _existing_file(value: object) -> str:
+    path = _string(value)
+    if not os.path.isfile(path):
+        raise ValueError(f"no such file {path!r}")
+    return path
+
+
+def _retry_condition(value: object) -> str | frozenset[int]:
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in _RETRY_FLAGS:
+        return word
+    if word == "5xx":
+        return frozenset(range(500, 600))
+    status = int(word) if word and word.isascii() and word.isdigit() else value
+    if isinstance(status, int) and not isinstance(status, bool) and 500 <= status <= 599:
+        return frozenset({status})
+    raise ValueError(
+        f"unknown condition {value!r} "
+        "(expected connect-failure, timeout, reset, 5xx or a status 500-599)"
+    )
+
+
+def _json_body(value: object) -> bytes:
+    try:
+        return json.dumps(value).encode()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"cannot be encoded as JSON ({exc})") from None
+
+
+def _header_value(value: object) -> str:
+    text = _text(value)
+    if "\r" in text or "\n" in text:
+        raise ValueError("must not contain line breaks")
+    return text
+
+
+# --- sections ------------------------------------------------------------------------------
+
+
+def _service(s: _Section) -> ServiceConfig:
+    name = s.require("name", _service_name, "", env=ENV_SERVICE_NAME)
+    service_id = s.get("id", _string, "") or f"{name}-{socket.gethostname()}"
+    address = s.get("address", _host, "", env=ENV_SERVICE_ADDRESS) or _default_address()
+    port = s.get("port", _port, None, env=ENV_SERVICE_PORT, env_parse=_port_text)
+    tags = s.items("tags", _string) or ()
+    meta = s.mapping("meta", _text)
+    health_section = s.section("health")
+    health = HealthConfig(
+        **health_section.take(
+            path=_http_path,
+            interval=_duration(),
+            timeout=_duration(),
+            deregister_critical_after=_duration(),
+        )
+    )
+    health_section.done()
+    s.done()
+    return ServiceConfig(
+        name=name,
+        id=service_id,
+        address=address,
+        port=port,
+        tags=tags,
+        meta=MappingProxyType(meta),
+        health=health,
+    )
+
+
+def _default_address() -> str:
+    """The first non-loopback IPv4 address of this host, from the resolver; no traffic sent."""
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+    except (OSError, UnicodeError):
+        return "127.0.0.1"
+    for *_, sockaddr in infos:
+        ip = str(sockaddr[0])
+        if not ipaddress.ip_address(ip).is_loopback:
+            return ip
+    return "127.0.0.1"
+
+
+def _admin(s: _Section) -> AdminConfig:
+    admin = AdminConfig(
+        listen=s.get("listen", _address(0), AdminConfig().listen, env=ENV_ADMIN_LISTEN)
+    )
+    s.done()
+    return admin
+
+
+def _consul(s: _Section) -> ConsulConfig:
+    defaults = ConsulConfig()
+    known = len(s.ctx.problems)
+    enabled = s.get(
+        "enabled", _boolean, defaults.enabled, env=ENV_CONSUL_ENABLED, env_parse=_env_boolean
+    )
+    if enabled and len(s.ctx.problems) == known:  # not when `enabled` itself was invalid
+        s.ctx.problem(
+            s.at("enabled"),
+            "Consul registration and discovery are not available in this build yet; set "
+            f"consul.enabled: false (or {ENV_CONSUL_ENABLED}=false) and give each upstream "
+            "static endpoints",
+        )
+    address = s.get("address", _consul_url, defaults.address, env=ENV_CONSUL_ADDR)
+    secret = s.get("token_file", _secret_file, None, env=ENV_CONSUL_TOKEN_FILE)
+    s.reject(
+        "token", f"secrets do not belong in the config file; use token_file or {ENV_CONSUL_TOKEN}"
+    )
+    consul = ConsulConfig(
+        enabled=enabled,
+        address=address,
+        token=s.ctx.env(ENV_CONSUL_TOKEN) or (secret[1] if secret else None),
+        token_file=secret[0] if secret else None,
+        ca_file=s.get("ca_file", _existing_file, None, env=ENV_CONSUL_CACERT),
+        datacenter=s.get("datacenter", _string, None),
+    )
+    s.done()
+    return consul
+
+
+def _upstreams(s: _Section, consul_enabled: bool) -> dict[str, UpstreamConfig]:
+    upstreams: dict[str, UpstreamConfig] = {}
+    for key, value in s.data.items():
+        s.seen.add(key)
+        name = key.lower() if isinstance(key, str) else ""
+        if not (_UPSTREAM_NAME.fullmatch(name) and len(name) <= 253):
+            s.ctx.problem(
+                s.at(key),
+                "invalid upstream name (expected lower-case letters, digits, '.', '_' or '-', "
+                "usable as a Host header)",
+            )
+        elif name in upstreams:
+            s.ctx.problem(s.at(key), f"duplicates upstream {name!r} (names ignore case)")
+        else:
+            upstreams[name] = _upstream(name, _Section(value, s.at(key), s.ctx), consul_enabled)
+    return upstreams
+
+
+def _upstream(name: str, s: _Section, consul_enabled: bool) -> UpstreamConfig:
+    defaults = UpstreamConfig(name=name)
+    known = len(s.ctx.problems)
+    endpoints = s.items("endpoints", _address(1))
+    if not endpoints and not consul_enabled and len(s.ctx.problems) == known:
+        s.ctx.problem(s.at("endpoints"), "required when consul.enabled is false")
+    timeout = s.get("timeout", _duration(), defaults.timeout)
+    per_try_timeout = s.get("per_try_timeout", _duration(), min(defaults.per_try_timeout, timeout))
+    if per_try_timeout > timeout:
+        s.ctx.problem(
+            s.at("per_try_timeout"),
+            f"must not exceed timeout ({per_try_timeout:g}s > {timeout:g}s)",
+        )
+    breaker, fallback = s.section("circuit_breaker"), s.section("fallback")
+    upstream = UpstreamConfig(
+        name=name,
+        service=s.get("service", _service_name, name),
+        tags=s.items("tags", _string) or (),
+        endpoints=endpoints or (),
+        listen=s.get("listen", _address(0), None),
+        timeout=timeout,
+        per_try_timeout=per_try_timeout,
+        retries=_retries(s.section("retries")),
+        circuit_breaker=BreakerConfig(
+            **breaker.take(
+                failure_threshold=_integer(1), open_for=_duration(), half_open_probes=_integer(1)
+            )
+        ),
+        outlier=_outlier(s.section("outlier")),
+        max_concurrent_requests=s.get(
+            "max_concurrent_requests", _integer(1), defaults.max_concurrent_requests
+        ),
+        fallback=_fallback(fallback) if fallback.data else None,
+        balancer=s.get("balancer", _choice("peak_ewma", "least_request"), defaults.balancer),
+    )
+    breaker.done()
+    s.done()
+    return upstream
+
+
+def _retries(s: _Section) -> RetryConfig:
+    values = s.take(
+        max=_integer(0, 10), budget_ratio=_number(0, 1), min_retries_per_second=_number(0)
+    )
+    conditions = s.items("on", _retry_condition)
+    if conditions is not None:
+        values["on_connect_failure"] = "connect-failure" in conditions
+        values["on_timeout"] = "timeout" in conditions
+        values["on_reset"] = "reset" in conditions
+        values["on_statuses"] = frozenset[int]().union(
+            *(c for c in conditions if isinstance(c, frozenset))
+        )
+    s.done()
+    return RetryConfig(**values)
+
+
+def _outlier(s: _Section) -> OutlierConfig:
+    outlier = OutlierConfig(
+        **s.take(
+            consecutive_failures=_integer(1),
+            base_ejection=_duration(),
+            max_ejection=_duration(),
+            max_ejection_percent=_integer(0, 100),
+        )
+    )
+    if outlier.max_ejection < outlier.base_ejection:
+        s.ctx.problem(
+            s.at("max_ejection"),
+            f"must not be less than base_ejection ({outlier.max_ejection:g}s < "
+            f"{outlier.base_ejection:g}s)",
+        )
+    s.done()
+    return outlier
+
+
+def _fallback(s: _Section) -> FallbackConfig:
+    status = s.require("status", _integer(200, 599), 503)
+    body = s.get("json", _json_body, None)
+    text = s.get("text", _text, None)
+    headers = s.mapping("headers", _header_value)
+    for header in headers:
+        if not _HEADER_NAME.fullmatch(header):
+            s.ctx.problem(s.at(f"headers.{header}"), "invalid header name")
+    if body is not None and text is not None:
+        s.ctx.problem(s.path, "json and text are mutually exclusive")
+    s.done()
+    if body is not None:
+        return FallbackConfig(status, body, "application/json", tuple(headers.items()))
+    return FallbackConfig(status, (text or "").encode(), headers=tuple(headers.items()))
+
+
+def _telemetry(s: _Section) -> TelemetryConfig:
+    defaults = TelemetryConfig()
+    telemetry = TelemetryConfig(
+        log_format=s.get(
+            "log_format", _choice("json", "console"), defaults.log_format, env=ENV_LOG_FORMAT
+        ),
+        log_level=s.get(
+            "log_level",
+            _choice("debug", "info", "warning", "error"),
+            defaults.log_level,
+            env=ENV_LOG_LEVEL,
+        ),
+    )
+    s.done(unsupported={"tracing"})
+    return telemetry
+
+
+def _check_ports(
+    ctx: _Context, listen: Address, admin: AdminConfig, upstreams: Mapping[str, UpstreamConfig]
+) -> None:
+    """Two listeners on one port would fail at bind time; port 0 (ephemeral) never collides."""
+    listeners = [("listen", listen), ("admin.listen", admin.listen)]
+    listeners += [(f"upstreams.{u.name}.listen", u.listen) for u in upstreams.values() if u.listen]
+    owners: dict[int, str] = {}
+    for path, address in listeners:
+        if address.port == 0:
+            continue
+        if address.port in owners:
+            ctx.problem(path, f"port {address.port} already used by {owners[address.port]}")
+        else:
+            owners[address.port] = path

@@ -1,0 +1,78 @@
+"""The sidecar's exception tree and the app-facing error contract (SPEC §4).
+
+Foreign exceptions (OSError, TimeoutError, parser errors) are mapped to these at
+the edge where they happen; nothing above that edge sees them.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+
+_STATUS: dict[str, int] = {
+    "NO_ROUTE": 404,
+    "NO_HEALTHY_ENDPOINTS": 503,
+    "CIRCUIT_OPEN": 503,
+    "OVERLOADED": 503,
+    "UPSTREAM_CONNECT_FAILED": 502,
+    "UPSTREAM_TIMEOUT": 504,
+    "BODY_TOO_LARGE": 413,
+    "BAD_REQUEST": 400,
+    "SPOOL_FULL": 507,
+}
+
+
+class ErrorCode(StrEnum):
+    """Every error the sidecar itself answers with; `status` is its HTTP status."""
+
+    NO_ROUTE = "NO_ROUTE"
+    NO_HEALTHY_ENDPOINTS = "NO_HEALTHY_ENDPOINTS"
+    CIRCUIT_OPEN = "CIRCUIT_OPEN"
+    OVERLOADED = "OVERLOADED"
+    UPSTREAM_CONNECT_FAILED = "UPSTREAM_CONNECT_FAILED"
+    UPSTREAM_TIMEOUT = "UPSTREAM_TIMEOUT"
+    BODY_TOO_LARGE = "BODY_TOO_LARGE"
+    BAD_REQUEST = "BAD_REQUEST"
+    SPOOL_FULL = "SPOOL_FULL"
+
+    @property
+    def status(self) -> int:
+        return _STATUS[self.value]
+
+
+class SidecarError(Exception):
+    """Base of every exception the sidecar raises on purpose."""
+
+
+class ConfigError(SidecarError):
+    """The configuration is invalid; `problems` lists every one as 'path: reason'."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class ProxyError(SidecarError):
+    """A request the sidecar answers itself with the JSON error contract."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        upstream: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.upstream = upstream
+        self.headers = headers
+
+    def body(self) -> bytes:
+        """The JSON body of SPEC §4: {"error": {"code", "message", "upstream"}}."""
+        return json.dumps(
+            {"error": {"code": self.code.value, "message": self.message, "upstream": self.upstream}}
+        ).encode()
+
+    def __repr__(self) -> str:
+        return f"ProxyError({self.code.value}, {self.message!r}, upstream={self.upstream!r})"

@@ -1,0 +1,84 @@
+"""Shutdown request and readiness latches.
+
+Signal handlers only call `request_shutdown`; the ordered shutdown itself lives in
+`app.Sidecar.shutdown`. Readiness is a set of named latches that must all be
+set, plus a draining flag that turns readiness off for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+
+from sidecar.telemetry.logging import get_logger
+
+log = get_logger("sidecar.lifecycle")
+
+
+class Readiness:
+    """Named conditions that must all hold for /ready to answer 200."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, str] = {}
+        self.draining = False
+
+    def require(self, name: str, reason: str) -> Callable[[], None]:
+        """Add a latch; returns the function that sets it."""
+        self._waiting[name] = reason
+
+        def done() -> None:
+            self._waiting.pop(name, None)
+
+        return done
+
+    @property
+    def ready(self) -> bool:
+        return not self._waiting and not self.draining
+
+    def reasons(self) -> list[str]:
+        """Why the sidecar is not ready (empty when it is)."""
+        reasons = ["shutting down"] if self.draining else []
+        return reasons + sorted(self._waiting.values())
+
+    def __repr__(self) -> str:
+        return f"<Readiness ready={self.ready} waiting={sorted(self._waiting)}>"
+
+
+class Lifecycle:
+    """Holds the shutdown request; installs the signal handlers that make it."""
+
+    def __init__(self) -> None:
+        self.readiness = Readiness()
+        self.stop = asyncio.Event()
+        self.force = asyncio.Event()
+        self.reason = ""
+
+    def request_shutdown(self, reason: str) -> None:
+        """First call starts a graceful shutdown; a second one cuts it short."""
+        if self.stop.is_set():
+            if not self.force.is_set():
+                log.warning("shutdown_forced", reason=reason)
+                self.force.set()
+            return
+        self.reason = reason
+        self.stop.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_shutdown, sig.name)
+
+    def remove_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+    async def sleep_unless_forced(self, seconds: float) -> None:
+        """Wait `seconds`, or less if a second signal asks to hurry."""
+        if seconds <= 0 or self.force.is_set():
+            return
+        try:
+            await asyncio.wait_for(self.force.wait(), seconds)
+        except TimeoutError:
+            pass

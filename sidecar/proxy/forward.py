@@ -1,0 +1,266 @@
+"""One upstream HTTP/1.1 connection, its pool per endpoint, and the exchange it carries.
+
+The upstream side of the data plane. Bytes are pushed, not pulled: response
+body chunks go straight from the upstream socket's `data_received` to the app's
+transport, and write back-pressure on either side pauses reading on the other,
+so a 50 MiB body crosses with a few socket buffers of memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol, cast
+
+import httptools
+
+from sidecar.discovery.base import Endpoint
+from sidecar.proxy.headers import Headers
+
+
+class ResponseSink(Protocol):
+    """Where one upstream response goes: the app-facing side of an exchange."""
+
+    def on_response_head(
+        self, status: int, reason: bytes, headers: Headers, framing: int
+    ) -> None: ...
+
+    def on_response_body(self, chunk: bytes) -> None: ...
+
+    def on_response_end(self, complete: bool) -> None: ...
+
+    def on_upstream_error(self) -> None: ...
+
+    def pause_source(self) -> None: ...
+
+    def resume_source(self) -> None: ...
+
+
+#: How the response body is delimited.
+FRAMING_NONE = 0  # no body (HEAD, 204, 304)
+FRAMING_LENGTH = 1  # Content-Length
+FRAMING_CHUNKED = 2  # Transfer-Encoding: chunked
+FRAMING_CLOSE = 3  # read until the upstream closes
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """A keep-alive connection to one endpoint, carrying one exchange at a time."""
+
+    __slots__ = (
+        "_framing_is_close",
+        "_headers",
+        "_head_only",
+        "_parser",
+        "_pool",
+        "_reason",
+        "_sink",
+        "closed",
+        "got_bytes",
+        "head_seen",
+        "keep_alive",
+        "reused",
+        "transport",
+    )
+
+    def __init__(self, pool: EndpointPool) -> None:
+        self._pool = pool
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self._sink: ResponseSink | None = None
+        self._headers: Headers = []
+        self._reason = b""
+        self._head_only = False
+        self.head_seen = False
+        self.closed = False
+        self.reused = False
+        self.got_bytes = False
+        self.keep_alive = True
+        self._framing_is_close = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            # Garbage from the upstream: the exchange fails like a reset, never reused.
+            self.abort()
+            self._lost()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._pool.forget(self)
+        self._lost()
+
+    def _lost(self) -> None:
+        sink = self._sink
+        if sink is None:
+            return
+        self._sink = None
+        if not self.head_seen:
+            sink.on_upstream_error()
+        else:
+            # A body delimited by the close is complete now; any other body is cut short.
+            sink.on_response_end(self._framing_is_close)
+
+    def pause_writing(self) -> None:
+        if self._sink is not None:
+            self._sink.pause_source()
+
+    def resume_writing(self) -> None:
+        if self._sink is not None:
+            self._sink.resume_source()
+
+    # -- httptools callbacks ------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:
+            return  # interim (100 Continue, 103): the sidecar answered Expect itself
+        sink = self._sink
+        if sink is None:
+            return
+        self.keep_alive = self._parser.should_keep_alive()
+        framing = self._framing(status)
+        self._framing_is_close = framing == FRAMING_CLOSE
+        self.head_seen = True
+        sink.on_response_head(status, self._reason, self._headers, framing)
+        if framing == FRAMING_NONE:
+            # llhttp cannot know a HEAD response has no body; finish it here and
+            # start a fresh parser for whatever this connection carries next.
+            self._parser = httptools.HttpResponseParser(self)
+            self._finish()
+
+    def on_body(self, body: bytes) -> None:
+        if self._sink is not None:
+            self._sink.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._parser.get_status_code() >= 200 and self._sink is not None:
+            self._finish()
+
+    # -- exchange -------------------------------------------------------------------------
+
+    def _framing(self, status: int) -> int:
+        if self._head_only or status in (204, 304):
+            return FRAMING_NONE
+        for name, value in self._headers:
+            lname = name.lower()
+            if lname == b"transfer-encoding" and b"chunked" in value.lower():
+                return FRAMING_CHUNKED
+            if lname == b"content-length":
+                return FRAMING_LENGTH
+        return FRAMING_CLOSE
+
+    def start(self, head: bytes, sink: ResponseSink, head_only: bool) -> None:
+        """Send a request head; the response is reported to `sink` as it arrives."""
+        assert self.transport is not None
+        self._sink = sink
+        self._head_only = head_only
+        self._framing_is_close = False
+        self.got_bytes = False
+        self.head_seen = False
+        self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def _finish(self) -> None:
+        sink = self._sink
+        self._sink = None
+        if sink is not None:
+            sink.on_response_end(True)
+
+    def release(self, reusable: bool) -> None:
+        """Return to the pool after an exchange, or close when it can't carry another."""
+        self._sink = None
+        if reusable and self.keep_alive and not self.closed:
+            self._pool.put(self)
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        self._sink = None
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("busy" if self._sink else "idle")
+        return f"<UpstreamConnection {self._pool.endpoint} {state}>"
+
+
+class EndpointPool:
+    """Idle keep-alive connections to one endpoint, reused last-in first-out."""
+
+    __slots__ = ("_connecting", "_factory", "endpoint", "idle", "max_idle")
+
+    def __init__(self, endpoint: Endpoint, max_idle: int = 256) -> None:
+        self.endpoint = endpoint
+        self.idle: list[UpstreamConnection] = []
+        self.max_idle = max_idle
+        self._factory: Callable[[], UpstreamConnection] = lambda: UpstreamConnection(self)
+
+    def take(self) -> UpstreamConnection | None:
+        """The most recently used idle connection that is still open, if any."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        """A new connection (OSError when it fails)."""
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(
+            self._factory, self.endpoint.host, self.endpoint.port
+        )
+        return conn
+
+    def put(self, conn: UpstreamConnection) -> None:
+        if len(self.idle) < self.max_idle:
+            self.idle.append(conn)
+        else:
+            conn.abort()
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        if conn in self.idle:
+            self.idle.remove(conn)
+
+    def close(self) -> None:
+        """Close every idle connection (endpoint gone, or shutting down)."""
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.abort()
+
+    def __repr__(self) -> str:
+        return f"<EndpointPool {self.endpoint} idle={len(self.idle)}>"

@@ -1,0 +1,776 @@
+"""The app-facing HTTP/1.1 listeners: parse, route, admit, forward, answer.
+
+One `DownstreamProtocol` per app connection parses requests with httptools and
+runs one `Exchange` per request. The exchange picks an endpoint, sends the
+request, and streams the response back from the upstream connection's callbacks;
+its coroutine only wakes when an attempt ends. Retries, per-try and overall
+timeouts, the circuit breaker and the concurrency limit are applied here; what
+each of them decides lives in `balancer` and `resilience`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+import random
+from collections import deque
+from collections.abc import Mapping
+
+import httptools
+
+from sidecar.errors import ErrorCode, ProxyError
+from sidecar.proxy.balancer import EndpointStats
+from sidecar.proxy.forward import (
+    FRAMING_CHUNKED,
+    FRAMING_CLOSE,
+    FRAMING_LENGTH,
+    FRAMING_NONE,
+    EndpointPool,
+    UpstreamConnection,
+)
+from sidecar.proxy.headers import (
+    Headers,
+    host_name,
+    request_headers,
+    response_headers,
+    route_target,
+    serialize,
+)
+from sidecar.proxy.resilience import CircuitOpenError, retry_backoff, retryable_request
+from sidecar.proxy.upstream import Upstream
+from sidecar.telemetry.logging import get_logger
+from sidecar.telemetry.metrics import Metrics
+
+log = get_logger("sidecar.proxy")
+
+#: A request body up to this size is kept so the request can be retried.
+REPLAY_LIMIT = 64 * 1024
+#: Body bytes buffered while no upstream is attached before the app is paused.
+BUFFER_LIMIT = 256 * 1024
+
+# Why reading from the app's socket is paused (bit mask).
+_PAUSE_UPSTREAM = 1  # the upstream socket's write buffer is full
+_PAUSE_BUFFER = 2  # body buffered while connecting is above BUFFER_LIMIT
+_PAUSE_QUEUE = 4  # a pipelined request waits behind the current one
+
+# How one attempt ended.
+_DONE = 0  # response fully relayed
+_RETRY_STATUS = 1  # retryable status, discarded before anything reached the app
+_TIMEOUT = 2  # no response head within the per-try (or overall) timeout
+_CONNECT_FAILED = 3  # the connection could not be made
+_RESET = 4  # connection closed or broken before the response head
+_CUT = 5  # response started but was cut short (upstream died, overall timeout)
+_CLIENT_GONE = 6  # the app closed its connection
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CHUNK_END = b"0\r\n\r\n"
+_CRLF = b"\r\n"
+
+
+class Request:
+    """One parsed request and its body as it arrives."""
+
+    __slots__ = (
+        "body",
+        "body_done",
+        "body_size",
+        "chunked",
+        "conn",
+        "expect_continue",
+        "has_body",
+        "headers",
+        "idempotency_key",
+        "keep_alive",
+        "method",
+        "replayable",
+        "target",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.headers: Headers = []
+        self.target = b""
+        self.method = b""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.chunked = False
+        self.has_body = False
+        self.expect_continue = False
+        self.idempotency_key = False
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.body_done = False
+        self.replayable = True
+        self.conn: UpstreamConnection | None = None
+
+
+class Proxy:
+    """The routing table and shared state of every app-facing listener."""
+
+    def __init__(self, upstreams: Mapping[str, Upstream], metrics: Metrics) -> None:
+        self.upstreams = upstreams
+        self.by_name: dict[bytes, Upstream] = {n.encode(): u for n, u in upstreams.items()}
+        self.metrics = metrics
+        self.connections: set[DownstreamProtocol] = set()
+        self.active = 0
+        self.closing = False
+        self.rng = random.Random()
+        self._idle_waiter: asyncio.Future[None] | None = None
+        self._no_route = metrics.proxy_errors.labels("", ErrorCode.NO_ROUTE.value)
+
+    def protocol(self, fixed: Upstream | None = None) -> DownstreamProtocol:
+        return DownstreamProtocol(self, fixed)
+
+    def begin(self) -> None:
+        self.active += 1
+
+    def end(self) -> None:
+        self.active -= 1
+        if self.active == 0 and self._idle_waiter is not None and not self._idle_waiter.done():
+            self._idle_waiter.set_result(None)
+
+    async def wait_idle(self) -> None:
+        """Return once no request is in flight."""
+        while self.active:
+            self._idle_waiter = asyncio.get_running_loop().create_future()
+            await self._idle_waiter
+
+    def start_closing(self) -> None:
+        """Responses from now on close their connection; idle connections close now."""
+        self.closing = True
+        for conn in list(self.connections):
+            conn.close_if_idle()
+
+    def abort_all(self) -> None:
+        for conn in list(self.connections):
+            conn.abort()
+        for upstream in self.upstreams.values():
+            for stats in upstream.balancer.endpoints:
+                if isinstance(stats.pool, EndpointPool):
+                    stats.pool.close()
+
+
+class DownstreamProtocol(asyncio.Protocol):
+    """One connection from the app: parses requests and serves them in order."""
+
+    def __init__(self, proxy: Proxy, fixed: Upstream | None) -> None:
+        self.proxy = proxy
+        self.fixed = fixed
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client_ip = b"127.0.0.1"
+        self.req: Request | None = None  # the request being parsed
+        self.queue: deque[Request] = deque()
+        self.task: asyncio.Task[None] | None = None
+        self.exchange: Exchange | None = None
+        self.paused = 0
+        self.closed = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.client_ip = str(peer[0]).encode()
+        self.proxy.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject("protocol upgrades (e.g. WebSocket) are not supported")
+        except httptools.HttpParserError as exc:
+            self._reject(f"malformed HTTP request: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.proxy.connections.discard(self)
+        if self.exchange is not None:
+            self.exchange.client_gone()
+        elif self.task is not None:
+            self.task.cancel()
+
+    def pause_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None and ex.conn is not None:
+            ex.conn.pause_reading()
+
+    def resume_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None and ex.conn is not None:
+            ex.conn.resume_reading()
+
+    # -- httptools callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.req = Request()
+
+    def on_url(self, url: bytes) -> None:
+        assert self.req is not None
+        self.req.target += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.req is not None
+        self.req.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        req = self.req
+        assert req is not None
+        parser = self.parser
+        req.method = parser.get_method()
+        req.version = parser.get_http_version()
+        req.keep_alive = parser.should_keep_alive()
+        for name, value in req.headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                req.has_body = value.strip() != b"0"
+            elif lname == b"transfer-encoding":
+                req.chunked = req.has_body = True
+            elif lname == b"expect":
+                req.expect_continue = value.strip().lower() == b"100-continue"
+            elif lname == b"idempotency-key":
+                req.idempotency_key = True
+        if not req.has_body:
+            req.body_done = True
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._serve(req))
+        else:
+            self.queue.append(req)
+            self._pause(_PAUSE_QUEUE)
+
+    def on_body(self, body: bytes) -> None:
+        req = self.req
+        assert req is not None
+        req.body_size += len(body)
+        conn = req.conn
+        if conn is not None:
+            if req.chunked:
+                conn.write(b"%x\r\n" % len(body) + body + _CRLF)
+            else:
+                conn.write(body)
+            if req.replayable:
+                if req.body_size <= REPLAY_LIMIT:
+                    req.body.append(body)
+                else:
+                    req.replayable = False
+                    req.body = []
+            return
+        req.body.append(body)
+        if req.body_size > REPLAY_LIMIT:
+            req.replayable = False
+        if req.body_size > BUFFER_LIMIT:
+            self._pause(_PAUSE_BUFFER)
+
+    def on_message_complete(self) -> None:
+        req = self.req
+        assert req is not None
+        req.body_done = True
+        if req.conn is not None and req.chunked:
+            req.conn.write(_CHUNK_END)
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    async def _serve(self, req: Request | None) -> None:
+        proxy = self.proxy
+        try:
+            while req is not None and not self.closed:
+                proxy.begin()
+                try:
+                    keep = await self._handle(req)
+                finally:
+                    proxy.end()
+                if not keep or self.closed:
+                    self.close()
+                    return
+                if self.queue:
+                    req = self.queue.popleft()
+                    if not self.queue:
+                        self._resume(_PAUSE_QUEUE)
+                else:
+                    req = None
+        except asyncio.CancelledError:
+            self.abort()
+        except Exception:  # a bug must not take down other connections
+            log.exception("request_failed_unexpectedly")
+            self.abort()
+        finally:
+            self.task = None
+
+    async def _handle(self, req: Request) -> bool:
+        """Serve one request; return whether the connection may carry another."""
+        upstream = self.fixed
+        target = req.target
+        if upstream is None:
+            name, path = route_target(target)
+            if name is None:
+                name = b""
+                for hname, hvalue in req.headers:
+                    if hname.lower() == b"host":
+                        name = host_name(hvalue)
+                        break
+            else:
+                target = path
+            upstream = self.proxy.by_name.get(name)
+            if upstream is None:
+                if req.method == b"CONNECT":
+                    return self.send_error(
+                        req, ProxyError(ErrorCode.BAD_REQUEST, "CONNECT tunnels are not supported")
+                    )
+                self.proxy._no_route.inc()
+                if not name:
+                    message = "no upstream named in the path (/v1/invoke/<upstream>/...) or Host"
+                else:
+                    shown = name.decode("latin-1")
+                    message = f"no upstream named {shown!r} is configured"
+                return self.send_error(req, ProxyError(ErrorCode.NO_ROUTE, message))
+        elif target[:7].lower() == b"http://":
+            target = route_target(target)[1]
+        return await Exchange(self, req, upstream, target).run()
+
+    # -- writing to the app ---------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def send_error(self, req: Request, err: ProxyError) -> bool:
+        """Answer with the JSON error contract; return whether to keep the connection."""
+        keep = req.keep_alive and req.body_done and not self.proxy.closing
+        body = err.body()
+        extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in err.headers)
+        self.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"x-sidecar-error: %s\r\n%s%s\r\n%s"
+            % (
+                err.code.status,
+                _REASONS.get(err.code.status, b"Error"),
+                len(body),
+                err.code.value.encode(),
+                extra,
+                b"" if keep else b"connection: close\r\n",
+                body,
+            )
+        )
+        return keep
+
+    def send_fallback(self, req: Request, status: int, headers: bytes, body: bytes) -> bool:
+        keep = req.keep_alive and req.body_done and not self.proxy.closing
+        self.write(
+            b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\nx-sidecar-fallback: CIRCUIT_OPEN\r\n%s%s\r\n%s"
+            % (
+                status,
+                _REASONS.get(status, b"OK"),
+                len(body),
+                headers,
+                b"" if keep else b"connection: close\r\n",
+                body,
+            )
+        )
+        return keep
+
+    # -- connection state ---------------------------------------------------------------------------
+
+    def _pause(self, reason: int) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if not self.paused & reason:
+            return
+        self.paused &= ~reason
+        if not self.paused and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def _reject(self, message: str) -> None:
+        """Answer a request we cannot parse and close: the stream is unusable after it."""
+        if self.exchange is None and self.task is None:
+            req = self.req or Request()
+            req.keep_alive = False
+            self.send_error(req, ProxyError(ErrorCode.BAD_REQUEST, message))
+        self.close()
+
+    def close_if_idle(self) -> None:
+        if self.task is None:
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+        self.closed = True
+
+
+class Exchange:
+    """One app request through one upstream: admission, attempts, and the response relay.
+
+    Implements `forward.ResponseSink`: the upstream connection calls it as the
+    response arrives, and it writes straight to the app's transport.
+    """
+
+    __slots__ = (
+        "_fut",
+        "_head_seen",
+        "_try_timer",
+        "attempts",
+        "conn",
+        "deadline",
+        "down",
+        "downstream_chunked",
+        "keep",
+        "req",
+        "status",
+        "target",
+        "up",
+    )
+
+    def __init__(self, down: DownstreamProtocol, req: Request, up: Upstream, target: bytes) -> None:
+        self.down = down
+        self.req = req
+        self.up = up
+        self.target = target
+        self.conn: UpstreamConnection | None = None
+        self.status = 0
+        self.attempts = 0
+        self.deadline = 0.0
+        self.keep = False
+        self.downstream_chunked = False
+        self._fut: asyncio.Future[int] | None = None
+        self._head_seen = False
+        self._try_timer: asyncio.TimerHandle | None = None
+
+    async def run(self) -> bool:
+        down, req, up = self.down, self.req, self.up
+        config = up.config
+        if up.inflight >= config.max_concurrent_requests:
+            return self._error(
+                ProxyError(
+                    ErrorCode.OVERLOADED,
+                    f"{up.inflight} requests to {up.name!r} are in flight "
+                    f"(max_concurrent_requests {config.max_concurrent_requests})",
+                    up.name,
+                )
+            )
+        try:
+            probe = up.breaker.admit()
+        except CircuitOpenError as exc:
+            fallback = config.fallback
+            if fallback is not None:
+                up.count(fallback.status)
+                extra = b"content-type: %s\r\n" % fallback.content_type.encode() + b"".join(
+                    b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in fallback.headers
+                )
+                return down.send_fallback(req, fallback.status, extra, fallback.body)
+            return self._error(
+                ProxyError(
+                    ErrorCode.CIRCUIT_OPEN,
+                    f"circuit to {up.name!r} is open after repeated failures",
+                    up.name,
+                    (("retry-after", str(exc.retry_after)),),
+                )
+            )
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        self.deadline = start + config.timeout
+        up.inflight += 1
+        up.budget.deposit()
+        down.exchange = self
+        verdict: bool | None = None  # breaker: True success, False failure, None no verdict
+        try:
+            if req.expect_continue and not req.body_done:
+                down.write(_CONTINUE)
+            verdict = await self._attempts(loop)
+            return self.keep
+        finally:
+            down.exchange = None
+            up.inflight -= 1
+            if verdict is None:
+                up.breaker.release(probe)
+            elif verdict:
+                up.breaker.success(probe)
+            else:
+                up.breaker.failure(probe)
+            up.duration.observe(loop.time() - start)
+
+    async def _attempts(self, loop: asyncio.AbstractEventLoop) -> bool | None:
+        """Run attempts until one answers or none may follow; return the breaker verdict."""
+        up, req = self.up, self.req
+        balancer = up.balancer
+        per_try = up.config.per_try_timeout
+        avoid: EndpointStats | None = None
+        head = self._request_head()
+        while True:
+            self.attempts += 1
+            stats = balancer.pick(avoid)
+            if stats is None:
+                self._error(
+                    ProxyError(
+                        ErrorCode.NO_HEALTHY_ENDPOINTS,
+                        f"no healthy endpoint for {up.name!r}",
+                        up.name,
+                    )
+                )
+                return False
+            pool = stats.pool
+            assert isinstance(pool, EndpointPool)
+            started = balancer.begin(stats)
+            now = loop.time()
+            budget = min(per_try, self.deadline - now)
+            result = await self._one_attempt(loop, pool, head, budget)
+            conn = self.conn
+            self.conn = None
+            req.conn = None
+            if result == _DONE:
+                ok = self.status < 500
+                self._end(stats, started, ok)
+                if conn is not None:
+                    conn.release(req.body_done)
+                up.count(self.status)
+                return ok
+            if conn is not None:
+                conn.abort()
+            if result == _CLIENT_GONE:
+                balancer.end(stats, started, True)
+                self.keep = False
+                return None
+            self._end(stats, started, False)
+            if result == _CUT:
+                up.count(self.status)
+                self.keep = False
+                self.down.abort()
+                return False
+            if result == _RETRY_STATUS:
+                # The decision was taken when the head arrived (see on_response_head).
+                await self._backoff(loop)
+                avoid = stats
+                continue
+            retries = up.config.retries
+            if result == _TIMEOUT:
+                allowed = retries.on_timeout
+            elif result == _CONNECT_FAILED:
+                allowed = retries.on_connect_failure
+            else:
+                # A kept-alive connection the upstream closed before reading anything
+                # fails like a connect failure; any other reset needs `reset`.
+                stale = conn is not None and conn.reused and not conn.got_bytes
+                allowed = retries.on_reset or (stale and retries.on_connect_failure)
+            if allowed and self._may_retry(loop):
+                await self._backoff(loop)
+                avoid = stats
+                continue
+            if result == _TIMEOUT:
+                self._error(
+                    ProxyError(
+                        ErrorCode.UPSTREAM_TIMEOUT,
+                        f"{up.name!r} did not answer within "
+                        f"{'per_try_timeout' if self.deadline - loop.time() > 0 else 'timeout'} "
+                        f"(attempt {self.attempts} to {stats.endpoint})",
+                        up.name,
+                    )
+                )
+            else:
+                what = "connect to" if result == _CONNECT_FAILED else "get a response from"
+                self._error(
+                    ProxyError(
+                        ErrorCode.UPSTREAM_CONNECT_FAILED,
+                        f"could not {what} {up.name!r} at {stats.endpoint} "
+                        f"(attempt {self.attempts})",
+                        up.name,
+                    )
+                )
+            return False
+
+    async def _one_attempt(
+        self, loop: asyncio.AbstractEventLoop, pool: EndpointPool, head: bytes, budget: float
+    ) -> int:
+        """Connect (or reuse), send, and wait until this attempt ends; return how it ended."""
+        self._head_seen = False
+        if budget <= 0:
+            return _TIMEOUT
+        fut: asyncio.Future[int] = loop.create_future()
+        self._fut = fut
+        self._try_timer = loop.call_later(budget, self._on_try_timeout)
+        overall = loop.call_at(self.deadline, self._on_overall_timeout)
+        try:
+            conn = pool.take()
+            if conn is None:
+                connect = loop.create_task(pool.connect())
+                await asyncio.wait((connect, fut), return_when=asyncio.FIRST_COMPLETED)
+                if fut.done():  # timed out, or the app went away
+                    connect.cancel()
+                    if connect.done() and not connect.cancelled() and not connect.exception():
+                        connect.result().abort()
+                    return fut.result()
+                if connect.exception() is not None:
+                    return _CONNECT_FAILED
+                conn = connect.result()
+            self.conn = conn
+            req = self.req
+            conn.start(head, self, req.method == b"HEAD")
+            if req.has_body:
+                body = req.body
+                if req.chunked:
+                    for chunk in body:
+                        conn.write(b"%x\r\n" % len(chunk) + chunk + _CRLF)
+                    if req.body_done:
+                        conn.write(_CHUNK_END)
+                else:
+                    for chunk in body:
+                        conn.write(chunk)
+                if not req.replayable:
+                    req.body = []
+                if not req.body_done:
+                    req.conn = conn
+                    self.down._resume(_PAUSE_BUFFER)
+            return await fut
+        finally:
+            self._fut = None
+            if self._try_timer is not None:
+                self._try_timer.cancel()
+            overall.cancel()
+
+    def _request_head(self) -> bytes:
+        req = self.req
+        headers = request_headers(req.headers, self.down.client_ip)
+        framing = b"Transfer-Encoding: chunked\r\n" if req.chunked else b""
+        return b"%s %s HTTP/1.1\r\n%s%s\r\n" % (req.method, self.target, serialize(headers), framing)
+
+    def _may_retry(self, loop: asyncio.AbstractEventLoop) -> bool:
+        req, up = self.req, self.up
+        if self.attempts > up.config.retries.max:
+            return False
+        if not retryable_request(req.method, req.idempotency_key):
+            return False
+        if not req.replayable or self.deadline - loop.time() <= 0:
+            return False
+        if not up.budget.try_withdraw():
+            return False
+        up.retries.inc()
+        return True
+
+    async def _backoff(self, loop: asyncio.AbstractEventLoop) -> None:
+        delay = min(retry_backoff(self.attempts, self.down.proxy.rng), self.deadline - loop.time())
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def _end(self, stats: EndpointStats, started: float, ok: bool) -> None:
+        before = stats.ejections
+        self.up.balancer.end(stats, started, ok)
+        if stats.ejections != before:
+            self.down.proxy.metrics.ejections.labels(self.up.name).inc()
+            log.warning(
+                "endpoint_ejected",
+                upstream=self.up.name,
+                endpoint=str(stats.endpoint),
+                ejections=stats.ejections,
+                consecutive_failures=self.up.config.outlier.consecutive_failures,
+            )
+
+    def _error(self, err: ProxyError) -> bool:
+        self.up.count(err.code.status)
+        self.down.proxy.metrics.proxy_errors.labels(self.up.name, err.code.value).inc()
+        self.keep = self.down.send_error(self.req, err)
+        return self.keep
+
+    # -- timers ----------------------------------------------------------------------------------------
+
+    def _on_try_timeout(self) -> None:
+        self._try_timer = None
+        if not self._head_seen and self._fut is not None and not self._fut.done():
+            self._fut.set_result(_TIMEOUT)
+
+    def _on_overall_timeout(self) -> None:
+        fut = self._fut
+        if fut is None or fut.done():
+            return
+        fut.set_result(_CUT if self._head_seen else _TIMEOUT)
+
+    def client_gone(self) -> None:
+        fut = self._fut
+        if fut is not None and not fut.done():
+            fut.set_result(_CLIENT_GONE)
+
+    # -- forward.ResponseSink -------------------------------------------------------------------------
+
+    def on_response_head(self, status: int, reason: bytes, headers: Headers, framing: int) -> None:
+        self._head_seen = True
+        if self._try_timer is not None:
+            self._try_timer.cancel()
+            self._try_timer = None
+        if status in self.up.retry_statuses and self._may_retry(asyncio.get_running_loop()):
+            fut = self._fut
+            if fut is not None and not fut.done():
+                fut.set_result(_RETRY_STATUS)
+            return
+        self.status = status
+        req, down = self.req, self.down
+        keep = req.keep_alive and not down.proxy.closing
+        out = response_headers(headers)
+        extra = b""
+        self.downstream_chunked = False
+        if framing == FRAMING_CHUNKED or framing == FRAMING_CLOSE:
+            if req.version == "1.1":
+                extra = b"Transfer-Encoding: chunked\r\n"
+                self.downstream_chunked = True
+            else:
+                keep = False
+        if not keep:
+            extra += b"Connection: close\r\n"
+        elif req.version == "1.0":
+            extra += b"Connection: keep-alive\r\n"
+        self.keep = keep
+        down.write(b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (status, reason, serialize(out), extra))
+
+    def on_response_body(self, chunk: bytes) -> None:
+        fut = self._fut
+        if fut is None or fut.done():
+            return  # discarded for a retry
+        if self.downstream_chunked:
+            self.down.write(b"%x\r\n" % len(chunk) + chunk + _CRLF)
+        else:
+            self.down.write(chunk)
+
+    def on_response_end(self, complete: bool) -> None:
+        fut = self._fut
+        if fut is None or fut.done():
+            return
+        if not complete:
+            fut.set_result(_CUT)
+            return
+        if self.downstream_chunked:
+            self.down.write(_CHUNK_END)
+        # A request whose body the app is still sending can't share the connection.
+        if not self.req.body_done:
+            self.keep = False
+        fut.set_result(_DONE)
+
+    def on_upstream_error(self) -> None:
+        fut = self._fut
+        if fut is not None and not fut.done():
+            fut.set_result(_CUT if self._head_seen else _RESET)
+
+    def pause_source(self) -> None:
+        self.down._pause(_PAUSE_UPSTREAM)
+
+    def resume_source(self) -> None:
+        self.down._resume(_PAUSE_UPSTREAM)
+
+    def __repr__(self) -> str:
+        return f"<Exchange {self.up.name} {self.req.method.decode()} attempts={self.attempts}>"
+
+
+_REASONS: dict[int, bytes] = {
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    413: b"Content Too Large",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    507: b"Insufficient Storage",
+}

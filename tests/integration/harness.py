@@ -1,0 +1,232 @@
+"""Real processes for integration tests: the `sidecar run` daemon and aiohttp upstreams.
+
+Everything binds 127.0.0.1 on ephemeral ports and is stopped by the fixtures
+that start it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+
+def free_port() -> int:
+    """A port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Upstream:
+    """An aiohttp app that plays one instance of an upstream service.
+
+    Routes: `/echo/...` answers what it received as JSON; `/status/{code}` answers
+    that status; `/slow?delay=S` waits first; `/upload` hashes a streamed body;
+    `/download?size=N` streams N bytes; `/fail` and `/ok` depend on `self.failing`.
+    `hits` counts requests received.
+    """
+
+    def __init__(self, name: str = "upstream") -> None:
+        self.name = name
+        self.hits = 0
+        self.failing = False
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _app(self) -> web.Application:
+        app = web.Application(client_max_size=1024**3)
+
+        @web.middleware
+        async def count(request: web.Request, handler: Any) -> web.StreamResponse:
+            self.hits += 1
+            result: web.StreamResponse = await handler(request)
+            return result
+
+        app.middlewares.append(count)
+
+        async def echo(request: web.Request) -> web.Response:
+            body = await request.read()
+            return web.json_response(
+                {
+                    "instance": self.name,
+                    "method": request.method,
+                    "path_qs": request.raw_path,
+                    "headers": [
+                        [k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers
+                    ],
+                    "body": body.decode("latin-1"),
+                }
+            )
+
+        async def status(request: web.Request) -> web.Response:
+            code = int(request.match_info["code"])
+            return web.json_response({"instance": self.name, "status": code}, status=code)
+
+        async def slow(request: web.Request) -> web.Response:
+            await asyncio.sleep(float(request.query.get("delay", "1")))
+            return web.json_response({"instance": self.name, "slow": True})
+
+        async def upload(request: web.Request) -> web.Response:
+            digest = hashlib.sha256()
+            size = 0
+            async for chunk in request.content.iter_chunked(1 << 16):
+                digest.update(chunk)
+                size += len(chunk)
+            return web.json_response({"size": size, "sha256": digest.hexdigest()})
+
+        async def download(request: web.Request) -> web.StreamResponse:
+            size = int(request.query["size"])
+            resp = web.StreamResponse()
+            resp.content_length = size
+            await resp.prepare(request)
+            block = bytes(range(256)) * 256  # 64 KiB, deterministic
+            sent = 0
+            while sent < size:
+                piece = block[: min(len(block), size - sent)]
+                await resp.write(piece)
+                sent += len(piece)
+            await resp.write_eof()
+            return resp
+
+        async def flaky(request: web.Request) -> web.Response:
+            if self.failing:
+                return web.json_response({"instance": self.name, "failing": True}, status=500)
+            return web.json_response({"instance": self.name, "ok": True})
+
+        app.router.add_route("*", "/echo{tail:.*}", echo)
+        app.router.add_route("*", "/status/{code}", status)
+        app.router.add_get("/slow", slow)
+        app.router.add_post("/upload", upload)
+        app.router.add_put("/upload", upload)
+        app.router.add_get("/download", download)
+        app.router.add_route("*", "/flaky", flaky)
+        return app
+
+    async def start(self, port: int = 0) -> Upstream:
+        self._runner = web.AppRunner(self._app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+class Sidecar:
+    """A `sidecar run` process with a config written for the test."""
+
+    def __init__(self, tmp: Path, upstreams: dict[str, dict[str, Any]], **extra: Any) -> None:
+        self.app_port = free_port()
+        self.admin_port = free_port()
+        self.config: dict[str, Any] = {
+            "service": {"name": "itest", "port": 8080},
+            "listen": f"127.0.0.1:{self.app_port}",
+            "admin": {"listen": f"127.0.0.1:{self.admin_port}"},
+            "consul": {"enabled": False},
+            "telemetry": {"log_format": "json", "log_level": "info"},
+            "shutdown": {"drain": "0s", "grace": "5s"},
+            "upstreams": upstreams,
+            **extra,
+        }
+        self.path = tmp / "sidecar.yaml"
+        self.log_path = tmp / "sidecar.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.app_port}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def start(self) -> Sidecar:
+        self.path.write_text(yaml.safe_dump(self.config))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SIDECAR_", "HTTP_PROXY"))}
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sidecar", "run", "-c", str(self.path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        return self
+
+    async def wait_ready(self, timeout: float = 15.0) -> None:
+        """Poll /ready until 200; fail with the sidecar's log if it never comes."""
+        import aiohttp
+
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"sidecar exited {self.proc.returncode}:\n{self.logs()}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"{self.admin}/ready") as resp:
+                        if resp.status == 200:
+                            return
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"sidecar not ready after {timeout}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def log_events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.logs().splitlines():
+            with contextlib.suppress(ValueError):
+                events.append(json.loads(line))
+        return events
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait_exit(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"sidecar did not exit in {timeout}s:\n{self.logs()}")
+            await asyncio.sleep(0.05)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def running_sidecar(
+    tmp: Path, upstreams: dict[str, dict[str, Any]], **extra: Any
+) -> AsyncIterator[Sidecar]:
+    sidecar = Sidecar(tmp, upstreams, **extra).start()
+    try:
+        await sidecar.wait_ready()
+        yield sidecar
+    finally:
+        sidecar.kill()

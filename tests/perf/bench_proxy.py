@@ -1,0 +1,359 @@
+"""Benchmark the sidecar's proxy against nginx served directly and through HAProxy.
+
+One run starts nginx (the upstream), HAProxy in front of it and the sidecar in
+front of it, loads each with wrk at 1 and 32 connections, and prints one JSON
+object to stdout; progress goes to stderr. Everything runs on this machine in
+one run, interleaved per connection count, so the ratios between targets mean
+something even though the absolute numbers depend on the machine.
+
+Usage: .venv/bin/python tests/perf/bench_proxy.py [--duration 10] [--quick]
+
+Exit status is 0 whether or not the targets are met (this is a measurement,
+not a test) and 1 when a server or wrk fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+
+NGINX = "/usr/sbin/nginx"
+HAPROXY = "/usr/sbin/haproxy"
+WRK = "/usr/bin/wrk"
+CONNECTIONS = (1, 32)
+TARGETS = ("direct", "haproxy", "sidecar")
+WARMUP_S = 1
+READY_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 10.0
+TARGETS_SPEC = {"ratio_rps_vs_haproxy_c32_min": 0.20, "added_p50_us_c1_max": 150, "rss_mb_max": 60}
+
+# Environment proxies must not intercept requests to 127.0.0.1.
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_SOCKET_ERRORS = r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"
+_UNIT_US = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6}
+
+
+class BenchError(Exception):
+    """A server or wrk failed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    rps: float
+    p50_us: float
+    p99_us: float
+    errors: int
+    non_2xx: int
+    socket_errors: int
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def free_ports(count: int) -> list[int]:
+    """Ephemeral ports that are free now; all held open together so they differ."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+def tail(path: Path, limit: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:]
+    except OSError:
+        return ""
+
+
+@contextmanager
+def spawn(name: str, argv: list[str], workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run argv with output in <workdir>/<name>.log; always stopped on exit."""
+    with (workdir / f"{name}.log").open("wb") as out:
+        # A new session keeps Ctrl-C away from the children so we stop them in order.
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log(f"{name} ignored SIGTERM for {STOP_TIMEOUT_S:.0f}s; killing it")
+                proc.kill()
+                proc.wait()
+
+
+def wait_http_ok(name: str, proc: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+    """Return once url answers 200; raise with the server's output if it exits or times out."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(
+                f"{name} exited with status {proc.returncode} before {url} answered 200;"
+                f" its output:\n{tail(log_path)}"
+            )
+        try:
+            with _HTTP.open(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+                last = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.1)
+    raise BenchError(
+        f"{name} not ready: {url} did not answer 200 within {READY_TIMEOUT_S:.0f}s"
+        f" (last: {last}); its output:\n{tail(log_path)}"
+    )
+
+
+@contextmanager
+def start_nginx(workdir: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    prefix = workdir / "nginx"
+    prefix.mkdir()
+    temp_paths = "\n".join(
+        f"    {kind}_temp_path {prefix}/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf = prefix / "nginx.conf"
+    conf.write_text(f"""\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    keepalive_requests 100000;
+    keepalive_timeout 75s;
+{temp_paths}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ default_type text/plain; return 200 "hello from nginx\\n"; }}
+    }}
+}}
+""")
+    argv = [NGINX, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)]
+    with spawn("nginx", argv, workdir) as proc:
+        wait_http_ok("nginx", proc, f"http://127.0.0.1:{port}/", prefix / "error.log")
+        yield proc
+
+
+@contextmanager
+def start_haproxy(workdir: Path, port: int, upstream: int) -> Iterator[subprocess.Popen[bytes]]:
+    conf = workdir / "haproxy.cfg"
+    conf.write_text(f"""\
+global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    timeout http-keep-alive 30s
+
+frontend bench
+    bind 127.0.0.1:{port}
+    default_backend nginx
+
+backend nginx
+    server nginx 127.0.0.1:{upstream}
+""")
+    with spawn("haproxy", [HAPROXY, "-db", "-f", str(conf)], workdir) as proc:
+        wait_http_ok("haproxy", proc, f"http://127.0.0.1:{port}/", workdir / "haproxy.log")
+        yield proc
+
+
+@contextmanager
+def start_sidecar(workdir: Path, upstream: int) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """Yield the sidecar process and the port of its dedicated listener for nginx."""
+    listen, admin, proxy = free_ports(3)
+    conf = workdir / "sidecar.yaml"
+    conf.write_text(f"""\
+service: {{name: bench}}
+listen: 127.0.0.1:{listen}
+admin: {{listen: 127.0.0.1:{admin}}}
+consul: {{enabled: false}}
+telemetry: {{log_level: warning}}
+upstreams:
+  nginx:
+    endpoints: ["127.0.0.1:{upstream}"]
+    listen: 127.0.0.1:{proxy}
+""")
+    argv = [sys.executable, "-m", "sidecar", "run", "-c", str(conf)]
+    log_path = workdir / "sidecar.log"
+    with spawn("sidecar", argv, workdir) as proc:
+        wait_http_ok("sidecar", proc, f"http://127.0.0.1:{admin}/ready", log_path)
+        # Ready must also mean it proxies: fail here rather than benchmark error pages.
+        wait_http_ok("sidecar proxy", proc, f"http://127.0.0.1:{proxy}/", log_path)
+        yield proc, proxy
+
+
+def parse_wrk(output: str) -> WrkResult:
+    """Requests/s, p50/p99 in microseconds and error counts from `wrk --latency` output."""
+
+    def latency_us(percent: str) -> float:
+        match = re.search(rf"^\s*{percent}%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.MULTILINE)
+        if match is None:
+            raise BenchError(f"no {percent}% latency in wrk output:\n{output}")
+        return float(match[1]) * _UNIT_US[match[2]]
+
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.MULTILINE)
+    if rps is None:
+        raise BenchError(f"no Requests/sec in wrk output:\n{output}")
+    sock = re.search(_SOCKET_ERRORS, output)
+    socket_errors = sum(int(n) for n in sock.groups()) if sock else 0
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    non_2xx = int(non2xx[1]) if non2xx else 0
+    return WrkResult(
+        rps=round(float(rps[1]), 1),
+        p50_us=round(latency_us("50"), 1),
+        p99_us=round(latency_us("99"), 1),
+        errors=non_2xx + socket_errors,
+        non_2xx=non_2xx,
+        socket_errors=socket_errors,
+    )
+
+
+def run_wrk(port: int, connections: int, duration_s: int) -> WrkResult:
+    argv = [WRK, "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency"]
+    done = subprocess.run(
+        [*argv, f"http://127.0.0.1:{port}/"],
+        capture_output=True,
+        text=True,
+        timeout=duration_s + 30,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"wrk exited with status {done.returncode}:\n{done.stderr}")
+    return parse_wrk(done.stdout)
+
+
+def read_rss_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of pid in MB."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    rss, hwm = (round(int(fields[key].split()[0]) / 1024, 1) for key in ("VmRSS", "VmHWM"))
+    return rss, hwm
+
+
+def versions() -> dict[str, str]:
+    def first_match(argv: list[str], pattern: str) -> str:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        match = re.search(pattern, done.stdout + done.stderr)
+        return match[1] if match else "unknown"
+
+    return {
+        "haproxy": first_match([HAPROXY, "-v"], r"HAProxy version (\S+)"),
+        "nginx": first_match([NGINX, "-v"], r"nginx/(\S+)"),
+    }
+
+
+def summarize(
+    results: dict[str, dict[str, WrkResult]], rss: tuple[float, float], duration_s: int
+) -> dict[str, object]:
+    c1 = results["c1"]
+    ratio = {c: round(r["sidecar"].rps / r["haproxy"].rps, 3) for c, r in results.items()}
+    added = {t: round(c1[t].p50_us - c1["direct"].p50_us, 1) for t in ("haproxy", "sidecar")}
+    spec = TARGETS_SPEC
+    meets = {
+        "ratio_rps_vs_haproxy_c32": ratio["c32"] >= spec["ratio_rps_vs_haproxy_c32_min"],
+        "added_p50_us_c1": added["sidecar"] <= spec["added_p50_us_c1_max"],
+        "rss_mb": rss[0] <= spec["rss_mb_max"],
+    }
+    flagged = [f"{c}/{t}" for c, row in results.items() for t, res in row.items() if res.errors]
+    return {
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), **versions()},
+        "duration_s": duration_s,
+        "results": {c: {t: asdict(res) for t, res in row.items()} for c, row in results.items()},
+        "runs_with_errors": flagged,
+        "ratio_rps_vs_haproxy": ratio,
+        "added_p50_us_c1": added,
+        "sidecar_rss_mb": rss[0],
+        "sidecar_peak_rss_mb": rss[1],
+        "targets": spec,
+        "meets_targets": meets,
+    }
+
+
+def bench(duration_s: int) -> dict[str, object]:
+    for binary in (NGINX, HAPROXY, WRK):
+        if shutil.which(binary) is None:
+            raise BenchError(f"{binary} not found or not executable")
+    nginx_port, haproxy_port = free_ports(2)
+    with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp, ExitStack() as stack:
+        workdir = Path(tmp)
+        stack.enter_context(start_nginx(workdir, nginx_port))
+        stack.enter_context(start_haproxy(workdir, haproxy_port, nginx_port))
+        sidecar, sidecar_port = stack.enter_context(start_sidecar(workdir, nginx_port))
+        log(f"nginx :{nginx_port}, haproxy :{haproxy_port}, sidecar :{sidecar_port} ready")
+        ports = {"direct": nginx_port, "haproxy": haproxy_port, "sidecar": sidecar_port}
+        results: dict[str, dict[str, WrkResult]] = {}
+        for conns in CONNECTIONS:
+            row = results[f"c{conns}"] = {}
+            for target in TARGETS:
+                run_wrk(ports[target], conns, WARMUP_S)
+                res = row[target] = run_wrk(ports[target], conns, duration_s)
+                flag = f"  <-- {res.errors} errors" if res.errors else ""
+                log(
+                    f"c{conns:<3} {target:8} {res.rps:>10.1f} rps"
+                    f"  p50 {res.p50_us:>8.1f}us  p99 {res.p99_us:>9.1f}us{flag}"
+                )
+        rss = read_rss_mb(sidecar.pid)
+        return summarize(results, rss, duration_s)
+
+
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the `finally`s that stop the servers
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--quick", action="store_true", help="3 s per run (overrides --duration)")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        report = bench(3 if args.quick else args.duration)
+    except (BenchError, subprocess.TimeoutExpired) as exc:
+        log(f"bench_proxy: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        log("bench_proxy: interrupted; servers stopped")
+        return 130
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,766 @@
+"""Configuration model, parsing helpers and validation (SPEC §3)."""
+
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar import config as config_module
+from sidecar.config import (
+    ENV_VARS,
+    Address,
+    Config,
+    FallbackConfig,
+    RetryConfig,
+    UpstreamConfig,
+    config_from_mapping,
+    load_config,
+    parse_duration,
+    parse_size,
+)
+from sidecar.errors import ConfigError
+
+CONSUL_MESSAGE = (
+    "consul.enabled: Consul registration and discovery are not available in this build yet; "
+    "set consul.enabled: false (or SIDECAR_CONSUL_ENABLED=false) and give each upstream "
+    "static endpoints"
+)
+
+
+def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` merged in recursively."""
+    merged = dict(base)
+    for key, value in extra.items():
+        old = merged.get(key)
+        both = isinstance(old, Mapping) and isinstance(value, Mapping)
+        merged[key] = merge(old, value) if both else value  # type: ignore[arg-type]
+    return merged
+
+
+BASE: dict[str, Any] = {
+    "service": {"name": "permits", "address": "10.1.2.3"},
+    "consul": {"enabled": False},
+}
+
+
+def build(
+    extra: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    return config_from_mapping(merge(BASE, extra or {}), environ or {})
+
+
+def problems(
+    extra: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    base: Mapping[str, Any] = BASE,
+) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(merge(base, extra or {}), environ or {})
+    return info.value.problems
+
+
+def upstream(**fields: Any) -> dict[str, Any]:
+    return {"upstreams": {"billing": {"endpoints": ["10.0.0.1:8080"], **fields}}}
+
+
+class TestParseDuration:
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("500ms", 0.5),
+            ("10s", 10.0),
+            ("1m", 60.0),
+            ("1m30s", 90.0),
+            ("2h", 7200.0),
+            ("1.5s", 1.5),
+            ("5", 5.0),
+            (7, 7.0),
+            (0.25, 0.25),
+            (" 3s ", 3.0),
+        ],
+    )
+    def test_accepts_units_and_plain_seconds(self, text: str | float, expected: float) -> None:
+        """ms, s, m, h, combinations of them and bare numbers are seconds as float."""
+        assert expected == parse_duration(text)
+
+    @pytest.mark.parametrize("value", ["ten", "", "5x", "-1s", "1s2", "ms", -1, True, None, [1]])
+    def test_rejects_anything_else(self, value: object) -> None:
+        """A value that is not a non-negative duration raises ValueError naming it."""
+        with pytest.raises(ValueError, match="invalid duration") as info:
+            parse_duration(value)
+        assert f"invalid duration {value!r}" == str(info.value)
+
+    @given(st.integers(min_value=0, max_value=10**9), st.sampled_from(["s", "m", "h"]))
+    def test_whole_units_round_trip(self, amount: int, unit: str) -> None:
+        """`<n><unit>` is n times the unit's length in seconds."""
+        assert amount * {"s": 1, "m": 60, "h": 3600}[unit] == parse_duration(f"{amount}{unit}")
+
+    @given(st.integers(min_value=0, max_value=10**9))
+    def test_milliseconds_round_trip(self, millis: int) -> None:
+        """`<n>ms` is n / 1000 seconds."""
+        assert millis / 1000 == parse_duration(f"{millis}ms")
+
+    @given(
+        st.integers(min_value=0, max_value=99),
+        st.integers(min_value=0, max_value=59),
+        st.integers(min_value=0, max_value=59),
+    )
+    def test_combined_units_add_up(self, hours: int, minutes: int, seconds: int) -> None:
+        """`1h2m3s` is the sum of its parts."""
+        text = f"{hours}h{minutes}m{seconds}s"
+        assert hours * 3600 + minutes * 60 + seconds == parse_duration(text)
+
+    @given(st.floats(min_value=0, max_value=1e12, allow_nan=False))
+    def test_numbers_are_seconds(self, seconds: float) -> None:
+        """A number is taken as seconds unchanged."""
+        assert seconds == parse_duration(seconds)
+
+
+class TestParseSize:
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("512MiB", 512 * 1024**2),
+            ("1KB", 1000),
+            ("1kB", 1000),
+            ("1KiB", 1024),
+            ("2GB", 2 * 10**9),
+            ("1TiB", 1024**4),
+            ("100B", 100),
+            ("100", 100),
+            ("1.5KiB", 1536),
+            (4096, 4096),
+        ],
+    )
+    def test_accepts_decimal_and_binary_units(self, text: str | int, expected: int) -> None:
+        """KB/MB/GB/TB are powers of 1000, KiB..TiB powers of 1024, a bare number is bytes."""
+        assert expected == parse_size(text)
+
+    @pytest.mark.parametrize("value", ["big", "", "1 XB", "-1KB", -1, 1.5, True, None])
+    def test_rejects_anything_else(self, value: object) -> None:
+        """A value that is not a non-negative size raises ValueError naming it."""
+        with pytest.raises(ValueError, match="invalid size") as info:
+            parse_size(value)
+        assert f"invalid size {value!r}" == str(info.value)
+
+    @given(
+        st.integers(min_value=0, max_value=10**6),
+        st.sampled_from(["B", "KB", "MB", "GB", "KiB", "MiB", "GiB", "TiB"]),
+    )
+    def test_units_round_trip(self, amount: int, unit: str) -> None:
+        """`<n><unit>` is n times the unit's size in bytes."""
+        factor = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}.get(unit)
+        expected = amount * (factor or 1024 ** ("KMGT".index(unit[0]) + 1))
+        assert expected == parse_size(f"{amount}{unit}")
+
+    @given(st.integers(min_value=0))
+    def test_integers_are_bytes(self, amount: int) -> None:
+        """An int is taken as bytes unchanged."""
+        assert amount == parse_size(amount)
+
+
+class TestAddress:
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("127.0.0.1:4001", Address("127.0.0.1", 4001)),
+            ("0.0.0.0:0", Address("0.0.0.0", 0)),
+            ("[::1]:9902", Address("::1", 9902)),
+            ("billing.internal:80", Address("billing.internal", 80)),
+        ],
+    )
+    def test_parses_host_and_port(self, text: str, expected: Address) -> None:
+        """host:port and [v6]:port parse to host and int port, without brackets."""
+        assert expected == Address.parse(text)
+
+    @given(
+        st.one_of(
+            st.ip_addresses().map(str),
+            st.from_regex(r"[a-z][a-z0-9-]{0,20}(\.[a-z][a-z0-9-]{0,20}){0,3}", fullmatch=True),
+        ),
+        st.integers(min_value=0, max_value=65535),
+    )
+    def test_str_round_trips(self, host: str, port: int) -> None:
+        """str(Address) is host:port ([v6]:port) and parses back to the same Address."""
+        address = Address(host, port)
+        assert address == Address.parse(str(address))
+
+    @pytest.mark.parametrize(
+        ("text", "reason"),
+        [
+            ("127.0.0.1", "expected host:port"),
+            ("::1:80", "expected host:port"),
+            ("host:", "expected host:port"),
+            ("a b:80", "expected host:port"),
+            ("[1::2::3]:80", "bad IPv6 literal"),
+            ("host:65536", "port must be 0-65535"),
+        ],
+    )
+    def test_rejects_malformed_addresses(self, text: str, reason: str) -> None:
+        """A malformed address raises ValueError quoting it and saying what is wrong."""
+        with pytest.raises(ValueError, match="invalid address") as info:
+            Address.parse(text)
+        assert f"invalid address {text!r} ({reason})" == str(info.value)
+
+
+class TestDefaults:
+    def test_minimal_config_gets_documented_defaults(self) -> None:
+        """A config naming only the service gets SPEC §3's defaults everywhere."""
+        config = build()
+        assert Address("127.0.0.1", 4001) == config.listen
+        assert Address("0.0.0.0", 9902) == config.admin.listen
+        assert f"permits-{socket.gethostname()}" == config.service.id
+        assert (None, 10.0, 2.0, 60.0) == (
+            config.service.health.path,
+            config.service.health.interval,
+            config.service.health.timeout,
+            config.service.health.deregister_critical_after,
+        )
+        assert ("json", "info") == (config.telemetry.log_format, config.telemetry.log_level)
+        assert (5.0, 20.0) == (config.shutdown.drain, config.shutdown.grace)
+        assert "http://127.0.0.1:8500" == config.consul.address
+        assert {} == dict(config.upstreams)
+
+    def test_upstream_defaults(self) -> None:
+        """An upstream with only endpoints gets the documented timeouts, retries and limits."""
+        billing = build(upstream()).upstreams["billing"]
+        expected = UpstreamConfig(name="billing", endpoints=(Address("10.0.0.1", 8080),))
+        assert expected == billing
+        assert "billing" == billing.service
+        assert RetryConfig() == billing.retries
+        assert frozenset({502, 503, 504}) == billing.retries.on_statuses
+        assert (True, False, False) == (
+            billing.retries.on_connect_failure,
+            billing.retries.on_timeout,
+            billing.retries.on_reset,
+        )
+
+    def test_service_address_defaults_to_first_non_loopback_ipv4(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without service.address, the host's first non-loopback IPv4 address is used."""
+        answers = [(socket.AF_INET, 1, 6, "", (ip, 0)) for ip in ("127.0.1.1", "10.9.8.7")]
+        monkeypatch.setattr(socket, "getaddrinfo", lambda *_: answers)
+        config = config_from_mapping({"service": {"name": "a"}, "consul": {"enabled": False}}, {})
+        assert "10.9.8.7" == config.service.address
+
+    @pytest.mark.parametrize("failure", [True, False])
+    def test_service_address_falls_back_to_loopback(
+        self, monkeypatch: pytest.MonkeyPatch, failure: bool
+    ) -> None:
+        """With no non-loopback address (or a resolver error) the default is 127.0.0.1."""
+
+        def getaddrinfo(*_: object) -> list[tuple[Any, ...]]:
+            if failure:
+                raise socket.gaierror("no such host")
+            return [(socket.AF_INET, 1, 6, "", ("127.0.0.1", 0))]
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+        config = config_from_mapping({"service": {"name": "a"}, "consul": {"enabled": False}}, {})
+        assert "127.0.0.1" == config.service.address
+
+    def test_config_is_frozen(self) -> None:
+        """Config objects are inert values: assigning to a field fails."""
+        config = build()
+        with pytest.raises(AttributeError):
+            config.listen = Address("127.0.0.1", 1)  # type: ignore[misc]
+        with pytest.raises(TypeError):
+            config.upstreams["x"] = config.upstreams.get("x")  # type: ignore[index]
+
+
+class TestService:
+    def test_name_is_required(self) -> None:
+        """A config without service.name reports it as required."""
+        assert ["service.name: required"] == problems(base={"consul": {"enabled": False}})
+
+    def test_name_must_look_like_a_dns_label(self) -> None:
+        """A service name with spaces or a leading dash is rejected."""
+        assert [
+            "service.name: invalid name '-bad name' (expected letters, digits, '.', '_' or '-')"
+        ] == problems({"service": {"name": "-bad name"}})
+
+    def test_fields_are_read(self) -> None:
+        """id, address, port, tags, meta and health come from the file."""
+        service = build(
+            {
+                "service": {
+                    "id": "permits-1",
+                    "port": 8080,
+                    "tags": ["v1", "blue"],
+                    "meta": {"version": "1.4.2"},
+                    "health": {"path": "/healthz", "interval": "5s", "timeout": "500ms"},
+                }
+            }
+        ).service
+        assert ("permits-1", "10.1.2.3", 8080) == (service.id, service.address, service.port)
+        assert ("v1", "blue") == service.tags
+        assert {"version": "1.4.2"} == dict(service.meta)
+        assert ("/healthz", 5.0, 0.5) == (
+            service.health.path,
+            service.health.interval,
+            service.health.timeout,
+        )
+
+    def test_wrong_types_are_reported_with_their_path(self) -> None:
+        """Each mistyped value is reported at its own path."""
+        assert [
+            "service.port: must be between 1 and 65535, got 70000",
+            "service.tags[1]: expected a string, got integer",
+            "service.meta.version: expected a string, got number",
+            "service.health.path: invalid path 'healthz' (expected an absolute path like /healthz)",
+            "service.health.interval: invalid duration 'often'",
+        ] == problems(
+            {
+                "service": {
+                    "port": 70000,
+                    "tags": ["v1", 2],
+                    "meta": {"version": 1.4},
+                    "health": {"path": "healthz", "interval": "often"},
+                }
+            }
+        )
+
+
+class TestUpstreams:
+    def test_names_are_stored_lower_case(self) -> None:
+        """Upstream names are Host names: `Billing` is stored as `billing`."""
+        config = build({"upstreams": {"Billing": {"endpoints": ["10.0.0.1:80"]}}})
+        assert ["billing"] == list(config.upstreams)
+        assert "billing" == config.upstreams["billing"].name
+
+    @pytest.mark.parametrize("name", ["bad name", "-billing", "billing-", "bill/ing", "a" * 254])
+    def test_rejects_names_unusable_as_host(self, name: str) -> None:
+        """A name that cannot be a Host header value is rejected."""
+        assert [
+            f"upstreams.{name}: invalid upstream name (expected lower-case letters, digits, "
+            "'.', '_' or '-', usable as a Host header)"
+        ] == problems({"upstreams": {name: {"endpoints": ["10.0.0.1:80"]}}})
+
+    def test_names_differing_only_in_case_collide(self) -> None:
+        """`Billing` and `billing` are the same upstream, so the second is reported."""
+        endpoints = {"endpoints": ["10.0.0.1:80"]}
+        assert ["upstreams.billing: duplicates upstream 'billing' (names ignore case)"] == problems(
+            {"upstreams": {"Billing": endpoints, "billing": endpoints}}
+        )
+
+    def test_fields_are_read(self) -> None:
+        """Every upstream field is parsed into the model."""
+        billing = build(
+            upstream(
+                service="billing-v2",
+                tags=["blue"],
+                listen="127.0.0.1:9191",
+                timeout="5s",
+                per_try_timeout="1s",
+                retries={
+                    "max": 3,
+                    "on": ["timeout", "reset", 500, "503"],
+                    "budget_ratio": 0.5,
+                    "min_retries_per_second": 1,
+                },
+                circuit_breaker={"failure_threshold": 3, "open_for": "10s", "half_open_probes": 2},
+                outlier={"consecutive_failures": 2, "base_ejection": "1s", "max_ejection": "1m"},
+                max_concurrent_requests=10,
+                balancer="least_request",
+            )
+        ).upstreams["billing"]
+        assert ("billing-v2", ("blue",)) == (billing.service, billing.tags)
+        assert Address("127.0.0.1", 9191) == billing.listen
+        assert (5.0, 1.0) == (billing.timeout, billing.per_try_timeout)
+        assert RetryConfig(3, False, True, True, frozenset({500, 503}), 0.5, 1.0) == billing.retries
+        assert (3, 10.0, 2) == (
+            billing.circuit_breaker.failure_threshold,
+            billing.circuit_breaker.open_for,
+            billing.circuit_breaker.half_open_probes,
+        )
+        assert (2, 1.0, 60.0, 50) == (
+            billing.outlier.consecutive_failures,
+            billing.outlier.base_ejection,
+            billing.outlier.max_ejection,
+            billing.outlier.max_ejection_percent,
+        )
+        assert (10, "least_request") == (billing.max_concurrent_requests, billing.balancer)
+
+    def test_5xx_expands_to_every_server_error(self) -> None:
+        """`5xx` in retries.on means every status 500-599."""
+        retries = build(upstream(retries={"on": ["5xx"]})).upstreams["billing"].retries
+        assert frozenset(range(500, 600)) == retries.on_statuses
+        assert False is retries.on_connect_failure
+
+    def test_unknown_retry_condition_is_reported_at_its_index(self) -> None:
+        """An unknown condition names its list index and the accepted ones."""
+        assert [
+            "upstreams.billing.retries.on[2]: unknown condition 'teapot' (expected "
+            "connect-failure, timeout, reset, 5xx or a status 500-599)",
+            "upstreams.billing.retries.on[3]: unknown condition 418 (expected "
+            "connect-failure, timeout, reset, 5xx or a status 500-599)",
+        ] == problems(upstream(retries={"on": ["connect-failure", 502, "teapot", 418]}))
+
+    def test_per_try_timeout_defaults_within_timeout(self) -> None:
+        """A short timeout without per_try_timeout caps the per-try default at it."""
+        billing = build(upstream(timeout="1s")).upstreams["billing"]
+        assert 1.0 == billing.per_try_timeout
+
+    def test_per_try_timeout_must_not_exceed_timeout(self) -> None:
+        """per_try_timeout longer than the whole-request timeout is an error."""
+        assert [
+            "upstreams.billing.per_try_timeout: must not exceed timeout (20s > 10s)"
+        ] == problems(upstream(per_try_timeout="20s"))
+
+    def test_invalid_duration_names_the_value(self) -> None:
+        """A bad duration quotes the value at its path."""
+        assert ["upstreams.billing.timeout: invalid duration 'ten'"] == problems(
+            upstream(timeout="ten")
+        )
+
+    def test_durations_must_be_positive(self) -> None:
+        """Zero is not a timeout; it is reported."""
+        assert ["upstreams.billing.timeout: must be greater than 0"] == problems(
+            upstream(timeout=0)
+        )
+
+    def test_endpoints_need_a_port(self) -> None:
+        """Endpoints are host:port with port 1-65535; each bad one is reported at its index."""
+        assert [
+            "upstreams.billing.endpoints[0]: invalid address '10.0.0.1' (expected host:port)",
+            "upstreams.billing.endpoints[1]: invalid address '10.0.0.2:0' (port must be 1-65535)",
+        ] == problems(upstream(endpoints=["10.0.0.1", "10.0.0.2:0", "[::1]:80"]))
+
+    def test_invalid_endpoints_are_not_also_reported_missing(self) -> None:
+        """When every endpoint is invalid, only the invalid entries are reported."""
+        assert [
+            "upstreams.billing.endpoints[0]: invalid address 'nowhere' (expected host:port)"
+        ] == problems(upstream(endpoints=["nowhere"]))
+
+    def test_endpoints_are_required_without_consul(self) -> None:
+        """With Consul disabled, an upstream without endpoints has nowhere to go."""
+        assert ["upstreams.billing.endpoints: required when consul.enabled is false"] == problems(
+            {"upstreams": {"billing": None}}
+        )
+
+    def test_limits_are_checked(self) -> None:
+        """Counts and ratios outside their ranges are reported with the range."""
+        assert [
+            "upstreams.billing.retries.max: must be between 0 and 10, got 11",
+            "upstreams.billing.retries.budget_ratio: must be between 0 and 1, got 1.5",
+            "upstreams.billing.circuit_breaker.failure_threshold: must be at least 1, got 0",
+            "upstreams.billing.outlier.max_ejection_percent: must be between 0 and 100, got 101",
+            "upstreams.billing.outlier.max_ejection: must not be less than base_ejection "
+            "(10s < 30s)",
+            "upstreams.billing.max_concurrent_requests: expected an integer, got string",
+            "upstreams.billing.balancer: expected peak_ewma or least_request, got 'random'",
+        ] == problems(
+            upstream(
+                retries={"max": 11, "budget_ratio": 1.5},
+                circuit_breaker={"failure_threshold": 0},
+                outlier={"max_ejection_percent": 101, "max_ejection": "10s"},
+                max_concurrent_requests="many",
+                balancer="random",
+            )
+        )
+
+
+class TestFallback:
+    def test_json_body(self) -> None:
+        """`json:` is serialised and served as application/json."""
+        fallback = build(upstream(fallback={"status": 200, "json": {"items": []}}))
+        assert FallbackConfig(200, b'{"items": []}', "application/json") == (
+            fallback.upstreams["billing"].fallback
+        )
+
+    def test_text_body_and_headers(self) -> None:
+        """`text:` is served as UTF-8 plain text, with any extra headers."""
+        fallback = (
+            build(
+                upstream(
+                    fallback={"status": 503, "text": "später", "headers": {"Retry-After": "5"}}
+                )
+            )
+            .upstreams["billing"]
+            .fallback
+        )
+        expected = FallbackConfig(
+            503, "später".encode(), "text/plain; charset=utf-8", (("Retry-After", "5"),)
+        )
+        assert expected == fallback
+
+    def test_problems_are_reported(self) -> None:
+        """Missing status, both bodies and a bad header name are each reported."""
+        assert [
+            "upstreams.billing.fallback.status: required",
+            "upstreams.billing.fallback.headers.bad name: invalid header name",
+            "upstreams.billing.fallback: json and text are mutually exclusive",
+        ] == problems(upstream(fallback={"json": 1, "text": "x", "headers": {"bad name": "v"}}))
+
+
+class TestCrossChecks:
+    def test_consul_enabled_is_not_available_yet(self) -> None:
+        """The spec default consul.enabled: true is reported until Consul support lands."""
+        assert [CONSUL_MESSAGE] == problems(base={"service": {"name": "permits"}})
+
+    def test_consul_keys_are_still_validated(self, tmp_path: Path) -> None:
+        """address, token_file and ca_file are checked even while Consul is unavailable."""
+        missing = tmp_path / "missing"
+        assert [
+            "consul.address: invalid URL 'ftp://consul' (expected http://host:port or "
+            "https://host:port)",
+            f"consul.token_file: cannot read '{missing}' (No such file or directory)",
+            f"consul.ca_file: no such file '{missing}'",
+        ] == problems(
+            {
+                "consul": {
+                    "address": "ftp://consul",
+                    "token_file": str(missing),
+                    "ca_file": str(missing),
+                }
+            }
+        )
+
+    def test_token_is_not_accepted_in_the_file(self) -> None:
+        """A Consul token written into the config file is refused: it belongs in a secret."""
+        assert [
+            "consul.token: secrets do not belong in the config file; use token_file or "
+            "CONSUL_HTTP_TOKEN"
+        ] == problems({"consul": {"token": "s3cr3t"}})
+
+    def test_allow_any_service_needs_consul(self) -> None:
+        """Routing any Consul service name makes no sense without Consul."""
+        assert ["discovery.allow_any_service: needs consul.enabled"] == problems(
+            {"discovery": {"allow_any_service": True}}
+        )
+
+    def test_listen_ports_must_not_collide(self) -> None:
+        """listen, admin.listen and upstream listens each need their own port."""
+        assert [
+            "admin.listen: port 4001 already used by listen",
+            "upstreams.billing.listen: port 4001 already used by listen",
+        ] == problems({"admin": {"listen": "0.0.0.0:4001"}, **upstream(listen="127.0.0.1:4001")})
+
+    def test_port_zero_never_collides(self) -> None:
+        """Ephemeral port 0 may be used by several listeners at once."""
+        config = build(
+            {
+                "listen": "127.0.0.1:0",
+                "admin": {"listen": "127.0.0.1:0"},
+                **upstream(listen="127.0.0.1:0"),
+            }
+        )
+        assert 0 == config.admin.listen.port
+
+
+class TestUnknownAndUnsupportedKeys:
+    def test_unknown_key_is_reported(self) -> None:
+        """A misspelt key is an error, not silently ignored."""
+        assert ["upstreams.billing.timout: unknown key"] == problems(upstream(timout="3s"))
+
+    def test_later_sections_are_reported_as_not_supported(self) -> None:
+        """events, alerts and telemetry.tracing are documented but not in this build."""
+        assert [
+            "telemetry.tracing: not supported in this build yet",
+            "events: not supported in this build yet",
+            "alerts: not supported in this build yet",
+            "surprise: unknown key",
+        ] == problems({"events": {}, "alerts": {}, "telemetry": {"tracing": {}}, "surprise": 1})
+
+    def test_sections_must_be_mappings(self) -> None:
+        """A section given as a scalar or list is a type error at its path."""
+        assert [
+            "admin: expected a mapping, got string",
+            "upstreams: expected a mapping, got list",
+        ] == problems({"admin": "0.0.0.0:9902", "upstreams": ["billing"]})
+
+    def test_every_problem_is_reported_at_once(self) -> None:
+        """Problems in different sections are all collected before raising."""
+        found = problems(
+            {"service": {"port": "x"}, "listen": "nowhere", **upstream(timeout="ten")},
+            base={"consul": {"enabled": False}},
+        )
+        assert [
+            "service.name: required",
+            "service.port: expected an integer, got string",
+            "listen: invalid address 'nowhere' (expected host:port)",
+            "upstreams.billing.timeout: invalid duration 'ten'",
+        ] == found
+
+    def test_top_level_must_be_a_mapping(self) -> None:
+        """A YAML document that is not a mapping is one problem naming the source."""
+        with pytest.raises(ConfigError) as info:
+            config_from_mapping([1, 2], {}, source="x.yaml")  # type: ignore[arg-type]
+        assert ["x.yaml: expected a mapping at the top level, got list"] == info.value.problems
+
+
+class TestEnvironment:
+    def test_overrides_win_over_the_file(self, tmp_path: Path) -> None:
+        """Every documented env var replaces the file's value."""
+        token_file = tmp_path / "token"
+        token_file.write_text("from-file\n")
+        ca_file = tmp_path / "ca.pem"
+        ca_file.write_text("pem")
+        config = build(
+            {"listen": "127.0.0.1:1", "telemetry": {"log_format": "json"}},
+            environ={
+                "SIDECAR_SERVICE_NAME": "orders",
+                "SIDECAR_SERVICE_ADDRESS": "10.0.0.9",
+                "SIDECAR_SERVICE_PORT": "8081",
+                "SIDECAR_LISTEN": "127.0.0.1:4101",
+                "SIDECAR_ADMIN_LISTEN": "[::]:9903",
+                "SIDECAR_LOG_FORMAT": "console",
+                "SIDECAR_LOG_LEVEL": "DEBUG",
+                "CONSUL_HTTP_ADDR": "consul.local:8501",
+                "CONSUL_HTTP_TOKEN_FILE": str(token_file),
+                "CONSUL_CACERT": str(ca_file),
+            },
+        )
+        assert ("orders", "10.0.0.9", 8081) == (
+            config.service.name,
+            config.service.address,
+            config.service.port,
+        )
+        assert ("127.0.0.1:4101", "[::]:9903") == (str(config.listen), str(config.admin.listen))
+        assert ("console", "debug") == (config.telemetry.log_format, config.telemetry.log_level)
+        assert ("http://consul.local:8501", "from-file", str(ca_file)) == (
+            config.consul.address,
+            config.consul.token,
+            config.consul.ca_file,
+        )
+
+    def test_token_variable_wins_over_token_file(self, tmp_path: Path) -> None:
+        """CONSUL_HTTP_TOKEN beats the token file, and neither shows in repr()."""
+        token_file = tmp_path / "token"
+        token_file.write_text("from-file")
+        config = build(
+            {"consul": {"token_file": str(token_file)}},
+            environ={"CONSUL_HTTP_TOKEN": "from-env"},
+        )
+        assert "from-env" == config.consul.token
+        assert "from-env" not in repr(config)
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [("false", False), ("0", False), ("No", False), ("true", True), ("1", True), ("yes", True)],
+    )
+    def test_consul_enabled_accepts_common_booleans(self, text: str, expected: bool) -> None:
+        """SIDECAR_CONSUL_ENABLED takes true/false/1/0/yes/no in any case."""
+        environ = {"SIDECAR_CONSUL_ENABLED": text}
+        if expected:
+            assert [CONSUL_MESSAGE] == problems(environ=environ)
+        else:
+            assert False is build({"consul": {"enabled": True}}, environ).consul.enabled
+
+    def test_bad_values_are_reported_under_the_variable_name(self) -> None:
+        """A bad override names the env var, not the config path."""
+        assert [
+            "SIDECAR_SERVICE_PORT: invalid port 'abc'",
+            "SIDECAR_LISTEN: invalid address 'localhost' (expected host:port)",
+            "SIDECAR_CONSUL_ENABLED: invalid boolean 'maybe' "
+            "(expected true, false, 1, 0, yes or no)",
+            "SIDECAR_LOG_LEVEL: expected debug, info, warning or error, got 'loud'",
+        ] == problems(
+            environ={
+                "SIDECAR_SERVICE_PORT": "abc",
+                "SIDECAR_LISTEN": "localhost",
+                "SIDECAR_CONSUL_ENABLED": "maybe",
+                "SIDECAR_LOG_LEVEL": "loud",
+            }
+        )
+
+    def test_empty_variables_count_as_unset(self) -> None:
+        """`SIDECAR_LISTEN=` keeps the file's value instead of failing or blanking it."""
+        config = build({"listen": "127.0.0.1:4002"}, environ={"SIDECAR_LISTEN": ""})
+        assert Address("127.0.0.1", 4002) == config.listen
+
+    def test_service_name_may_come_only_from_env(self) -> None:
+        """service.name is satisfied by SIDECAR_SERVICE_NAME alone."""
+        config = config_from_mapping(
+            {"consul": {"enabled": False}}, {"SIDECAR_SERVICE_NAME": "orders"}
+        )
+        assert "orders" == config.service.name
+
+    def test_env_var_table_lists_every_constant(self) -> None:
+        """ENV_VARS documents each ENV_* constant exactly once."""
+        constants = {
+            value for name, value in vars(config_module).items() if name.startswith("ENV_")
+        } - {ENV_VARS}
+        assert sorted(constants) == sorted(var.name for var in ENV_VARS)
+
+
+class TestLoadConfig:
+    def test_reads_the_file_and_applies_env(self, tmp_path: Path) -> None:
+        """load_config parses YAML, then env overrides win."""
+        path = tmp_path / "sidecar.yaml"
+        path.write_text(
+            "service: {name: permits, address: 10.0.0.1}\n"
+            "consul: {enabled: false}\n"
+            "upstreams:\n"
+            "  billing:\n"
+            "    endpoints: ['10.0.0.2:80']\n"
+            "    retries: {on: [reset]}\n"
+        )
+        config = load_config(str(path), {"SIDECAR_SERVICE_PORT": "9000"})
+        assert ("permits", 9000) == (config.service.name, config.service.port)
+        assert True is config.upstreams["billing"].retries.on_reset
+
+    def test_path_falls_back_to_sidecar_config(self, tmp_path: Path) -> None:
+        """Without a path, $SIDECAR_CONFIG names the file."""
+        path = tmp_path / "sidecar.yaml"
+        path.write_text("service: {name: from-file, address: 10.0.0.1}\nconsul: {enabled: false}\n")
+        assert "from-file" == load_config(None, {"SIDECAR_CONFIG": str(path)}).service.name
+
+    def test_without_a_file_config_comes_from_env(self) -> None:
+        """With neither path nor $SIDECAR_CONFIG, env and defaults make the config."""
+        environ = {
+            "SIDECAR_SERVICE_NAME": "orders",
+            "SIDECAR_SERVICE_ADDRESS": "10.0.0.1",
+            "SIDECAR_CONSUL_ENABLED": "false",
+        }
+        assert "orders" == load_config(None, environ).service.name
+
+    def test_missing_file_is_one_problem(self, tmp_path: Path) -> None:
+        """An unreadable file is reported once, naming the file."""
+        path = tmp_path / "nope.yaml"
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path), {})
+        assert [f"{path}: cannot read config file (No such file or directory)"] == (
+            info.value.problems
+        )
+
+    def test_yaml_syntax_error_names_the_line(self, tmp_path: Path) -> None:
+        """A syntax error is one problem with file, line and column."""
+        path = tmp_path / "bad.yaml"
+        path.write_text("service:\n  name: a\nlisten: [oops\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path), {})
+        [problem] = info.value.problems
+        assert problem.startswith(f"{path}: invalid YAML at line 4, column 1: ")
+
+    def test_duplicate_keys_are_rejected(self, tmp_path: Path) -> None:
+        """A key given twice is an error at its second occurrence, not a silent override."""
+        path = tmp_path / "dup.yaml"
+        path.write_text("service: {name: a}\nlisten: 127.0.0.1:1\nlisten: 127.0.0.1:2\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path), {})
+        assert [f"{path}: invalid YAML at line 3, column 1: duplicate key 'listen'"] == (
+            info.value.problems
+        )
+
+    def test_only_true_and_false_are_booleans(self, tmp_path: Path) -> None:
+        """YAML 1.1's yes/no/on/off stay strings, so `retries: {on: ...}` keeps its key."""
+        path = tmp_path / "sidecar.yaml"
+        path.write_text("service: {name: a, address: 10.0.0.1}\nconsul: {enabled: no}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path), {})
+        assert ["consul.enabled: expected true or false, got string"] == info.value.problems
+
+    def test_empty_file_means_defaults(self, tmp_path: Path) -> None:
+        """An empty file is an empty mapping; env can supply the rest."""
+        path = tmp_path / "empty.yaml"
+        path.write_text("")
+        environ = {"SIDECAR_SERVICE_NAME": "a", "SIDECAR_CONSUL_ENABLED": "0"}
+        assert Address("127.0.0.1", 4001) == load_config(str(path), environ).listen
