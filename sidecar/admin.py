@@ -2,9 +2,11 @@
 
 Endpoints:
   GET  /live                          200 while the event loop runs
-  GET  /ready                         200 when every readiness latch is set; 503 + JSON reasons otherwise
-  GET  /metrics                       Prometheus text format
-  GET  /v1/status                     JSON: service, readiness, per upstream endpoints/circuit/in-flight
+  GET  /ready                         200 when every readiness latch is set,
+                                      503 + JSON reasons otherwise (and while shutting down)
+  GET  /metrics                       Prometheus text format 0.0.4
+  GET  /v1/status                     JSON: service, readiness, and per upstream its
+                                      endpoints, circuit state and requests in flight
   POST /v1/breakers/{upstream}/reset  closes that circuit; loopback clients only (403 otherwise)
 """
 
@@ -15,7 +17,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from sidecar import __version__
 from sidecar.config import Config
@@ -57,8 +60,9 @@ def build_admin_app(
         return web.json_response({"ready": False, "reasons": readiness.reasons()}, status=503)
 
     async def metrics_endpoint(_: web.Request) -> web.Response:
+        # The classic 0.0.4 text format: every Prometheus 2.x scraper parses it.
         body = generate_latest(metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
     async def status(_: web.Request) -> web.Response:
         body: dict[str, Any] = {

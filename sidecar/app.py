@@ -112,7 +112,9 @@ class Sidecar:
         readiness = self.lifecycle.readiness
         bound = readiness.require("listeners", "listeners not bound yet")
         latches = {
-            name: readiness.require(f"discovery:{name}", f"upstream {name!r}: no discovery answer yet")
+            name: readiness.require(
+                f"discovery:{name}", f"upstream {name!r}: no discovery answer yet"
+            )
             for name in self.upstreams
         }
         await self._bind("app", config.listen, None)
@@ -165,7 +167,9 @@ class Sidecar:
         if self.proxy.active and not lifecycle.force.is_set():
             waiter = asyncio.ensure_future(self.proxy.wait_idle())
             forced = asyncio.ensure_future(lifecycle.force.wait())
-            await asyncio.wait((waiter, forced), timeout=max(remaining, 0), return_when="FIRST_COMPLETED")
+            await asyncio.wait(
+                (waiter, forced), timeout=max(remaining, 0), return_when="FIRST_COMPLETED"
+            )
             waiter.cancel()
             forced.cancel()
         if self.proxy.active:

@@ -8,6 +8,7 @@ set, plus a draining flag that turns readiness off for good.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Callable
 
@@ -78,7 +79,5 @@ class Lifecycle:
         """Wait `seconds`, or less if a second signal asks to hurry."""
         if seconds <= 0 or self.force.is_set():
             return
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.force.wait(), seconds)
-        except TimeoutError:
-            pass

@@ -48,8 +48,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "_framing_is_close",
-        "_headers",
         "_head_only",
+        "_headers",
         "_parser",
         "_pool",
         "_reason",

@@ -11,10 +11,10 @@ each of them decides lives in `balancer` and `resilience`.
 from __future__ import annotations
 
 import asyncio
-from typing import cast
 import random
 from collections import deque
 from collections.abc import Mapping
+from typing import cast
 
 import httptools
 
@@ -23,8 +23,6 @@ from sidecar.proxy.balancer import EndpointStats
 from sidecar.proxy.forward import (
     FRAMING_CHUNKED,
     FRAMING_CLOSE,
-    FRAMING_LENGTH,
-    FRAMING_NONE,
     EndpointPool,
     UpstreamConnection,
 )
@@ -166,7 +164,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.paused = 0
         self.closed = False
 
-    # -- asyncio.Protocol ------------------------------------------------------------------
+    # -- asyncio.Protocol ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -202,7 +200,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if ex is not None and ex.conn is not None:
             ex.conn.resume_reading()
 
-    # -- httptools callbacks -------------------------------------------------------------------
+    # -- httptools callbacks ---------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self.req = Request()
@@ -324,12 +322,13 @@ class DownstreamProtocol(asyncio.Protocol):
                 else:
                     shown = name.decode("latin-1")
                     message = f"no upstream named {shown!r} is configured"
-                return self.send_error(req, ProxyError(ErrorCode.NO_ROUTE, message))
+                shown_name = name.decode("latin-1") if name else None
+                return self.send_error(req, ProxyError(ErrorCode.NO_ROUTE, message, shown_name))
         elif target[:7].lower() == b"http://":
             target = route_target(target)[1]
         return await Exchange(self, req, upstream, target).run()
 
-    # -- writing to the app ---------------------------------------------------------------------
+    # -- writing to the app ----------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -358,7 +357,8 @@ class DownstreamProtocol(asyncio.Protocol):
     def send_fallback(self, req: Request, status: int, headers: bytes, body: bytes) -> bool:
         keep = req.keep_alive and req.body_done and not self.proxy.closing
         self.write(
-            b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\nx-sidecar-fallback: CIRCUIT_OPEN\r\n%s%s\r\n%s"
+            b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\nx-sidecar-fallback: CIRCUIT_OPEN\r\n"
+            b"%s%s\r\n%s"
             % (
                 status,
                 _REASONS.get(status, b"OK"),
@@ -370,7 +370,7 @@ class DownstreamProtocol(asyncio.Protocol):
         )
         return keep
 
-    # -- connection state ---------------------------------------------------------------------------
+    # -- connection state ------------------------------------------------------------------------
 
     def _pause(self, reason: int) -> None:
         if not self.paused and self.transport is not None:
@@ -638,7 +638,12 @@ class Exchange:
         req = self.req
         headers = request_headers(req.headers, self.down.client_ip)
         framing = b"Transfer-Encoding: chunked\r\n" if req.chunked else b""
-        return b"%s %s HTTP/1.1\r\n%s%s\r\n" % (req.method, self.target, serialize(headers), framing)
+        return b"%s %s HTTP/1.1\r\n%s%s\r\n" % (
+            req.method,
+            self.target,
+            serialize(headers),
+            framing,
+        )
 
     def _may_retry(self, loop: asyncio.AbstractEventLoop) -> bool:
         req, up = self.req, self.up
@@ -654,7 +659,9 @@ class Exchange:
         return True
 
     async def _backoff(self, loop: asyncio.AbstractEventLoop) -> None:
-        delay = min(retry_backoff(self.attempts, self.down.proxy.rng), self.deadline - loop.time())
+        delay = min(
+            retry_backoff(self.attempts - 1, self.down.proxy.rng), self.deadline - loop.time()
+        )
         if delay > 0:
             await asyncio.sleep(delay)
 
@@ -677,7 +684,7 @@ class Exchange:
         self.keep = self.down.send_error(self.req, err)
         return self.keep
 
-    # -- timers ----------------------------------------------------------------------------------------
+    # -- timers ----------------------------------------------------------------------------------
 
     def _on_try_timeout(self) -> None:
         self._try_timer = None
@@ -695,7 +702,7 @@ class Exchange:
         if fut is not None and not fut.done():
             fut.set_result(_CLIENT_GONE)
 
-    # -- forward.ResponseSink -------------------------------------------------------------------------
+    # -- forward.ResponseSink --------------------------------------------------------------------
 
     def on_response_head(self, status: int, reason: bytes, headers: Headers, framing: int) -> None:
         self._head_seen = True
@@ -713,7 +720,7 @@ class Exchange:
         out = response_headers(headers)
         extra = b""
         self.downstream_chunked = False
-        if framing == FRAMING_CHUNKED or framing == FRAMING_CLOSE:
+        if framing in (FRAMING_CHUNKED, FRAMING_CLOSE):
             if req.version == "1.1":
                 extra = b"Transfer-Encoding: chunked\r\n"
                 self.downstream_chunked = True

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 from aiohttp import web
 
@@ -176,8 +177,6 @@ class Sidecar:
 
     async def wait_ready(self, timeout: float = 15.0) -> None:
         """Poll /ready until 200; fail with the sidecar's log if it never comes."""
-        import aiohttp
-
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as session:
             while time.monotonic() < deadline:

@@ -1,6 +1,5 @@
 """The `sidecar` command line: subcommands, exit codes and config error reporting (SPEC §2)."""
 
-
 from __future__ import annotations
 
 import os

@@ -1,6 +1,5 @@
 """Configuration model, parsing helpers and validation (SPEC §3)."""
 
-
 from __future__ import annotations
 
 import socket

@@ -1,6 +1,5 @@
 """Structured logging: JSON or console lines on stderr, for structlog and stdlib alike."""
 
-
 from __future__ import annotations
 
 import json

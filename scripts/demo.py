@@ -1,0 +1,643 @@
+"""A guided tour of the sidecar's main job: the app calls `billing` on localhost, the
+sidecar balances, retries, ejects a dead instance and opens the circuit when all are down.
+
+Everything runs on this machine on embedded defaults (static upstreams, no Consul):
+two "billing" instances (small aiohttp apps, subprocesses of this script), and a
+`sidecar run` subprocess in front of them. Each step prints what was observed; when
+the story does not happen as it should, the demo says what went wrong and exits 1,
+so it doubles as an end-to-end check.
+
+Usage:  .venv/bin/python scripts/demo.py      (or `bash scripts/demo.sh`, which sets up .venv)
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+UPSTREAM = "billing"
+INVOICE = "/invoices/42"
+INVOKE = f"/v1/invoke/{UPSTREAM}{INVOICE}"
+
+# The story's knobs: small so each step takes a second, not half a minute.
+CONSECUTIVE_FAILURES = 2  # outlier: failures in a row that eject an instance
+BASE_EJECTION = 5.0  # seconds
+FAILURE_THRESHOLD = 3  # circuit breaker: failed requests in a row that open it
+OPEN_FOR = 2.0  # seconds the circuit stays open before a half-open probe
+RETRIES = 1
+WORK = 0.005  # seconds each billing call "works", so concurrent calls overlap
+
+
+def render_config(app_port: int, admin_port: int, port_a: int, port_b: int) -> str:
+    """The sidecar's YAML config for the demo: static endpoints, no Consul, quick limits."""
+    return f"""\
+# Written by scripts/demo.py: the app "orders" calls one upstream, "billing".
+service:
+  name: orders
+  address: {HOST}
+listen: {HOST}:{app_port}
+admin:
+  listen: {HOST}:{admin_port}
+consul:
+  enabled: false            # this build routes to static endpoints only
+upstreams:
+  {UPSTREAM}:
+    endpoints: [{HOST}:{port_a}, {HOST}:{port_b}]
+    timeout: 5s
+    per_try_timeout: 1s
+    retries: {{max: {RETRIES}}}
+    outlier: {{consecutive_failures: {CONSECUTIVE_FAILURES}, base_ejection: {BASE_EJECTION:g}s, max_ejection_percent: 50}}
+    circuit_breaker: {{failure_threshold: {FAILURE_THRESHOLD}, open_for: {OPEN_FOR:g}s, half_open_probes: 1}}
+shutdown:
+  drain: 0s                 # no app to drain for in a demo: stop at once
+  grace: 3s
+"""  # noqa: E501 - one upstream setting per line reads better than wrapped YAML
+
+
+class DemoFailed(Exception):
+    """The story did not happen as it should; the message says which part."""
+
+
+# --- the demo "billing" service (run as `demo.py --billing NAME PORT`) ----------------------
+
+
+def serve_billing(name: str, port: int) -> None:
+    """One billing instance: `GET /invoices/{id}` answers JSON naming this instance."""
+    import asyncio  # noqa: PLC0415 - only the billing subprocesses run an event loop
+
+    from aiohttp import web  # noqa: PLC0415 - only the billing subprocesses need aiohttp
+
+    async def invoice(request: web.Request) -> web.Response:
+        await asyncio.sleep(WORK)
+        invoice_id = request.match_info["id"]
+        return web.json_response({"invoice": invoice_id, "instance": name, "port": port})
+
+    app = web.Application()
+    app.router.add_get("/invoices/{id}", invoice)
+    web.run_app(app, host=HOST, port=port, print=None, access_log=None)
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+def free_port(taken: set[int]) -> int:
+    """A port nobody listens on right now (the kernel's pick), distinct from `taken`."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind((HOST, 0))
+            port = int(sock.getsockname()[1])
+        if port not in taken:
+            taken.add(port)
+            return port
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise DemoFailed(f"{what} did not happen within {timeout:g}s")
+        time.sleep(interval)
+
+
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def child_env() -> dict[str, str]:
+    """This environment minus settings that would override the demo's config file."""
+    prefixes = ("SIDECAR_", "CONSUL_", "OTEL_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+
+
+class Billing:
+    """One billing instance in its own process, which the story kills and restarts."""
+
+    def __init__(self, name: str, port: int, logs: Path) -> None:
+        self.name = name
+        self.port = port
+        self.log_path = logs / f"billing-{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, __file__, "--billing", self.name, str(self.port)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=child_env(),
+                start_new_session=True,  # Ctrl-C reaches the demo only; it cleans up
+            )
+
+    def wait_listening(self) -> None:
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise DemoFailed(f"billing {self.name} exited; see {self.log_path}")
+            return listening(self.port)
+
+        wait_for(f"billing {self.name} listening on {HOST}:{self.port}", up, 15)
+
+    def kill(self) -> None:
+        """SIGKILL, like a crash or an OOM kill: no goodbye to open connections."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def __repr__(self) -> str:
+        pid = self.proc.pid if self.proc is not None else None
+        return f"<Billing {self.name} port={self.port} pid={pid}>"
+
+
+@dataclass
+class Reply:
+    """What the app saw for one call."""
+
+    status: int
+    ms: float
+    instance: str | None  # which billing instance answered, if one did
+    error: str | None  # the x-sidecar-error header
+    retry_after: str | None
+    body: bytes
+
+    def describe(self) -> str:
+        text = f"{self.status}"
+        if self.instance:
+            text += f" from {self.instance}"
+        if self.error:
+            text += f"  x-sidecar-error: {self.error}"
+        if self.retry_after:
+            text += f"  Retry-After: {self.retry_after}"
+        return f"{text}  ({self.ms:.2f} ms)"
+
+
+class Sidecar:
+    """The `sidecar run` subprocess and the app's (keep-alive) connection to it."""
+
+    def __init__(self, config_path: Path, app_port: int, admin_port: int, logs: Path) -> None:
+        self.config_path = config_path
+        self.app_port = app_port
+        self.admin_port = admin_port
+        self.log_path = logs / "sidecar.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._conn: http.client.HTTPConnection | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sidecar", "run", "-c", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=child_env(),
+                start_new_session=True,
+            )
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise DemoFailed(
+                    f"the sidecar exited with code {self.proc.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                return self.admin("/ready")[0] == 200
+            except OSError:
+                return False
+
+        wait_for("sidecar /ready answering 200", ready, 20, 0.1)
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait for the graceful exit; SIGKILL if it hangs. Returns the exit code."""
+        if self._conn is not None:
+            self._conn.close()
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join("    " + line for line in text.splitlines()[-lines:])
+
+    # -- the app's view ---------------------------------------------------------------------
+
+    def call_once(self) -> Reply:
+        """One GET through the app listener on a connection of its own (thread-safe)."""
+        conn = http.client.HTTPConnection(HOST, self.app_port, timeout=10)
+        try:
+            started = time.perf_counter()
+            conn.request("GET", INVOKE)
+            response = conn.getresponse()
+            return _reply(response, response.read(), started)
+        finally:
+            conn.close()
+
+    def call(self, target: str = INVOKE) -> Reply:
+        """One GET through the app listener on a reused connection, timed end to end."""
+        for attempt in (1, 2):
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection(HOST, self.app_port, timeout=10)
+            try:
+                started = time.perf_counter()
+                self._conn.request("GET", target)
+                response = self._conn.getresponse()
+                body = response.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                # Our own idle keep-alive connection was closed: that is not the sidecar's
+                # answer, so open a new one and send again.
+                self._conn.close()
+                self._conn = None
+                if attempt == 2:
+                    raise
+                continue
+            if response.will_close:
+                self._conn.close()
+                self._conn = None
+            return _reply(response, body, started)
+        raise AssertionError("unreachable")
+
+    # -- the operator's view ------------------------------------------------------------------
+
+    def admin(self, path: str) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection(HOST, self.admin_port, timeout=5)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def metrics(self) -> str:
+        status, body = self.admin("/metrics")
+        if status != 200:
+            raise DemoFailed(f"GET /metrics answered {status}")
+        return body.decode()
+
+    def circuit_state(self) -> int:
+        """The `sidecar_circuit_state` gauge of billing: 0 closed, 1 half-open, 2 open."""
+        pattern = rf'^sidecar_circuit_state\{{upstream="{UPSTREAM}"\}} (\S+)$'
+        match = re.search(pattern, self.metrics(), re.MULTILINE)
+        if match is None:
+            raise DemoFailed(f"/metrics has no sidecar_circuit_state for {UPSTREAM}")
+        return int(float(match[1]))
+
+    def status(self) -> dict[str, Any]:
+        """`/v1/status` for the billing upstream."""
+        status, body = self.admin("/v1/status")
+        if status != 200:
+            raise DemoFailed(f"GET /v1/status answered {status}")
+        upstream: dict[str, Any] = json.loads(body)["upstreams"][UPSTREAM]
+        return upstream
+
+    def __repr__(self) -> str:
+        pid = self.proc.pid if self.proc is not None else None
+        return f"<Sidecar app={HOST}:{self.app_port} admin={HOST}:{self.admin_port} pid={pid}>"
+
+
+def _reply(response: http.client.HTTPResponse, body: bytes, started: float) -> Reply:
+    error = response.getheader("x-sidecar-error")
+    return Reply(
+        status=response.status,
+        ms=(time.perf_counter() - started) * 1000,
+        instance=_instance(body) if error is None else None,
+        error=error,
+        retry_after=response.getheader("retry-after"),
+        body=body,
+    )
+
+
+def _error_message(body: bytes) -> str:
+    """The `error.message` of the sidecar's JSON error body, or the body itself."""
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body.decode(errors="replace")
+
+
+def _instance(body: bytes) -> str | None:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    instance = data.get("instance") if isinstance(data, dict) else None
+    return instance if isinstance(instance, str) else None
+
+
+# --- telling the story -------------------------------------------------------------------------
+
+STATE_NAMES = {0: "closed", 1: "half-open", 2: "open"}
+
+
+def headline(number: int, text: str) -> None:
+    print(f"\n{number}. {text}")
+    print("   " + "-" * (len(text) + 3))
+
+
+def fact(text: str) -> None:
+    print(f"   {text}")
+
+
+def show_endpoints(sidecar: Sidecar, names: dict[str, str]) -> list[dict[str, Any]]:
+    """Print the endpoints excerpt of /v1/status and return it."""
+    status = sidecar.status()
+    fact(
+        f"/v1/status: circuit {status['circuit']!r}, healthy {status['healthy']}, "
+        f"ejected {status['ejected']}"
+    )
+    endpoints: list[dict[str, Any]] = status["endpoints"]
+    for ep in endpoints:
+        fact(
+            f"  {ep['address']} ({names.get(ep['address'], '?')}): "
+            f"ejected: {json.dumps(ep['ejected'])}, ejected_for_s: {ep['ejected_for_s']}, "
+            f"consecutive_failures: {ep['consecutive_failures']}, ejections: {ep['ejections']}"
+        )
+    return endpoints
+
+
+def show_circuit(sidecar: Sidecar) -> int:
+    state = sidecar.circuit_state()
+    gauge = f'sidecar_circuit_state{{upstream="{UPSTREAM}"}}'
+    fact(f"/metrics: {gauge} {state}  ({STATE_NAMES[state]})")
+    return state
+
+
+def metric_value(metrics: str, name: str) -> float:
+    """Sum of every sample of `name` for the billing upstream (0 when absent)."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith(name + "{") and f'upstream="{UPSTREAM}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def summarize(replies: list[Reply]) -> str:
+    """`6x 200 from A, 2x 502 UPSTREAM_CONNECT_FAILED` in order of first appearance."""
+    counts = Counter(
+        f"{r.status} from {r.instance}" if r.instance else f"{r.status} {r.error or ''}".strip()
+        for r in replies
+    )
+    return ", ".join(f"{n}x {what}" for what, n in counts.items())
+
+
+def step_spread(sidecar: Sidecar, calls: int, clients: int) -> None:
+    headline(1, "The app calls billing through the sidecar; both instances answer")
+    fact(f"{calls} calls to GET http://{HOST}:{sidecar.app_port}{INVOKE}, {clients} at a time")
+    with ThreadPoolExecutor(clients) as pool:
+        replies = list(pool.map(lambda _: sidecar.call_once(), range(calls)))
+    fact(f"-> {summarize(replies)}")
+    fact(f"one answer: {replies[0].body.decode().strip()}")
+    bad = [r for r in replies if r.status != 200]
+    if bad:
+        raise DemoFailed(f"calls failed while both instances were up: {bad[0].describe()}")
+    answered = {r.instance for r in replies}
+    if len(answered) < 2:
+        raise DemoFailed(f"all {calls} calls went to one instance ({answered}); no balancing")
+
+    proxy = f"http://{HOST}:{sidecar.app_port}"
+    fact(f"an unmodified client with HTTP_PROXY={proxy} asks http://{UPSTREAM}{INVOICE}:")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy}))
+    try:
+        with opener.open(f"http://{UPSTREAM}{INVOICE}", timeout=10) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    except urllib.error.URLError as exc:
+        raise DemoFailed(f"the proxy-style call did not reach the sidecar: {exc.reason}") from exc
+    fact(f"-> {status} {body.decode().strip()}")
+    if status != 200 or _instance(body) is None:
+        raise DemoFailed("the HTTP_PROXY-style call was not answered by a billing instance")
+
+
+def step_one_down(sidecar: Sidecar, b: Billing, names: dict[str, str]) -> None:
+    headline(2, "Instance B crashes (kill -9); the app does not notice")
+    retries_before = metric_value(sidecar.metrics(), "sidecar_retries_total")
+    b.kill()
+    fact(f"killed billing B (port {b.port})")
+    replies: list[Reply] = []
+    ejected = False
+    while len(replies) < 20 and not (ejected and len(replies) >= 6):
+        replies.append(sidecar.call())
+        ejected = any(
+            ep["ejected"] for ep in sidecar.status()["endpoints"] if names.get(ep["address"]) == "B"
+        )
+    times = sorted(r.ms for r in replies)
+    fact(f"{len(replies)} calls, one at a time -> {summarize(replies)}")
+    fact(f"latency: median {statistics.median(times):.2f} ms, slowest {times[-1]:.2f} ms")
+    retries = metric_value(sidecar.metrics(), "sidecar_retries_total") - retries_before
+    fact(f"/metrics: sidecar_retries_total grew by {retries:g}")
+    show_endpoints(sidecar, names)
+    failed = [r for r in replies if r.status != 200]
+    if failed:
+        raise DemoFailed(f"the app saw a failure while A was up: {failed[0].describe()}")
+    if not ejected:
+        raise DemoFailed(f"B was not ejected after {len(replies)} calls")
+
+
+def step_all_down(sidecar: Sidecar, a: Billing, names: dict[str, str]) -> None:
+    headline(3, "Instance A crashes too: fast, explicit errors, then the circuit opens")
+    a.kill()
+    fact(f"killed billing A (port {a.port})")
+    replies: list[Reply] = []
+    explained: set[str] = set()
+    while len(replies) < 10:
+        reply = sidecar.call()
+        replies.append(reply)
+        fact(f"call {len(replies)}: {reply.describe()}")
+        if reply.error and reply.error not in explained:
+            explained.add(reply.error)
+            fact(f"        {_error_message(reply.body)}")
+        if reply.error == "CIRCUIT_OPEN":
+            break
+    if replies[-1].error != "CIRCUIT_OPEN":
+        raise DemoFailed(f"the circuit did not open after {len(replies)} failed calls")
+    if not replies[-1].retry_after:
+        raise DemoFailed("the CIRCUIT_OPEN answer has no Retry-After header")
+    fact(f"body: {replies[-1].body.decode()}")
+    show_circuit(sidecar)
+
+    fast = [sidecar.call() for _ in range(50)]
+    if any(r.error != "CIRCUIT_OPEN" for r in fast):
+        other = next(r for r in fast if r.error != "CIRCUIT_OPEN")
+        raise DemoFailed(f"the circuit let a call through while open: {other.describe()}")
+    times = sorted(r.ms for r in fast)
+    fact(
+        f"{len(fast)} more calls while open: all 503 CIRCUIT_OPEN, answered in "
+        f"median {statistics.median(times):.3f} ms, max {times[-1]:.3f} ms "
+        "(no attempt to reach billing at all)"
+    )
+    if statistics.median(times) > 25:
+        raise DemoFailed("open-circuit answers are not fast")
+    show_endpoints(sidecar, names)
+
+
+def step_recovery(sidecar: Sidecar, a: Billing, names: dict[str, str]) -> None:
+    headline(4, "Instance A comes back; a half-open probe closes the circuit")
+    a.start()
+    a.wait_listening()
+    fact(f"restarted billing A on the same port {a.port}")
+    reply = sidecar.call()
+    fact(f"call right away: {reply.describe()}")
+    if reply.error == "CIRCUIT_OPEN":
+        fact(f"A is back, but the circuit stays open for open_for ({OPEN_FOR:g}s) before a probe")
+        began = time.monotonic()
+        wait_for("circuit half-open", lambda: sidecar.circuit_state() == 1, OPEN_FOR + 3)
+        fact(f"after {time.monotonic() - began:.1f}s more:")
+        show_circuit(sidecar)
+        reply = sidecar.call()
+        fact(f"next call is the probe: {reply.describe()}")
+    if reply.status != 200:
+        raise DemoFailed(f"the call after recovery failed: {reply.describe()}")
+    if show_circuit(sidecar) != 0:
+        raise DemoFailed("the circuit did not close after a successful probe")
+    replies = [sidecar.call() for _ in range(6)]
+    fact(f"6 more calls -> {summarize(replies)}")
+    if any(r.status != 200 for r in replies):
+        raise DemoFailed("calls failed after the circuit closed")
+    show_endpoints(sidecar, names)
+
+
+def step_metrics(sidecar: Sidecar) -> None:
+    headline(5, "Everything above is in the metrics")
+    fact(f"Prometheus:  http://{HOST}:{sidecar.admin_port}/metrics")
+    fact(f"status JSON: http://{HOST}:{sidecar.admin_port}/v1/status")
+    wanted = ("sidecar_upstream_requests_total{", "sidecar_circuit_state{")
+    lines = [line for line in sidecar.metrics().splitlines() if line.startswith(wanted)]
+    for line in lines[:5]:
+        fact(f"  {line}")
+    if not any(line.startswith(wanted[0]) for line in lines):
+        raise DemoFailed("/metrics has no sidecar_upstream_requests_total")
+
+
+# --- putting it together -----------------------------------------------------------------------
+
+
+@contextmanager
+def running(workdir: Path) -> Iterator[tuple[Sidecar, Billing, Billing]]:
+    """Start billing A and B and the sidecar; stop every process on the way out."""
+    taken: set[int] = set()
+    a = Billing("A", free_port(taken), workdir)
+    b = Billing("B", free_port(taken), workdir)
+    app_port, admin_port = free_port(taken), free_port(taken)
+    config = workdir / "sidecar.yaml"
+    config.write_text(render_config(app_port, admin_port, a.port, b.port))
+    sidecar = Sidecar(config, app_port, admin_port, workdir)
+    try:
+        a.start()
+        b.start()
+        sidecar.start()
+        a.wait_listening()
+        b.wait_listening()
+        sidecar.wait_ready()
+        yield sidecar, a, b
+    except DemoFailed:
+        print(f"\nlast lines of {sidecar.log_path}:\n{sidecar.log_tail()}", file=sys.stderr)
+        raise
+    finally:
+        a.kill()
+        b.kill()
+        code = sidecar.stop()
+        if code not in (None, 0):
+            print(f"\nthe sidecar exited with code {code}:\n{sidecar.log_tail()}", file=sys.stderr)
+
+
+def tell(workdir: Path) -> None:
+    """The whole story, from start to stop."""
+    with running(workdir) as (sidecar, a, b):
+        names = {f"{HOST}:{a.port}": "A", f"{HOST}:{b.port}": "B"}
+        fact(f"billing A on {HOST}:{a.port}, billing B on {HOST}:{b.port}")
+        fact(
+            f"sidecar (pid {sidecar.proc.pid if sidecar.proc else '?'}) ready: app API on "
+            f"{HOST}:{sidecar.app_port}, admin on {HOST}:{sidecar.admin_port}"
+        )
+        config = sidecar.config_path.read_text().splitlines()
+        fact("its config, upstream part (no Consul, static endpoints):")
+        for line in config[config.index("upstreams:") : config.index("shutdown:")]:
+            fact(f"  {line}")
+        step_spread(sidecar, 16, 8)
+        step_one_down(sidecar, b, names)
+        step_all_down(sidecar, a, names)
+        step_recovery(sidecar, a, names)
+        step_metrics(sidecar)
+        began = time.monotonic()
+        code = sidecar.stop()
+        fact(f"\nSIGTERM -> the sidecar exited with code {code} in {time.monotonic() - began:.2f}s")
+        if code != 0:
+            raise DemoFailed("the sidecar did not stop cleanly (exit code 0) on SIGTERM")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--billing", nargs=2, metavar=("NAME", "PORT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.billing:
+        serve_billing(args.billing[0], int(args.billing[1]))
+        return 0
+
+    missing = [name for name in ("sidecar", "aiohttp") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(
+            f"{sys.executable} cannot import {', '.join(missing)}: run `bash scripts/demo.sh`, "
+            "or `pip install -e .` in the repository first",
+            file=sys.stderr,
+        )
+        return 1
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    began = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="sidecar-demo-"))
+    print("hms-sidecar demo: the app 'orders' calls 'billing' (instances A and B) via its sidecar")
+    try:
+        tell(workdir)
+    except DemoFailed as exc:
+        print(f"\nDEMO FAILED: {exc}\n(config and logs kept in {workdir})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; every demo process was stopped (logs in {workdir})", file=sys.stderr)
+        return 130
+    shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\nDemo complete in {time.monotonic() - began:.1f}s; every process stopped.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The whole test run: installs what it needs, then lint, types and the test suite.
+#   bash scripts/test.sh [extra pytest args]
+# Needs Python >= 3.11. Installs RabbitMQ from Debian when missing and starts it when
+# it is not running (later issues' tests use the real broker at 127.0.0.1:5672).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+ensure_rabbitmq() {
+    if ! command -v rabbitmq-server >/dev/null 2>&1; then
+        echo "== installing rabbitmq-server"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
+    fi
+    if ! port_open 5672; then
+        echo "== starting rabbitmq-server"
+        as_root rabbitmq-server -detached
+        for _ in $(seq 1 120); do
+            port_open 5672 && break
+            sleep 1
+        done
+        port_open 5672 || { echo "RabbitMQ did not open 127.0.0.1:5672 within 120 s" >&2; exit 1; }
+    fi
+}
+
+ensure_venv() {
+    if [ ! -x .venv/bin/python ]; then
+        echo "== creating .venv"
+        "$PYTHON" -m venv .venv || {
+            echo "python3 -m venv failed: install it with 'apt-get install -y python3-venv'" >&2
+            exit 1
+        }
+    fi
+    echo "== installing hms-sidecar[dev]"
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e ".[dev]"
+}
+
+ensure_venv
+ensure_rabbitmq
+
+echo "== ruff"
+.venv/bin/ruff check sidecar tests scripts
+echo "== mypy --strict"
+.venv/bin/mypy --strict sidecar tests scripts
+echo "== pytest"
+.venv/bin/pytest "$@"

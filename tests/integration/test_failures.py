@@ -1,0 +1,306 @@
+"""Each sidecar error code of SPEC §4, retries, ejection and the circuit breaker, end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.integration.conftest import UpstreamFactory
+from tests.integration.harness import free_port, running_sidecar
+
+FAST_FAIL = {"retries": {"max": 0}}
+
+
+async def _get(session: aiohttp.ClientSession, url: str, **kw: Any) -> tuple[int, Any, Any]:
+    async with session.request(kw.pop("method", "GET"), url, **kw) as resp:
+        body = await resp.read()
+        return resp.status, resp.headers, body
+
+
+async def _error_code(session: aiohttp.ClientSession, url: str, **kw: Any) -> tuple[int, str]:
+    status, headers, _ = await _get(session, url, **kw)
+    return status, headers.get("x-sidecar-error", "")
+
+
+class TestErrorContract:
+    async def test_upstream_5xx_passes_through_untouched(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """An upstream's own 500 reaches the app as it was sent, without x-sidecar-error."""
+        billing = await upstreams("billing")
+        async with (
+            running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc,
+            aiohttp.ClientSession() as session,
+        ):
+            status, headers, body = await _get(
+                session, f"{sc.url}/v1/invoke/billing/status/500", method="POST"
+            )
+        assert 500 == status
+        assert "x-sidecar-error" not in headers
+        assert b'{"instance": "billing", "status": 500}' == body
+
+    async def test_connect_failure_is_502_with_json_body(self, tmp_path: Path) -> None:
+        """Nothing listening at the only endpoint: 502 UPSTREAM_CONNECT_FAILED in SPEC's shape."""
+        dead = f"127.0.0.1:{free_port()}"
+        async with (
+            running_sidecar(tmp_path, {"billing": {"endpoints": [dead], **FAST_FAIL}}) as sc,
+            aiohttp.ClientSession() as session,
+            session.get(f"{sc.url}/v1/invoke/billing/x") as resp,
+        ):
+            body = await resp.json()
+        assert (502, "UPSTREAM_CONNECT_FAILED") == (resp.status, resp.headers["x-sidecar-error"])
+        assert "application/json" == resp.content_type
+        assert {"code", "message", "upstream"} == set(body["error"])
+        assert ("UPSTREAM_CONNECT_FAILED", "billing") == (
+            body["error"]["code"],
+            body["error"]["upstream"],
+        )
+
+    async def test_slow_upstream_is_504(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """No response within the timeout: 504 UPSTREAM_TIMEOUT, before the upstream answers."""
+        billing = await upstreams("billing")
+        cfg = {"endpoints": [billing.endpoint], "timeout": "300ms", **FAST_FAIL}
+        async with (
+            running_sidecar(tmp_path, {"billing": cfg}) as sc,
+            aiohttp.ClientSession() as session,
+        ):
+            started = time.monotonic()
+            status, code = await _error_code(session, f"{sc.url}/v1/invoke/billing/slow?delay=3")
+            took = time.monotonic() - started
+        assert (504, "UPSTREAM_TIMEOUT") == (status, code)
+        assert took < 2.0
+
+    async def test_over_max_concurrent_requests_is_503_overloaded(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """With max_concurrent_requests in flight, the next request is refused at once."""
+        billing = await upstreams("billing")
+        cfg = {"endpoints": [billing.endpoint], "max_concurrent_requests": 1}
+        async with (
+            running_sidecar(tmp_path, {"billing": cfg}) as sc,
+            aiohttp.ClientSession() as session,
+        ):
+            slow = asyncio.ensure_future(_get(session, f"{sc.url}/v1/invoke/billing/slow?delay=1"))
+            while billing.hits == 0:
+                await asyncio.sleep(0.01)
+            refused = await _error_code(session, f"{sc.url}/v1/invoke/billing/echo")
+            first = await slow
+        assert (503, "OVERLOADED") == refused
+        assert 200 == first[0]
+
+    async def test_malformed_request_is_400_bad_request(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """Bytes that are not HTTP get 400 BAD_REQUEST and the connection is closed."""
+        billing = await upstreams("billing")
+        async with running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc:
+            reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
+            writer.write(b"GET /v1/invoke/billing/echo HTTP/1.1\r\nBad Header Line\r\n\r\n")
+            answer = await reader.read()
+            writer.close()
+            await writer.wait_closed()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400")
+        assert b"x-sidecar-error: BAD_REQUEST" in head
+        assert b'"BAD_REQUEST"' in body
+        assert 0 == billing.hits
+
+    async def test_no_healthy_endpoints_is_503(self, tmp_path: Path) -> None:
+        """Once every endpoint is ejected, requests fail fast with NO_HEALTHY_ENDPOINTS."""
+        dead = f"127.0.0.1:{free_port()}"
+        cfg = {
+            "endpoints": [dead],
+            "outlier": {"consecutive_failures": 1, "max_ejection_percent": 100},
+            "circuit_breaker": {"failure_threshold": 100},
+            **FAST_FAIL,
+        }
+        async with (
+            running_sidecar(tmp_path, {"billing": cfg}) as sc,
+            aiohttp.ClientSession() as session,
+        ):
+            first = await _error_code(session, f"{sc.url}/v1/invoke/billing/x")
+            second = await _error_code(session, f"{sc.url}/v1/invoke/billing/x")
+        assert (502, "UPSTREAM_CONNECT_FAILED") == first
+        assert (503, "NO_HEALTHY_ENDPOINTS") == second
+
+
+class TestRetries:
+    async def test_idempotent_request_retries_on_another_endpoint(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """With one dead endpoint, every GET still succeeds: the retry goes to the live one."""
+        billing = await upstreams("billing")
+        dead = f"127.0.0.1:{free_port()}"
+        cfg = {"endpoints": [dead, billing.endpoint], "outlier": {"consecutive_failures": 1000}}
+        async with (
+            running_sidecar(tmp_path, {"billing": cfg}) as sc,
+            aiohttp.ClientSession() as session,
+        ):
+            statuses = [
+                (await _get(session, f"{sc.url}/v1/invoke/billing/echo"))[0] for _ in range(20)
+            ]
+            metrics = (await _get(session, f"{sc.admin}/metrics"))[2].decode()
+        assert [200] * 20 == statuses
+        assert 20 == billing.hits
+        retried = next(
+            line for line in metrics.splitlines() if line.startswith("sidecar_retries_total")
+        )
+        assert float(retried.split()[-1]) >= 1
+
+    async def test_post_is_not_retried_unless_it_has_an_idempotency_key(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """A 503 to a POST passes through after one attempt; with Idempotency-Key it is retried."""
+        billing = await upstreams("billing")
+        cfg = {"endpoints": [billing.endpoint], "retries": {"max": 2, "on": [503]}}
+        async with (
+            running_sidecar(tmp_path, {"billing": cfg}) as sc,
+            aiohttp.ClientSession() as session,
+        ):
+            url = f"{sc.url}/v1/invoke/billing/status/503"
+            plain = await _error_code(session, url, method="POST", data=b"x")
+            plain_hits = billing.hits
+            keyed = await _error_code(
+                session, url, method="POST", data=b"x", headers={"Idempotency-Key": "k1"}
+            )
+        assert (503, "") == plain
+        assert 1 == plain_hits
+        assert (503, "") == keyed
+        assert 1 + 3 == billing.hits
+
+    async def test_retry_budget_caps_retries(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """With budget 0 and no floor, a retryable failure is not retried at all."""
+        billing = await upstreams("billing")
+        cfg = {
+            "endpoints": [billing.endpoint],
+            "retries": {"max": 2, "on": [503], "budget_ratio": 0, "min_retries_per_second": 0},
+        }
+        async with (
+            running_sidecar(tmp_path, {"billing": cfg}) as sc,
+            aiohttp.ClientSession() as session,
+        ):
+            for _ in range(5):
+                await _get(session, f"{sc.url}/v1/invoke/billing/status/503")
+        assert 5 == billing.hits
+
+
+class TestEjectionAndBreaker:
+    async def test_failing_endpoint_is_ejected_and_traffic_moves(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """An endpoint answering 5xx is ejected after consecutive failures; the other takes all."""
+        good = await upstreams("good")
+        bad = await upstreams("bad")
+        bad.failing = True
+        cfg = {
+            "endpoints": [good.endpoint, bad.endpoint],
+            # least_request ties are broken at random, so both endpoints see traffic at first.
+            "balancer": "least_request",
+            "outlier": {"consecutive_failures": 2, "base_ejection": "30s"},
+            "circuit_breaker": {"failure_threshold": 100},
+            **FAST_FAIL,
+        }
+        async with (
+            running_sidecar(tmp_path, {"billing": cfg}) as sc,
+            aiohttp.ClientSession() as session,
+        ):
+            for _ in range(40):
+                await _get(session, f"{sc.url}/v1/invoke/billing/flaky")
+            bad_hits = bad.hits
+            for _ in range(20):
+                await _get(session, f"{sc.url}/v1/invoke/billing/flaky")
+            async with session.get(f"{sc.admin}/v1/status") as resp:
+                status = await resp.json()
+        assert 2 == bad_hits
+        assert 2 == bad.hits
+        endpoints = {
+            e["address"]: e["ejected"] for e in status["upstreams"]["billing"]["endpoints"]
+        }
+        assert {good.endpoint: False, bad.endpoint: True} == endpoints
+
+    async def test_breaker_opens_fails_fast_and_recovers(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """After failure_threshold failures: 503 CIRCUIT_OPEN without touching the upstream,
+        then after open_for one probe closes the circuit again."""
+        billing = await upstreams("billing")
+        billing.failing = True
+        cfg = {
+            "endpoints": [billing.endpoint],
+            "circuit_breaker": {"failure_threshold": 3, "open_for": "500ms"},
+            "outlier": {"consecutive_failures": 1000},
+            **FAST_FAIL,
+        }
+        async with (
+            running_sidecar(tmp_path, {"billing": cfg}) as sc,
+            aiohttp.ClientSession() as session,
+        ):
+            url = f"{sc.url}/v1/invoke/billing/flaky"
+            failures = [(await _get(session, url))[0] for _ in range(3)]
+            status, headers, body = await _get(session, url)
+            hits_while_open = billing.hits
+            metrics_open = (await _get(session, f"{sc.admin}/metrics"))[2].decode()
+            billing.failing = False
+            await asyncio.sleep(0.6)
+            recovered = (await _get(session, url))[0]
+            after = (await _get(session, url))[0]
+            async with session.get(f"{sc.admin}/v1/status") as resp:
+                circuit = (await resp.json())["upstreams"]["billing"]["circuit"]
+        assert [500, 500, 500] == failures
+        assert (503, "CIRCUIT_OPEN") == (status, headers["x-sidecar-error"])
+        assert int(headers["Retry-After"]) >= 1
+        assert b'"CIRCUIT_OPEN"' in body
+        assert 3 == hits_while_open
+        assert 'sidecar_circuit_state{upstream="billing"} 2.0' in metrics_open
+        assert (200, 200, "closed") == (recovered, after, circuit)
+
+    async def test_fallback_is_served_while_open(self, tmp_path: Path) -> None:
+        """A configured fallback answers instead of CIRCUIT_OPEN while the circuit is open."""
+        dead = f"127.0.0.1:{free_port()}"
+        cfg = {
+            "endpoints": [dead],
+            "circuit_breaker": {"failure_threshold": 1, "open_for": "1m"},
+            "fallback": {"status": 200, "json": {"invoices": [], "degraded": True}},
+            **FAST_FAIL,
+        }
+        async with (
+            running_sidecar(tmp_path, {"billing": cfg}) as sc,
+            aiohttp.ClientSession() as session,
+        ):
+            first = await _error_code(session, f"{sc.url}/v1/invoke/billing/x")
+            async with session.get(f"{sc.url}/v1/invoke/billing/x") as resp:
+                fallback = (resp.status, await resp.json(), resp.headers.get("x-sidecar-error"))
+        assert (502, "UPSTREAM_CONNECT_FAILED") == first
+        assert (200, {"invoices": [], "degraded": True}, None) == fallback
+
+    async def test_admin_reset_closes_the_circuit(self, tmp_path: Path) -> None:
+        """POST /v1/breakers/{upstream}/reset from loopback closes an open circuit."""
+        dead = f"127.0.0.1:{free_port()}"
+        cfg = {
+            "endpoints": [dead],
+            "circuit_breaker": {"failure_threshold": 1, "open_for": "1m"},
+            **FAST_FAIL,
+        }
+        async with (
+            running_sidecar(tmp_path, {"billing": cfg}) as sc,
+            aiohttp.ClientSession() as session,
+        ):
+            await _get(session, f"{sc.url}/v1/invoke/billing/x")
+            open_code = await _error_code(session, f"{sc.url}/v1/invoke/billing/x")
+            async with session.post(f"{sc.admin}/v1/breakers/billing/reset") as resp:
+                reset = (resp.status, await resp.json())
+            async with session.post(f"{sc.admin}/v1/breakers/nope/reset") as resp:
+                unknown = resp.status
+            after = await _error_code(session, f"{sc.url}/v1/invoke/billing/x")
+        assert (503, "CIRCUIT_OPEN") == open_code
+        assert (200, {"upstream": "billing", "before": "open", "circuit": "closed"}) == reset
+        assert 404 == unknown
+        assert (502, "UPSTREAM_CONNECT_FAILED") == after
