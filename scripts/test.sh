@@ -29,9 +29,9 @@ ensure_rabbitmq() {
 }
 
 ensure_venv() {
-    if [ ! -x .venv/bin/python ]; then
+    if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then  # missing, or half-made without pip
         echo "== creating .venv"
-        "$PYTHON" -m venv .venv || {
+        "$PYTHON" -m venv --clear .venv || {
             echo "python3 -m venv failed: install it with 'apt-get install -y python3-venv'" >&2
             exit 1
         }

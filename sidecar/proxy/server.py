@@ -114,7 +114,7 @@ class Proxy:
         self.closing = False
         self.rng = random.Random()
         self._idle_waiter: asyncio.Future[None] | None = None
-        self._no_route = metrics.proxy_errors.labels("", ErrorCode.NO_ROUTE.value)
+        self.no_route_errors = metrics.proxy_errors.labels("", ErrorCode.NO_ROUTE.value)
 
     def protocol(self, fixed: Upstream | None = None) -> DownstreamProtocol:
         return DownstreamProtocol(self, fixed)
@@ -178,7 +178,10 @@ class DownstreamProtocol(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._reject("protocol upgrades (e.g. WebSocket) are not supported")
+            if self.req is not None and self.req.method == b"CONNECT":
+                self._reject("CONNECT tunnels are not supported")
+            else:
+                self._reject("protocol upgrades (e.g. WebSocket) are not supported")
         except httptools.HttpParserError as exc:
             self._reject(f"malformed HTTP request: {exc}")
 
@@ -218,6 +221,8 @@ class DownstreamProtocol(asyncio.Protocol):
         assert req is not None
         parser = self.parser
         req.method = parser.get_method()
+        if parser.should_upgrade():  # also true for CONNECT
+            return  # feed_data raises HttpParserUpgrade next; _reject answers 400
         req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive()
         for name, value in req.headers:
@@ -312,11 +317,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 target = path
             upstream = self.proxy.by_name.get(name)
             if upstream is None:
-                if req.method == b"CONNECT":
-                    return self.send_error(
-                        req, ProxyError(ErrorCode.BAD_REQUEST, "CONNECT tunnels are not supported")
-                    )
-                self.proxy._no_route.inc()
+                self.proxy.no_route_errors.inc()
                 if not name:
                     message = "no upstream named in the path (/v1/invoke/<upstream>/...) or Host"
                 else:

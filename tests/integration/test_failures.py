@@ -304,3 +304,27 @@ class TestEjectionAndBreaker:
         assert (200, {"upstream": "billing", "before": "open", "circuit": "closed"}) == reset
         assert 404 == unknown
         assert (502, "UPSTREAM_CONNECT_FAILED") == after
+
+
+class TestUnsupportedRequests:
+    async def test_websocket_upgrade_and_connect_are_refused_with_400(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """Protocol upgrades and CONNECT tunnels get 400 BAD_REQUEST, never a tunnel."""
+        billing = await upstreams("billing")
+        answers = []
+        async with running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc:
+            for raw in (
+                b"GET /v1/invoke/billing/echo HTTP/1.1\r\nHost: billing\r\n"
+                b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+                f"CONNECT {billing.endpoint} HTTP/1.1\r\nHost: {billing.endpoint}\r\n\r\n".encode(),
+            ):
+                reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
+                writer.write(raw)
+                answers.append(await reader.read())
+                writer.close()
+                await writer.wait_closed()
+        for answer in answers:
+            assert answer.startswith(b"HTTP/1.1 400"), answer
+            assert b"x-sidecar-error: BAD_REQUEST" in answer
+        assert 0 == billing.hits
