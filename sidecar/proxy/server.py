@@ -503,25 +503,28 @@ class Exchange:
         up, req = self.up, self.req
         balancer = up.balancer
         per_try = up.config.per_try_timeout
-        avoid: EndpointStats | None = None
+        retries = up.config.retries
         head = self._request_head()
+        failed: ProxyError | None = None  # why the previous attempt failed
+        stats = balancer.pick()
         while True:
-            self.attempts += 1
-            stats = balancer.pick(avoid)
             if stats is None:
                 self._error(
-                    ProxyError(
+                    failed
+                    or ProxyError(
                         ErrorCode.NO_HEALTHY_ENDPOINTS,
                         f"no healthy endpoint for {up.name!r}",
                         up.name,
                     )
                 )
                 return False
+            if self.down.closed:
+                return None  # the app left during a back-off
+            self.attempts += 1
             pool = stats.pool
             assert isinstance(pool, EndpointPool)
             started = balancer.begin(stats)
-            now = loop.time()
-            budget = min(per_try, self.deadline - now)
+            budget = min(per_try, self.deadline - loop.time())
             result = await self._one_attempt(loop, pool, head, budget)
             conn = self.conn
             self.conn = None
@@ -546,45 +549,39 @@ class Exchange:
                 self.down.abort()
                 return False
             if result == _RETRY_STATUS:
-                # The decision was taken when the head arrived (see on_response_head).
-                await self._backoff(loop)
-                avoid = stats
-                continue
-            retries = up.config.retries
-            if result == _TIMEOUT:
-                allowed = retries.on_timeout
-            elif result == _CONNECT_FAILED:
-                allowed = retries.on_connect_failure
-            else:
-                # A kept-alive connection the upstream closed before reading anything
-                # fails like a connect failure; any other reset needs `reset`.
-                stale = conn is not None and conn.reused and not conn.got_bytes
-                allowed = retries.on_reset or (stale and retries.on_connect_failure)
-            if allowed and self._may_retry(loop):
-                await self._backoff(loop)
-                avoid = stats
-                continue
-            if result == _TIMEOUT:
-                self._error(
-                    ProxyError(
-                        ErrorCode.UPSTREAM_TIMEOUT,
-                        f"{up.name!r} did not answer within "
-                        f"{'per_try_timeout' if self.deadline - loop.time() > 0 else 'timeout'} "
-                        f"(attempt {self.attempts} to {stats.endpoint})",
-                        up.name,
-                    )
+                # Decided when the head arrived (on_response_head); nothing reached the app.
+                failed = None
+                allowed = True
+            elif result == _TIMEOUT:
+                failed = ProxyError(
+                    ErrorCode.UPSTREAM_TIMEOUT,
+                    f"{up.name!r} did not answer within "
+                    f"{'per_try_timeout' if self.deadline - loop.time() > 0 else 'timeout'} "
+                    f"(attempt {self.attempts} to {stats.endpoint})",
+                    up.name,
                 )
+                allowed = retries.on_timeout and self._may_retry(loop)
             else:
                 what = "connect to" if result == _CONNECT_FAILED else "get a response from"
-                self._error(
-                    ProxyError(
-                        ErrorCode.UPSTREAM_CONNECT_FAILED,
-                        f"could not {what} {up.name!r} at {stats.endpoint} "
-                        f"(attempt {self.attempts})",
-                        up.name,
-                    )
+                failed = ProxyError(
+                    ErrorCode.UPSTREAM_CONNECT_FAILED,
+                    f"could not {what} {up.name!r} at {stats.endpoint} (attempt {self.attempts})",
+                    up.name,
                 )
-            return False
+                if result == _CONNECT_FAILED:
+                    allowed = retries.on_connect_failure
+                else:
+                    # A kept-alive connection the upstream closed before reading anything
+                    # fails like a connect failure; any other reset needs `reset`.
+                    stale = conn is not None and conn.reused and not conn.got_bytes
+                    allowed = retries.on_reset or (stale and retries.on_connect_failure)
+                allowed = allowed and self._may_retry(loop)
+            if not allowed:
+                assert failed is not None
+                self._error(failed)
+                return False
+            await self._backoff(loop)
+            stats = balancer.pick(avoid=stats)
 
     async def _one_attempt(
         self, loop: asyncio.AbstractEventLoop, pool: EndpointPool, head: bytes, budget: float

@@ -37,7 +37,8 @@ class Upstream:
 
     Routes: `/echo/...` answers what it received as JSON; `/status/{code}` answers
     that status; `/slow?delay=S` waits first; `/upload` hashes a streamed body;
-    `/download?size=N` streams N bytes; `/fail` and `/ok` depend on `self.failing`.
+    `/download?size=N` streams N bytes; `/flaky` answers 500 while `self.failing`;
+    `/truncate` promises 1000 bytes, sends 10 and drops the connection.
     `hits` counts requests received.
     """
 
@@ -107,6 +108,15 @@ class Upstream:
             await resp.write_eof()
             return resp
 
+        async def truncate(request: web.Request) -> web.StreamResponse:
+            resp = web.StreamResponse()
+            resp.content_length = 1000
+            await resp.prepare(request)
+            await resp.write(b"0123456789")
+            assert request.transport is not None
+            request.transport.abort()  # die mid-body
+            return resp
+
         async def flaky(request: web.Request) -> web.Response:
             if self.failing:
                 return web.json_response({"instance": self.name, "failing": True}, status=500)
@@ -119,6 +129,7 @@ class Upstream:
         app.router.add_put("/upload", upload)
         app.router.add_get("/download", download)
         app.router.add_route("*", "/flaky", flaky)
+        app.router.add_get("/truncate", truncate)
         return app
 
     async def start(self, port: int = 0) -> Upstream:

@@ -174,6 +174,31 @@ class TestRetries:
         assert (503, "") == keyed
         assert 1 + 3 == billing.hits
 
+    async def test_no_retry_once_response_bytes_reached_the_app(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """An upstream dying mid-body cuts the app's response short; the request is not retried."""
+        billing = await upstreams("billing")
+        cfg = {
+            "endpoints": [billing.endpoint],
+            "retries": {"max": 2, "on": ["connect-failure", "reset", "5xx"]},
+        }
+        async with (
+            running_sidecar(tmp_path, {"billing": cfg}) as sc,
+            aiohttp.ClientSession() as session,
+        ):
+            async with session.get(f"{sc.url}/v1/invoke/billing/truncate") as resp:
+                status = resp.status
+                try:
+                    await resp.read()
+                    cut = False
+                except aiohttp.ClientPayloadError:
+                    cut = True
+            after = (await _get(session, f"{sc.url}/v1/invoke/billing/echo"))[0]
+        assert (200, True) == (status, cut)
+        assert 1 + 1 == billing.hits
+        assert 200 == after
+
     async def test_retry_budget_caps_retries(
         self, tmp_path: Path, upstreams: UpstreamFactory
     ) -> None:
