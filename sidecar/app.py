@@ -59,6 +59,7 @@ class Sidecar:
         self._servers: list[asyncio.Server] = []
         self._admin: web.AppRunner | None = None
         self.addresses: dict[str, str] = {}
+        self.started = False
 
     def _live_gauges(self) -> Iterator[Metric]:
         circuit = GaugeMetricFamily(
@@ -136,6 +137,7 @@ class Sidecar:
         for name, up in self.upstreams.items():
             up.resolver.subscribe(_once_answered(latches[name]))
             await up.resolver.start()
+        self.started = True
         log.info(
             "started",
             version=__version__,
@@ -158,7 +160,7 @@ class Sidecar:
             grace_s=config.grace,
             in_flight=self.proxy.active,
         )
-        if self._servers:
+        if self.started:  # a failed start has nobody to keep serving
             await lifecycle.sleep_unless_forced(min(config.drain, config.grace))
         for server in self._servers:
             server.close()
@@ -166,14 +168,16 @@ class Sidecar:
         remaining = config.grace - (loop.time() - began)
         if self.proxy.active and not lifecycle.force.is_set():
             waiter = asyncio.ensure_future(self.proxy.wait_idle())
-            forced = asyncio.ensure_future(lifecycle.force.wait())
+            hurry = asyncio.ensure_future(lifecycle.force.wait())
             await asyncio.wait(
-                (waiter, forced), timeout=max(remaining, 0), return_when="FIRST_COMPLETED"
+                (waiter, hurry), timeout=max(remaining, 0), return_when="FIRST_COMPLETED"
             )
             waiter.cancel()
-            forced.cancel()
+            hurry.cancel()
         if self.proxy.active:
-            log.warning("shutdown_grace_exceeded", aborted_requests=self.proxy.active)
+            forced = lifecycle.force.is_set()
+            event = "shutdown_forced_abort" if forced else "shutdown_grace_exceeded"
+            log.warning(event, aborted_requests=self.proxy.active)
         self.proxy.abort_all()
         for up in self.upstreams.values():
             await up.resolver.stop()

@@ -353,11 +353,15 @@ def config_from_mapping(
     admin = _admin(root.section("admin"))
     consul = _consul(root.section("consul"))
     upstreams = _upstreams(root.section("upstreams"), consul.enabled)
-    discovery = DiscoveryConfig(**root.section("discovery").take(allow_any_service=_boolean))
+    discovery_section = root.section("discovery")
+    discovery = DiscoveryConfig(**discovery_section.take(allow_any_service=_boolean))
+    discovery_section.done()
     telemetry = _telemetry(root.section("telemetry"))
+    shutdown_section = root.section("shutdown")
     shutdown = ShutdownConfig(
-        **root.section("shutdown").take(drain=_duration(allow_zero=True), grace=_duration())
+        **shutdown_section.take(drain=_duration(allow_zero=True), grace=_duration())
     )
+    shutdown_section.done()
     root.done(unsupported={"events", "alerts"})
 
     if discovery.allow_any_service and not consul.enabled:
@@ -568,6 +572,8 @@ _UPSTREAM_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _RETRY_FLAGS = ("connect-failure", "timeout", "reset")
+# Headers the sidecar writes itself when it serves a fallback (framing and connection).
+_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 
 
 def _kind(value: object) -> str:
@@ -941,12 +947,17 @@ def _fallback(s: _Section) -> FallbackConfig:
     for header in headers:
         if not _HEADER_NAME.fullmatch(header):
             s.ctx.problem(s.at(f"headers.{header}"), "invalid header name")
+        elif header.lower() in _FRAMING_HEADERS:
+            s.ctx.problem(s.at(f"headers.{header}"), "set by the sidecar; remove it")
     if body is not None and text is not None:
         s.ctx.problem(s.path, "json and text are mutually exclusive")
     s.done()
-    if body is not None:
-        return FallbackConfig(status, body, "application/json", tuple(headers.items()))
-    return FallbackConfig(status, (text or "").encode(), headers=tuple(headers.items()))
+    # A Content-Type among the headers replaces the one implied by json/text.
+    content_type = "application/json" if body is not None else "text/plain; charset=utf-8"
+    for header in [h for h in headers if h.lower() == "content-type"]:
+        content_type = headers.pop(header)
+    payload = body if body is not None else (text or "").encode()
+    return FallbackConfig(status, payload, content_type, tuple(headers.items()))
 
 
 def _telemetry(s: _Section) -> TelemetryConfig:

@@ -202,12 +202,23 @@ class Balancer:
         stats.outstanding += 1
         return self._clock()
 
-    def end(self, stats: EndpointStats, start: float, ok: bool) -> None:
-        """The request begun at `start` finished; `ok` False counts toward ejection."""
+    def now(self) -> float:
+        """The balancer's clock, for callers that time a response head (see `end`)."""
+        return self._clock()
+
+    def end(
+        self, stats: EndpointStats, start: float, ok: bool, first_byte: float | None = None
+    ) -> None:
+        """The request begun at `start` finished; `ok` False counts toward ejection.
+
+        The latency sample is `first_byte - start` when the response head arrived at
+        `first_byte` (from `now()`): how long the app streams the body is not the
+        endpoint's latency.
+        """
         if stats.outstanding > 0:
             stats.outstanding -= 1
         now = self._clock()
-        rtt = now - start
+        rtt = (now if first_byte is None else first_byte) - start
         ewma = stats.ewma
         if rtt > ewma:
             stats.ewma = rtt
@@ -227,6 +238,11 @@ class Balancer:
             and not stats.ejected_until  # late failures of requests sent before ejection
         ):
             self._maybe_eject(stats, now)
+
+    def abandon(self, stats: EndpointStats) -> None:
+        """The request ended with no verdict (the app went away): only `outstanding` drops."""
+        if stats.outstanding > 0:
+            stats.outstanding -= 1
 
     # -- membership -----------------------------------------------------------------
 

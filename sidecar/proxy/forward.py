@@ -58,6 +58,7 @@ class UpstreamConnection(asyncio.Protocol):
         "got_bytes",
         "head_seen",
         "keep_alive",
+        "paused",
         "reused",
         "transport",
     )
@@ -75,6 +76,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.got_bytes = False
         self.keep_alive = True
+        self.paused = False
         self._framing_is_close = False
 
     # -- asyncio.Protocol -------------------------------------------------------------
@@ -88,9 +90,10 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
-            # Garbage from the upstream: the exchange fails like a reset, never reused.
-            self.abort()
+            # Garbage from the upstream: the exchange fails at once like a reset (or a cut
+            # body once the head was relayed), and the connection is never reused.
             self._lost()
+            self.abort()
 
     def eof_received(self) -> bool:
         return False
@@ -194,6 +197,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Return to the pool after an exchange, or close when it can't carry another."""
         self._sink = None
         if reusable and self.keep_alive and not self.closed:
+            self.resume_reading()  # back-pressure from the last app must not outlive it
             self._pool.put(self)
         else:
             self.abort()
@@ -205,11 +209,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
 
     def pause_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self.paused:
+            self.paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and self.paused:
+            self.paused = False
             self.transport.resume_reading()
 
     def __repr__(self) -> str:

@@ -14,6 +14,7 @@ import asyncio
 import random
 from collections import deque
 from collections.abc import Mapping
+from http import HTTPStatus
 from typing import cast
 
 import httptools
@@ -177,11 +178,20 @@ class DownstreamProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            if self.req is not None and self.req.method == b"CONNECT":
+        except httptools.HttpParserUpgrade as upgrade:
+            req = self.req
+            if req is None or req.method == b"CONNECT":
                 self._reject("CONNECT tunnels are not supported")
+            elif req.has_body:
+                self._reject("a protocol upgrade request with a body is not supported")
             else:
-                self._reject("protocol upgrades (e.g. WebSocket) are not supported")
+                # The upgrade is ignored (RFC 9110 §7.8 lets a server do so): Upgrade and
+                # Connection were stripped, the request goes on as plain HTTP/1.1, and
+                # what follows it is parsed as the next request.
+                self.parser = httptools.HttpRequestParser(self)
+                rest = data[upgrade.args[0] :]
+                if rest:
+                    self.data_received(rest)
         except httptools.HttpParserError as exc:
             self._reject(f"malformed HTTP request: {exc}")
 
@@ -221,7 +231,7 @@ class DownstreamProtocol(asyncio.Protocol):
         assert req is not None
         parser = self.parser
         req.method = parser.get_method()
-        if parser.should_upgrade():  # also true for CONNECT
+        if req.method == b"CONNECT":
             return  # feed_data raises HttpParserUpgrade next; _reject answers 400
         req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive()
@@ -345,7 +355,7 @@ class DownstreamProtocol(asyncio.Protocol):
             b"x-sidecar-error: %s\r\n%s%s\r\n%s"
             % (
                 err.code.status,
-                _REASONS.get(err.code.status, b"Error"),
+                _REASONS[err.code.status],
                 len(body),
                 err.code.value.encode(),
                 extra,
@@ -362,7 +372,7 @@ class DownstreamProtocol(asyncio.Protocol):
             b"%s%s\r\n%s"
             % (
                 status,
-                _REASONS.get(status, b"OK"),
+                _REASONS.get(status, b"Unknown"),
                 len(body),
                 headers,
                 b"" if keep else b"connection: close\r\n",
@@ -423,6 +433,7 @@ class Exchange:
         "deadline",
         "down",
         "downstream_chunked",
+        "first_byte",
         "keep",
         "req",
         "status",
@@ -441,6 +452,7 @@ class Exchange:
         self.deadline = 0.0
         self.keep = False
         self.downstream_chunked = False
+        self.first_byte: float | None = None
         self._fut: asyncio.Future[int] | None = None
         self._head_seen = False
         self._try_timer: asyncio.TimerHandle | None = None
@@ -489,6 +501,7 @@ class Exchange:
             return self.keep
         finally:
             down.exchange = None
+            down._resume(_PAUSE_UPSTREAM)  # back-pressure from this upstream ends with it
             up.inflight -= 1
             if verdict is None:
                 up.breaker.release(probe)
@@ -520,12 +533,16 @@ class Exchange:
                 return False
             if self.down.closed:
                 return None  # the app left during a back-off
+            remaining = self.deadline - loop.time()
+            if remaining <= 0:  # the back-off used up the rest of `timeout`
+                self._error(failed or self._timeout_error(loop, stats))
+                return False
             self.attempts += 1
             pool = stats.pool
             assert isinstance(pool, EndpointPool)
             started = balancer.begin(stats)
-            budget = min(per_try, self.deadline - loop.time())
-            result = await self._one_attempt(loop, pool, head, budget)
+            self.first_byte = None
+            result = await self._one_attempt(loop, pool, head, min(per_try, remaining))
             conn = self.conn
             self.conn = None
             req.conn = None
@@ -539,7 +556,7 @@ class Exchange:
             if conn is not None:
                 conn.abort()
             if result == _CLIENT_GONE:
-                balancer.end(stats, started, True)
+                balancer.abandon(stats)
                 self.keep = False
                 return None
             self._end(stats, started, False)
@@ -553,13 +570,7 @@ class Exchange:
                 failed = None
                 allowed = True
             elif result == _TIMEOUT:
-                failed = ProxyError(
-                    ErrorCode.UPSTREAM_TIMEOUT,
-                    f"{up.name!r} did not answer within "
-                    f"{'per_try_timeout' if self.deadline - loop.time() > 0 else 'timeout'} "
-                    f"(attempt {self.attempts} to {stats.endpoint})",
-                    up.name,
-                )
+                failed = self._timeout_error(loop, stats)
                 allowed = retries.on_timeout and self._may_retry(loop)
             else:
                 what = "connect to" if result == _CONNECT_FAILED else "get a response from"
@@ -583,13 +594,20 @@ class Exchange:
             await self._backoff(loop)
             stats = balancer.pick(avoid=stats)
 
+    def _timeout_error(self, loop: asyncio.AbstractEventLoop, stats: EndpointStats) -> ProxyError:
+        which = "per_try_timeout" if self.deadline - loop.time() > 0 else "timeout"
+        return ProxyError(
+            ErrorCode.UPSTREAM_TIMEOUT,
+            f"{self.up.name!r} did not answer within {which} "
+            f"(attempt {self.attempts} to {stats.endpoint})",
+            self.up.name,
+        )
+
     async def _one_attempt(
         self, loop: asyncio.AbstractEventLoop, pool: EndpointPool, head: bytes, budget: float
     ) -> int:
         """Connect (or reuse), send, and wait until this attempt ends; return how it ended."""
         self._head_seen = False
-        if budget <= 0:
-            return _TIMEOUT
         fut: asyncio.Future[int] = loop.create_future()
         self._fut = fut
         self._try_timer = loop.call_later(budget, self._on_try_timeout)
@@ -665,7 +683,7 @@ class Exchange:
 
     def _end(self, stats: EndpointStats, started: float, ok: bool) -> None:
         before = stats.ejections
-        self.up.balancer.end(stats, started, ok)
+        self.up.balancer.end(stats, started, ok, self.first_byte)
         if stats.ejections != before:
             self.down.proxy.metrics.ejections.labels(self.up.name).inc()
             log.warning(
@@ -704,6 +722,7 @@ class Exchange:
 
     def on_response_head(self, status: int, reason: bytes, headers: Headers, framing: int) -> None:
         self._head_seen = True
+        self.first_byte = self.up.balancer.now()
         if self._try_timer is not None:
             self._try_timer.cancel()
             self._try_timer = None
@@ -769,13 +788,4 @@ class Exchange:
         return f"<Exchange {self.up.name} {self.req.method.decode()} attempts={self.attempts}>"
 
 
-_REASONS: dict[int, bytes] = {
-    200: b"OK",
-    400: b"Bad Request",
-    404: b"Not Found",
-    413: b"Content Too Large",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-    507: b"Insufficient Storage",
-}
+_REASONS: dict[int, bytes] = {status.value: status.phrase.encode() for status in HTTPStatus}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,7 @@ class TestErrorContract:
             body["error"]["upstream"],
         )
 
-    async def test_slow_upstream_is_504(
-        self, tmp_path: Path, upstreams: UpstreamFactory
-    ) -> None:
+    async def test_slow_upstream_is_504(self, tmp_path: Path, upstreams: UpstreamFactory) -> None:
         """No response within the timeout: 504 UPSTREAM_TIMEOUT, before the upstream answers."""
         billing = await upstreams("billing")
         cfg = {"endpoints": [billing.endpoint], "timeout": "300ms", **FAST_FAIL}
@@ -332,24 +331,50 @@ class TestEjectionAndBreaker:
 
 
 class TestUnsupportedRequests:
-    async def test_websocket_upgrade_and_connect_are_refused_with_400(
+    async def test_connect_is_refused_with_400(
         self, tmp_path: Path, upstreams: UpstreamFactory
     ) -> None:
-        """Protocol upgrades and CONNECT tunnels get 400 BAD_REQUEST, never a tunnel."""
+        """CONNECT tunnels get 400 BAD_REQUEST and the connection closes; nothing is contacted."""
         billing = await upstreams("billing")
-        answers = []
         async with running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc:
-            for raw in (
-                b"GET /v1/invoke/billing/echo HTTP/1.1\r\nHost: billing\r\n"
-                b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-                f"CONNECT {billing.endpoint} HTTP/1.1\r\nHost: {billing.endpoint}\r\n\r\n".encode(),
-            ):
-                reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
-                writer.write(raw)
-                answers.append(await reader.read())
-                writer.close()
-                await writer.wait_closed()
-        for answer in answers:
-            assert answer.startswith(b"HTTP/1.1 400"), answer
-            assert b"x-sidecar-error: BAD_REQUEST" in answer
+            reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
+            writer.write(
+                f"CONNECT {billing.endpoint} HTTP/1.1\r\nHost: {billing.endpoint}\r\n\r\n".encode()
+            )
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            await writer.wait_closed()
+        assert answer.startswith(b"HTTP/1.1 400"), answer
+        assert b"x-sidecar-error: BAD_REQUEST" in answer
         assert 0 == billing.hits
+
+    async def test_upgrade_requests_are_served_as_plain_http(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """An Upgrade (h2c, websocket) is ignored as RFC 9110 allows: the request is forwarded
+        without Upgrade/Connection, answered over HTTP/1.1, and the connection carries the
+        next request."""
+        billing = await upstreams("billing")
+        async with running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc:
+            reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
+            writer.write(
+                b"GET /v1/invoke/billing/echo/1 HTTP/1.1\r\nHost: billing\r\n"
+                b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+                b"GET /v1/invoke/billing/echo/2 HTTP/1.1\r\nHost: billing\r\n\r\n"
+            )
+            echoes = []
+            for _ in range(2):
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 200"), head
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                )
+                echoes.append(json.loads(await reader.readexactly(length)))
+            writer.close()
+            await writer.wait_closed()
+        assert ["/echo/1", "/echo/2"] == [e["path_qs"] for e in echoes]
+        first_headers = {k.lower() for k, _ in echoes[0]["headers"]}
+        assert not first_headers & {"upgrade", "http2-settings", "connection"}

@@ -182,3 +182,70 @@ class TestAdminApi:
             "# TYPE sidecar_retries_total counter",
         ):
             assert series in metrics, series
+
+
+class TestBackPressure:
+    async def test_slow_reader_does_not_leave_the_pooled_connection_paused(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """After an app that reads slowly (the sidecar paused the upstream), the next request
+        on the same pooled connection is answered at once, not after a timeout."""
+        billing = await upstreams("billing")
+        cfg = {"endpoints": [billing.endpoint], "per_try_timeout": "2s", "timeout": "10s"}
+        size = 4 * 1024 * 1024
+        slow_answers, took = [], []
+        async with running_sidecar(tmp_path, {"billing": cfg}) as sc:
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", sc.app_port, limit=4096
+                )
+                writer.write(
+                    f"GET /v1/invoke/billing/download?size={size} HTTP/1.1\r\n"
+                    "Host: x\r\n\r\n".encode()
+                )
+                head = await reader.readuntil(b"\r\n\r\n")
+                slow_answers.append(head.split(b"\r\n")[0])
+                left = size
+                while left:  # a slow reader: the sidecar must pause the upstream
+                    left -= len(await reader.read(min(left, 32 * 1024)))
+                    await asyncio.sleep(0.001)
+                writer.close()
+                await writer.wait_closed()
+                async with aiohttp.ClientSession() as session:
+                    started = asyncio.get_running_loop().time()
+                    async with session.get(f"{sc.url}/v1/invoke/billing/echo") as resp:
+                        assert 200 == resp.status
+                    took.append(asyncio.get_running_loop().time() - started)
+        assert [b"HTTP/1.1 200 OK"] * 3 == slow_answers
+        assert max(took) < 1.0, took
+
+
+class TestBrokenUpstream:
+    async def test_garbage_from_the_upstream_fails_at_once(self, tmp_path: Path) -> None:
+        """An upstream answering with bytes that are not HTTP gets 502 immediately, not a
+        timeout."""
+
+        async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(5)
+            writer.close()
+
+        server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cfg = {"endpoints": [f"127.0.0.1:{port}"], "per_try_timeout": "3s", "retries": {"max": 0}}
+        try:
+            async with (
+                running_sidecar(tmp_path, {"billing": cfg}) as sc,
+                aiohttp.ClientSession() as session,
+            ):
+                started = asyncio.get_running_loop().time()
+                async with session.get(f"{sc.url}/v1/invoke/billing/x") as resp:
+                    answer = (resp.status, resp.headers.get("x-sidecar-error"))
+                took = asyncio.get_running_loop().time() - started
+        finally:
+            server.close()
+            await server.wait_closed()
+        assert (502, "UPSTREAM_CONNECT_FAILED") == answer
+        assert took < 1.0

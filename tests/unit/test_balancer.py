@@ -178,6 +178,27 @@ class TestBeginEnd:
 
         assert 0 == stats.outstanding
 
+    def test_latency_sample_ends_at_the_first_byte(self) -> None:
+        """With first_byte given, a long body relay does not count as endpoint latency."""
+        clock = FakeClock()
+        balancer = make(1, clock, policy="peak_ewma")
+        stats = balancer.endpoints[0]
+        start = balancer.begin(stats)
+        clock.advance(0.5)  # the response head arrives after 500 ms (a peak: replaces ewma)
+        first_byte = balancer.now()
+        clock.advance(30.0)  # the app then reads a large body for 30 s
+        balancer.end(stats, start, ok=True, first_byte=first_byte)
+        assert 0.5 == stats.ewma
+
+    def test_abandon_drops_in_flight_without_a_verdict(self) -> None:
+        """A request the app gave up on neither resets nor adds to consecutive failures."""
+        balancer = make(1)
+        stats = balancer.endpoints[0]
+        fail(balancer, stats, times=3)
+        balancer.begin(stats)
+        balancer.abandon(stats)
+        assert (0, 3) == (stats.outstanding, stats.consecutive_failures)
+
 
 class TestEjection:
     """Envoy-style outlier ejection on consecutive failures."""

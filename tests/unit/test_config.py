@@ -498,6 +498,34 @@ class TestFallback:
             "upstreams.billing.fallback: json and text are mutually exclusive",
         ] == problems(upstream(fallback={"json": 1, "text": "x", "headers": {"bad name": "v"}}))
 
+    def test_content_type_header_replaces_the_implied_one(self) -> None:
+        """A Content-Type among the headers is used instead of text/plain."""
+        fallback = (
+            build(
+                upstream(
+                    fallback={
+                        "status": 200,
+                        "text": "<p>later</p>",
+                        "headers": {"Content-Type": "text/html"},
+                    }
+                )
+            )
+            .upstreams["billing"]
+            .fallback
+        )
+        assert FallbackConfig(200, b"<p>later</p>", "text/html") == fallback
+
+    def test_framing_headers_are_refused(self) -> None:
+        """Content-Length, Transfer-Encoding and Connection are the sidecar's to write."""
+        assert [
+            "upstreams.billing.fallback.headers.Content-Length: set by the sidecar; remove it",
+            "upstreams.billing.fallback.headers.connection: set by the sidecar; remove it",
+        ] == problems(
+            upstream(
+                fallback={"status": 200, "headers": {"Content-Length": "3", "connection": "x"}}
+            )
+        )
+
 
 class TestCrossChecks:
     def test_consul_enabled_is_not_available_yet(self) -> None:
@@ -558,6 +586,13 @@ class TestUnknownAndUnsupportedKeys:
     def test_unknown_key_is_reported(self) -> None:
         """A misspelt key is an error, not silently ignored."""
         assert ["upstreams.billing.timout: unknown key"] == problems(upstream(timout="3s"))
+
+    def test_unknown_keys_in_small_sections_are_reported(self) -> None:
+        """Typos under shutdown and discovery are errors too."""
+        assert [
+            "discovery.allow_any: unknown key",
+            "shutdown.grace_period: unknown key",
+        ] == problems({"discovery": {"allow_any": True}, "shutdown": {"grace_period": "30s"}})
 
     def test_later_sections_are_reported_as_not_supported(self) -> None:
         """events, alerts and telemetry.tracing are documented but not in this build."""
