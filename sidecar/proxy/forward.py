@@ -31,6 +31,9 @@ class ResponseSink(Protocol):
 
     def on_upstream_error(self) -> None: ...
 
+    def flush(self) -> None:
+        """Write what the last `data_received` produced, in one go."""
+
     def pause_source(self) -> None: ...
 
     def resume_source(self) -> None: ...
@@ -89,6 +92,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = True
         try:
             self._parser.feed_data(data)
+            if self._sink is not None:
+                self._sink.flush()
         except httptools.HttpParserError:
             # Garbage from the upstream: the exchange fails at once like a reset (or a cut
             # body once the head was relayed), and the connection is never reused.
@@ -173,15 +178,15 @@ class UpstreamConnection(asyncio.Protocol):
                 return FRAMING_LENGTH
         return FRAMING_CLOSE
 
-    def start(self, head: bytes, sink: ResponseSink, head_only: bool) -> None:
-        """Send a request head; the response is reported to `sink` as it arrives."""
+    def start(self, data: list[bytes], sink: ResponseSink, head_only: bool) -> None:
+        """Send a request head (and any body at hand); the response goes to `sink`."""
         assert self.transport is not None
         self._sink = sink
         self._head_only = head_only
         self._framing_is_close = False
         self.got_bytes = False
         self.head_seen = False
-        self.transport.write(head)
+        self.transport.writelines(data)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:

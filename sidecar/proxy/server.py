@@ -345,6 +345,10 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
+    def writelines(self, data: list[bytes]) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.writelines(data)
+
     def send_error(self, req: Request, err: ProxyError) -> bool:
         """Answer with the JSON error contract; return whether to keep the connection."""
         keep = req.keep_alive and req.body_done and not self.proxy.closing
@@ -427,6 +431,7 @@ class Exchange:
     __slots__ = (
         "_fut",
         "_head_seen",
+        "_out",
         "_try_timer",
         "attempts",
         "conn",
@@ -455,6 +460,7 @@ class Exchange:
         self.first_byte: float | None = None
         self._fut: asyncio.Future[int] | None = None
         self._head_seen = False
+        self._out: list[bytes] = []  # response bytes waiting for flush()
         self._try_timer: asyncio.TimerHandle | None = None
 
     async def run(self) -> bool:
@@ -627,17 +633,19 @@ class Exchange:
                 conn = connect.result()
             self.conn = conn
             req = self.req
-            conn.start(head, self, req.method == b"HEAD")
+            # The head and whatever body is already here leave in one write.
+            out = [head]
             if req.has_body:
                 body = req.body
                 if req.chunked:
                     for chunk in body:
-                        conn.write(b"%x\r\n" % len(chunk) + chunk + _CRLF)
+                        out += (b"%x\r\n" % len(chunk), chunk, _CRLF)
                     if req.body_done:
-                        conn.write(_CHUNK_END)
+                        out.append(_CHUNK_END)
                 else:
-                    for chunk in body:
-                        conn.write(chunk)
+                    out += body
+            conn.start(out, self, req.method == b"HEAD")
+            if req.has_body:
                 if not req.replayable:
                     req.body = []
                 if not req.body_done:
@@ -748,26 +756,34 @@ class Exchange:
         elif req.version == "1.0":
             extra += b"Connection: keep-alive\r\n"
         self.keep = keep
-        down.write(b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (status, reason, serialize(out), extra))
+        # Held until flush(): the head usually leaves in one write with the body.
+        self._out.append(b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (status, reason, serialize(out), extra))
 
     def on_response_body(self, chunk: bytes) -> None:
         fut = self._fut
         if fut is None or fut.done():
             return  # discarded for a retry
         if self.downstream_chunked:
-            self.down.write(b"%x\r\n" % len(chunk) + chunk + _CRLF)
+            self._out += (b"%x\r\n" % len(chunk), chunk, _CRLF)
         else:
-            self.down.write(chunk)
+            self._out.append(chunk)
+
+    def flush(self) -> None:
+        if self._out:
+            self.down.writelines(self._out)
+            self._out = []
 
     def on_response_end(self, complete: bool) -> None:
         fut = self._fut
         if fut is None or fut.done():
             return
         if not complete:
+            self.flush()
             fut.set_result(_CUT)
             return
         if self.downstream_chunked:
-            self.down.write(_CHUNK_END)
+            self._out.append(_CHUNK_END)
+        self.flush()
         # A request whose body the app is still sending can't share the connection.
         if not self.req.body_done:
             self.keep = False
