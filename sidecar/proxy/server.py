@@ -247,6 +247,8 @@ class DownstreamProtocol(asyncio.Protocol):
                 req.idempotency_key = True
         if not req.has_body:
             req.body_done = True
+        elif parser.should_upgrade():
+            return  # llhttp would take the body for the new protocol; _reject answers 400
         if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._serve(req))
         else:

@@ -348,6 +348,25 @@ class TestUnsupportedRequests:
         assert b"x-sidecar-error: BAD_REQUEST" in answer
         assert 0 == billing.hits
 
+    async def test_upgrade_request_with_a_body_is_refused_with_400(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """An h2c upgrade on a POST (curl --http2 -d ...) gets 400, not a silent close."""
+        billing = await upstreams("billing")
+        async with running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc:
+            reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
+            writer.write(
+                b"POST /v1/invoke/billing/echo HTTP/1.1\r\nHost: billing\r\n"
+                b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nContent-Length: 3\r\n\r\nabc"
+            )
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            await writer.wait_closed()
+        assert answer.startswith(b"HTTP/1.1 400"), answer
+        assert b"x-sidecar-error: BAD_REQUEST" in answer
+        assert 0 == billing.hits
+
     async def test_upgrade_requests_are_served_as_plain_http(
         self, tmp_path: Path, upstreams: UpstreamFactory
     ) -> None:

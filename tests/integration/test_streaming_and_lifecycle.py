@@ -196,9 +196,7 @@ class TestBackPressure:
         slow_answers, took = [], []
         async with running_sidecar(tmp_path, {"billing": cfg}) as sc:
             for _ in range(3):
-                reader, writer = await asyncio.open_connection(
-                    "127.0.0.1", sc.app_port, limit=4096
-                )
+                reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port, limit=4096)
                 writer.write(
                     f"GET /v1/invoke/billing/download?size={size} HTTP/1.1\r\n"
                     "Host: x\r\n\r\n".encode()
