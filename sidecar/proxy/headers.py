@@ -6,8 +6,6 @@ path and easy to test exhaustively.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 Headers = list[tuple[bytes, bytes]]
 
 #: Removed on every hop. `Trailer` goes too: the sidecar does not forward trailers.
@@ -27,64 +25,47 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 _REQUEST_ONLY_DROP: frozenset[bytes] = HOP_BY_HOP | {b"expect"}
 
 
-def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Lower-cased field names listed in every `Connection` header."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return frozenset(tokens)
+def _tokens(value: bytes) -> set[bytes]:
+    return {t.strip().lower() for t in value.split(b",") if t.strip()}
 
 
-def _filtered(headers: Headers, drop: frozenset[bytes]) -> tuple[Headers, bytes | None]:
-    """Drop `drop` and whatever `Connection` names; also return any X-Forwarded-For value."""
+def _strip(headers: Headers, drop: frozenset[bytes]) -> Headers:
+    """`headers` without the names in `drop` and without the fields `Connection` lists."""
     out: Headers = []
-    listed: frozenset[bytes] | None = None
-    xff: bytes | None = None
+    listed: set[bytes] = set()
     for name, value in headers:
         lname = name.lower()
         if lname in drop:
             if lname == b"connection":
-                listed = (listed or frozenset()) | frozenset(
-                    t.strip().lower() for t in value.split(b",") if t.strip()
-                )
-            continue
-        if lname == b"x-forwarded-for":
-            xff = value if xff is None else xff + b", " + value
+                listed |= _tokens(value)
             continue
         out.append((name, value))
     if listed:
         out = [(n, v) for n, v in out if n.lower() not in listed]
-        if xff is not None and b"x-forwarded-for" in listed:
-            xff = None
-    return out, xff
+    return out
 
 
 def request_headers(headers: Headers, client_ip: bytes) -> Headers:
     """Headers to send upstream: hop-by-hop removed, `X-Forwarded-For` appended.
 
     Framing (`Content-Length` stays; `Transfer-Encoding` is re-added by the caller
-    when the body is chunked) and everything end-to-end is kept in order.
+    when the body is chunked) and everything end-to-end is kept in order; the
+    X-Forwarded-For fields become one, last.
     """
-    out, xff = _filtered(headers, _REQUEST_ONLY_DROP)
-    out.append((b"X-Forwarded-For", client_ip if xff is None else xff + b", " + client_ip))
+    out: Headers = []
+    xff = b""
+    for name, value in _strip(headers, _REQUEST_ONLY_DROP):
+        if name.lower() == b"x-forwarded-for":
+            xff += value + b", "
+        else:
+            out.append((name, value))
+    out.append((b"X-Forwarded-For", xff + client_ip))
     return out
 
 
 def response_headers(headers: Headers) -> Headers:
     """Headers to send back to the app: hop-by-hop removed, the rest untouched."""
-    out: Headers = []
-    listed: set[bytes] = set()
-    for name, value in headers:
-        lname = name.lower()
-        if lname in HOP_BY_HOP:
-            if lname == b"connection":
-                listed.update(t.strip().lower() for t in value.split(b",") if t.strip())
-            continue
-        out.append((name, value))
-    if listed:
-        out = [(n, v) for n, v in out if n.lower() not in listed]
-    return out
+    return _strip(headers, HOP_BY_HOP)
 
 
 def serialize(headers: Headers) -> bytes:
@@ -95,6 +76,17 @@ def serialize(headers: Headers) -> bytes:
 INVOKE_PREFIX = b"/v1/invoke/"
 
 
+def _split(rest: bytes, separators: bytes) -> tuple[bytes, bytes]:
+    """Cut `rest` at the first of `separators`; the tail always starts with `/`."""
+    cut = len(rest)
+    for sep in separators:
+        i = rest.find(sep)
+        if i != -1 and i < cut:
+            cut = i
+    head, tail = rest[:cut], rest[cut:]
+    return head, tail if tail.startswith(b"/") else b"/" + tail
+
+
 def route_target(target: bytes) -> tuple[bytes | None, bytes]:
     """Split a request-target into (upstream name or None, origin-form target to forward).
 
@@ -103,26 +95,10 @@ def route_target(target: bytes) -> tuple[bytes | None, bytes]:
     by the Host header. A name is returned lower-cased; an empty name is `b""`.
     """
     if target.startswith(INVOKE_PREFIX):
-        rest = target[len(INVOKE_PREFIX) :]
-        cut = len(rest)
-        for sep in (b"/", b"?"):
-            i = rest.find(sep)
-            if i != -1 and i < cut:
-                cut = i
-        name, tail = rest[:cut], rest[cut:]
-        if not tail.startswith(b"/"):
-            tail = b"/" + tail
+        name, tail = _split(target[len(INVOKE_PREFIX) :], b"/?")
         return name.lower(), tail
     if target[:7].lower() == b"http://":
-        rest = target[7:]
-        cut = len(rest)
-        for sep in (b"/", b"?", b"#"):
-            i = rest.find(sep)
-            if i != -1 and i < cut:
-                cut = i
-        authority, tail = rest[:cut], rest[cut:]
-        if not tail.startswith(b"/"):
-            tail = b"/" + tail
+        authority, tail = _split(target[7:], b"/?#")
         return host_name(authority), tail
     return None, target
 

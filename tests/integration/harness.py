@@ -32,6 +32,40 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+async def raw_until_close(port: int, data: bytes) -> bytes:
+    """Send raw bytes to 127.0.0.1:port and return everything read until the peer closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def raw_responses(port: int, data: bytes, count: int = 1) -> list[tuple[bytes, bytes]]:
+    """Send raw bytes and read `count` Content-Length-framed responses as (head, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answers = []
+    try:
+        writer.write(data)
+        for _ in range(count):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            length = next(
+                (
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                0,
+            )
+            answers.append((head, await reader.readexactly(length)))
+        return answers
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
 class Upstream:
     """An aiohttp app that plays one instance of an upstream service.
 

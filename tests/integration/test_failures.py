@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 
 from tests.integration.conftest import UpstreamFactory
-from tests.integration.harness import free_port, running_sidecar
+from tests.integration.harness import free_port, raw_responses, raw_until_close, running_sidecar
 
 FAST_FAIL = {"retries": {"max": 0}}
 
@@ -99,11 +99,9 @@ class TestErrorContract:
         """Bytes that are not HTTP get 400 BAD_REQUEST and the connection is closed."""
         billing = await upstreams("billing")
         async with running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc:
-            reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
-            writer.write(b"GET /v1/invoke/billing/echo HTTP/1.1\r\nBad Header Line\r\n\r\n")
-            answer = await reader.read()
-            writer.close()
-            await writer.wait_closed()
+            answer = await raw_until_close(
+                sc.app_port, b"GET /v1/invoke/billing/echo HTTP/1.1\r\nBad Header Line\r\n\r\n"
+            )
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 400")
         assert b"x-sidecar-error: BAD_REQUEST" in head
@@ -337,13 +335,10 @@ class TestUnsupportedRequests:
         """CONNECT tunnels get 400 BAD_REQUEST and the connection closes; nothing is contacted."""
         billing = await upstreams("billing")
         async with running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc:
-            reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
-            writer.write(
-                f"CONNECT {billing.endpoint} HTTP/1.1\r\nHost: {billing.endpoint}\r\n\r\n".encode()
+            answer = await raw_until_close(
+                sc.app_port,
+                f"CONNECT {billing.endpoint} HTTP/1.1\r\nHost: {billing.endpoint}\r\n\r\n".encode(),
             )
-            answer = await asyncio.wait_for(reader.read(), 5)
-            writer.close()
-            await writer.wait_closed()
         assert answer.startswith(b"HTTP/1.1 400"), answer
         assert b"x-sidecar-error: BAD_REQUEST" in answer
         assert 0 == billing.hits
@@ -354,15 +349,12 @@ class TestUnsupportedRequests:
         """An h2c upgrade on a POST (curl --http2 -d ...) gets 400, not a silent close."""
         billing = await upstreams("billing")
         async with running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc:
-            reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
-            writer.write(
+            answer = await raw_until_close(
+                sc.app_port,
                 b"POST /v1/invoke/billing/echo HTTP/1.1\r\nHost: billing\r\n"
                 b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
-                b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nContent-Length: 3\r\n\r\nabc"
+                b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nContent-Length: 3\r\n\r\nabc",
             )
-            answer = await asyncio.wait_for(reader.read(), 5)
-            writer.close()
-            await writer.wait_closed()
         assert answer.startswith(b"HTTP/1.1 400"), answer
         assert b"x-sidecar-error: BAD_REQUEST" in answer
         assert 0 == billing.hits
@@ -375,25 +367,16 @@ class TestUnsupportedRequests:
         next request."""
         billing = await upstreams("billing")
         async with running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc:
-            reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
-            writer.write(
+            answers = await raw_responses(
+                sc.app_port,
                 b"GET /v1/invoke/billing/echo/1 HTTP/1.1\r\nHost: billing\r\n"
                 b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
                 b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
-                b"GET /v1/invoke/billing/echo/2 HTTP/1.1\r\nHost: billing\r\n\r\n"
+                b"GET /v1/invoke/billing/echo/2 HTTP/1.1\r\nHost: billing\r\n\r\n",
+                count=2,
             )
-            echoes = []
-            for _ in range(2):
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-                assert head.startswith(b"HTTP/1.1 200"), head
-                length = next(
-                    int(line.split(b":")[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length")
-                )
-                echoes.append(json.loads(await reader.readexactly(length)))
-            writer.close()
-            await writer.wait_closed()
+        assert [True, True] == [head.startswith(b"HTTP/1.1 200") for head, _ in answers]
+        echoes = [json.loads(body) for _, body in answers]
         assert ["/echo/1", "/echo/2"] == [e["path_qs"] for e in echoes]
         first_headers = {k.lower() for k, _ in echoes[0]["headers"]}
         assert not first_headers & {"upgrade", "http2-settings", "connection"}

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from tests.integration.conftest import UpstreamFactory
-from tests.integration.harness import free_port, running_sidecar
+from tests.integration.harness import free_port, raw_responses, running_sidecar
 
 
 def _headers(echo: dict[str, Any]) -> dict[str, str]:
@@ -51,11 +51,9 @@ class TestInvokePath:
         """/v1/invoke/billing?q forwards as /?q."""
         billing = await upstreams("billing")
         async with running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc:
-            reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
-            writer.write(b"GET /v1/invoke/billing?q=1 HTTP/1.1\r\nHost: x\r\n\r\n")
-            head = await reader.readuntil(b"\r\n\r\n")
-            writer.close()
-            await writer.wait_closed()
+            [(head, _)] = await raw_responses(
+                sc.app_port, b"GET /v1/invoke/billing?q=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
         # aiohttp has no route for "/", so its 404 proves the request reached it as "/?q=1".
         assert head.startswith(b"HTTP/1.1 404")
         assert b"x-sidecar-error" not in head.lower()
@@ -69,24 +67,14 @@ class TestHeaderHygiene:
         """Connection, the fields it names, Keep-Alive, TE, Upgrade… never reach the upstream."""
         billing = await upstreams("billing")
         async with running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc:
-            reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
-            writer.write(
+            [(_, body)] = await raw_responses(
+                sc.app_port,
                 b"GET /v1/invoke/billing/echo HTTP/1.1\r\nHost: app\r\n"
                 b"Connection: keep-alive, X-Secret-Hop\r\nX-Secret-Hop: 1\r\n"
                 b"Keep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Connection: keep-alive\r\n"
-                b"X-Forwarded-For: 10.9.8.7\r\nX-End-To-End: yes\r\n\r\n"
+                b"X-Forwarded-For: 10.9.8.7\r\nX-End-To-End: yes\r\n\r\n",
             )
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(
-                next(
-                    line.split(b":")[1]
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length")
-                )
-            )
-            echo = json.loads(await reader.readexactly(length))
-            writer.close()
-            await writer.wait_closed()
+        echo = json.loads(body)
         headers = _headers(echo)
         for hop in ("connection", "x-secret-hop", "keep-alive", "te", "proxy-connection"):
             assert hop not in headers, hop
@@ -180,11 +168,10 @@ class TestNotAnOpenProxy:
                     answers.append(
                         (resp.status, resp.headers["x-sidecar-error"], await resp.json())
                     )
-            reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
-            writer.write(f"GET http://{billing.endpoint}/echo HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            head = await reader.readuntil(b"\r\n\r\n")
-            writer.close()
-            await writer.wait_closed()
+            [(head, _)] = await raw_responses(
+                sc.app_port,
+                f"GET http://{billing.endpoint}/echo HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+            )
         assert [404, 404, 404] == [status for status, _, _ in answers]
         assert {"NO_ROUTE"} == {code for _, code, _ in answers}
         assert "NO_ROUTE" == answers[0][2]["error"]["code"]
