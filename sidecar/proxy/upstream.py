@@ -33,7 +33,6 @@ class Upstream:
         "budget",
         "config",
         "duration",
-        "fallback_head",
         "inflight",
         "name",
         "resolver",
