@@ -144,6 +144,7 @@ class Sidecar:
             service=config.service.name,
             upstreams=sorted(self.upstreams),
             ready=readiness.ready,
+            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
 
     async def shutdown(self) -> None:

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +43,20 @@ async def raw_until_close(port: int, data: bytes) -> bytes:
         await writer.wait_closed()
 
 
-async def raw_responses(port: int, data: bytes, count: int = 1) -> list[tuple[bytes, bytes]]:
-    """Send raw bytes and read `count` Content-Length-framed responses as (head, body)."""
+async def raw_responses(
+    port: int, data: bytes, count: int = 1, bodiless: Collection[int] = ()
+) -> list[tuple[bytes, bytes]]:
+    """Send raw bytes and read `count` Content-Length-framed responses as (head, body);
+    the responses numbered in `bodiless` (answers to HEAD) have no body."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     answers = []
     try:
         writer.write(data)
-        for _ in range(count):
+        for i in range(count):
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            if i in bodiless:
+                answers.append((head, b""))
+                continue
             length = next(
                 (
                     int(line.split(b":")[1])
@@ -72,7 +78,8 @@ class Upstream:
     Routes: `/echo/...` answers what it received as JSON; `/status/{code}` answers
     that status; `/slow?delay=S` waits first; `/upload` hashes a streamed body;
     `/download?size=N` streams N bytes; `/flaky` answers 500 while `self.failing`;
-    `/truncate` promises 1000 bytes, sends 10 and drops the connection.
+    `/truncate` promises 1000 bytes, sends 10 and drops the connection; `/chunked`
+    sends three chunks.
     `hits` counts requests received.
     """
 
@@ -151,6 +158,15 @@ class Upstream:
             request.transport.abort()  # die mid-body
             return resp
 
+        async def chunked(request: web.Request) -> web.StreamResponse:
+            resp = web.StreamResponse()
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for i in range(3):
+                await resp.write(b"part%d\n" % i)
+            await resp.write_eof()
+            return resp
+
         async def flaky(request: web.Request) -> web.Response:
             if self.failing:
                 return web.json_response({"instance": self.name, "failing": True}, status=500)
@@ -164,6 +180,7 @@ class Upstream:
         app.router.add_get("/download", download)
         app.router.add_route("*", "/flaky", flaky)
         app.router.add_get("/truncate", truncate)
+        app.router.add_get("/chunked", chunked)
         return app
 
     async def start(self, port: int = 0) -> Upstream:

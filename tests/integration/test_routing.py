@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from tests.integration.conftest import UpstreamFactory
-from tests.integration.harness import free_port, raw_responses, running_sidecar
+from tests.integration.harness import free_port, raw_responses, raw_until_close, running_sidecar
 
 
 def _headers(echo: dict[str, Any]) -> dict[str, str]:
@@ -178,3 +178,41 @@ class TestNotAnOpenProxy:
         assert "payments" == answers[0][2]["error"]["upstream"]
         assert head.startswith(b"HTTP/1.1 404")
         assert 0 == billing.hits
+
+
+class TestResponseFraming:
+    async def test_head_204_and_chunked_responses_keep_the_connections_usable(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """HEAD and 204 carry no body and a chunked body is relayed chunked; the app's
+        connection and the pooled upstream connection both carry the next request."""
+        billing = await upstreams("billing")
+        request = "{} /v1/invoke/billing/{} HTTP/1.1\r\nHost: x\r\n\r\n"
+        async with running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc:
+            answer = await raw_responses(
+                sc.app_port,
+                "".join(
+                    request.format(method, path)
+                    for method, path in (("HEAD", "echo"), ("GET", "status/204"), ("GET", "echo"))
+                ).encode(),
+                count=3,
+                bodiless={0},
+            )
+            chunked = await raw_until_close(
+                sc.app_port,
+                b"GET /v1/invoke/billing/chunked HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            http10 = await raw_until_close(
+                sc.app_port, b"GET /v1/invoke/billing/chunked HTTP/1.0\r\nHost: x\r\n\r\n"
+            )
+        statuses = [head.split(b"\r\n")[0] for head, _ in answer]
+        assert [b"HTTP/1.1 200 OK", b"HTTP/1.1 204 No Content", b"HTTP/1.1 200 OK"] == statuses
+        assert b"" == answer[0][1]
+        assert "GET" == json.loads(answer[2][1])["method"]
+        head, _, body = chunked.partition(b"\r\n\r\n")
+        assert b"transfer-encoding: chunked" in head.lower()
+        assert b"6\r\npart0\n\r\n6\r\npart1\n\r\n6\r\npart2\n\r\n0\r\n\r\n" == body
+        head, _, body = http10.partition(b"\r\n\r\n")
+        assert b"transfer-encoding" not in head.lower()
+        assert b"connection: close" in head.lower()
+        assert b"part0\npart1\npart2\n" == body

@@ -140,6 +140,8 @@ class TestLifecycle:
             "admin": f"127.0.0.1:{sc.admin_port}",
         } == listening
         assert logged_before == logged_after
+        started = next(e for e in sc.log_events() if e["event"] == "started")
+        assert "uvloop" == started["event_loop"]
 
 
 class TestAdminApi:
