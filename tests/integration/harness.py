@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Collection
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -291,3 +292,10 @@ async def running_sidecar(
         yield sidecar
     finally:
         sidecar.kill()
+
+
+def billing_sidecar(
+    tmp: Path, *endpoints: str, **upstream: Any
+) -> AbstractAsyncContextManager[Sidecar]:
+    """A running sidecar whose one upstream, `billing`, has these endpoints and settings."""
+    return running_sidecar(tmp, {"billing": {"endpoints": list(endpoints), **upstream}})

@@ -11,7 +11,13 @@ from typing import Any
 import aiohttp
 
 from tests.integration.conftest import UpstreamFactory
-from tests.integration.harness import free_port, raw_responses, raw_until_close, running_sidecar
+from tests.integration.harness import (
+    billing_sidecar,
+    free_port,
+    raw_responses,
+    raw_until_close,
+    running_sidecar,
+)
 
 FAST_FAIL = {"retries": {"max": 0}}
 
@@ -34,7 +40,7 @@ class TestErrorContract:
         """An upstream's own 500 reaches the app as it was sent, without x-sidecar-error."""
         billing = await upstreams("billing")
         async with (
-            running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc,
+            billing_sidecar(tmp_path, billing.endpoint) as sc,
             aiohttp.ClientSession() as session,
         ):
             status, headers, body = await _get(
@@ -98,7 +104,7 @@ class TestErrorContract:
     ) -> None:
         """Bytes that are not HTTP get 400 BAD_REQUEST and the connection is closed."""
         billing = await upstreams("billing")
-        async with running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc:
+        async with billing_sidecar(tmp_path, billing.endpoint) as sc:
             answer = await raw_until_close(
                 sc.app_port, b"GET /v1/invoke/billing/echo HTTP/1.1\r\nBad Header Line\r\n\r\n"
             )
@@ -334,7 +340,7 @@ class TestUnsupportedRequests:
     ) -> None:
         """CONNECT tunnels get 400 BAD_REQUEST and the connection closes; nothing is contacted."""
         billing = await upstreams("billing")
-        async with running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc:
+        async with billing_sidecar(tmp_path, billing.endpoint) as sc:
             answer = await raw_until_close(
                 sc.app_port,
                 f"CONNECT {billing.endpoint} HTTP/1.1\r\nHost: {billing.endpoint}\r\n\r\n".encode(),
@@ -348,7 +354,7 @@ class TestUnsupportedRequests:
     ) -> None:
         """An h2c upgrade on a POST (curl --http2 -d ...) gets 400, not a silent close."""
         billing = await upstreams("billing")
-        async with running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc:
+        async with billing_sidecar(tmp_path, billing.endpoint) as sc:
             answer = await raw_until_close(
                 sc.app_port,
                 b"POST /v1/invoke/billing/echo HTTP/1.1\r\nHost: billing\r\n"
@@ -366,7 +372,7 @@ class TestUnsupportedRequests:
         without Upgrade/Connection, answered over HTTP/1.1, and the connection carries the
         next request."""
         billing = await upstreams("billing")
-        async with running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc:
+        async with billing_sidecar(tmp_path, billing.endpoint) as sc:
             answers = await raw_responses(
                 sc.app_port,
                 b"GET /v1/invoke/billing/echo/1 HTTP/1.1\r\nHost: billing\r\n"

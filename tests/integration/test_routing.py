@@ -13,7 +13,13 @@ import pytest
 import requests
 
 from tests.integration.conftest import UpstreamFactory
-from tests.integration.harness import free_port, raw_responses, raw_until_close, running_sidecar
+from tests.integration.harness import (
+    billing_sidecar,
+    free_port,
+    raw_responses,
+    raw_until_close,
+    running_sidecar,
+)
 
 
 def _headers(echo: dict[str, Any]) -> dict[str, str]:
@@ -27,7 +33,7 @@ class TestInvokePath:
         """/v1/invoke/{upstream}/{path}?q forwards as /{path}?q with method, headers, body kept."""
         billing = await upstreams("billing")
         async with (
-            running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc,
+            billing_sidecar(tmp_path, billing.endpoint) as sc,
             aiohttp.ClientSession() as session,
             session.patch(
                 f"{sc.url}/v1/invoke/billing/echo/a%2Fb/c?x=1&y=%20z",
@@ -50,7 +56,7 @@ class TestInvokePath:
     ) -> None:
         """/v1/invoke/billing?q forwards as /?q."""
         billing = await upstreams("billing")
-        async with running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc:
+        async with billing_sidecar(tmp_path, billing.endpoint) as sc:
             [(head, _)] = await raw_responses(
                 sc.app_port, b"GET /v1/invoke/billing?q=1 HTTP/1.1\r\nHost: x\r\n\r\n"
             )
@@ -66,7 +72,7 @@ class TestHeaderHygiene:
     ) -> None:
         """Connection, the fields it names, Keep-Alive, TE, Upgrade… never reach the upstream."""
         billing = await upstreams("billing")
-        async with running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc:
+        async with billing_sidecar(tmp_path, billing.endpoint) as sc:
             [(_, body)] = await raw_responses(
                 sc.app_port,
                 b"GET /v1/invoke/billing/echo HTTP/1.1\r\nHost: app\r\n"
@@ -90,7 +96,7 @@ class TestHostAndProxyForms:
         """A request whose Host is an upstream's name is forwarded as-is."""
         billing = await upstreams("billing")
         async with (
-            running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc,
+            billing_sidecar(tmp_path, billing.endpoint) as sc,
             aiohttp.ClientSession() as session,
             session.get(f"{sc.url}/echo/x?y=1", headers={"Host": "Billing:8080"}) as resp,
         ):
@@ -104,7 +110,7 @@ class TestHostAndProxyForms:
     ) -> None:
         """With HTTP_PROXY pointing at the sidecar, plain clients reach http://billing/..."""
         billing = await upstreams("billing")
-        async with running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc:
+        async with billing_sidecar(tmp_path, billing.endpoint) as sc:
             monkeypatch.setenv("HTTP_PROXY", sc.url)
             monkeypatch.delenv("NO_PROXY", raising=False)
             monkeypatch.delenv("no_proxy", raising=False)
@@ -155,7 +161,7 @@ class TestNotAnOpenProxy:
         """Unknown upstream names and raw addresses get 404 NO_ROUTE; nothing is contacted."""
         billing = await upstreams("billing")
         async with (
-            running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc,
+            billing_sidecar(tmp_path, billing.endpoint) as sc,
             aiohttp.ClientSession() as session,
         ):
             answers = []
@@ -188,7 +194,7 @@ class TestResponseFraming:
         connection and the pooled upstream connection both carry the next request."""
         billing = await upstreams("billing")
         request = "{} /v1/invoke/billing/{} HTTP/1.1\r\nHost: x\r\n\r\n"
-        async with running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc:
+        async with billing_sidecar(tmp_path, billing.endpoint) as sc:
             answer = await raw_responses(
                 sc.app_port,
                 "".join(

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.integration.conftest import UpstreamFactory
-from tests.integration.harness import Sidecar, running_sidecar
+from tests.integration.harness import Sidecar, billing_sidecar, running_sidecar
 
 SIZE = 64 * 1024 * 1024  # 64 MiB: comfortably above the 50 MiB the issue names
 BLOCK = bytes(range(256)) * 256  # 64 KiB, the same pattern the upstream's /download sends
@@ -126,7 +126,7 @@ class TestLifecycle:
         """Start-up logs each listener; successful requests log nothing at info level."""
         billing = await upstreams("billing")
         async with (
-            running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc,
+            billing_sidecar(tmp_path, billing.endpoint) as sc,
             aiohttp.ClientSession() as session,
         ):
             logged_before = len(sc.logs().splitlines())
@@ -151,7 +151,7 @@ class TestAdminApi:
         """The admin endpoints answer with the shapes of SPEC §7 and §9."""
         billing = await upstreams("billing")
         async with (
-            running_sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}}) as sc,
+            billing_sidecar(tmp_path, billing.endpoint) as sc,
             aiohttp.ClientSession() as session,
         ):
             async with session.get(f"{sc.url}/v1/invoke/billing/echo") as resp:
