@@ -144,9 +144,7 @@ class Proxy:
         for conn in list(self.connections):
             conn.abort()
         for upstream in self.upstreams.values():
-            for stats in upstream.balancer.endpoints:
-                if isinstance(stats.pool, EndpointPool):
-                    stats.pool.close()
+            upstream.close_pools()
 
 
 class DownstreamProtocol(asyncio.Protocol):
@@ -330,13 +328,12 @@ class DownstreamProtocol(asyncio.Protocol):
             upstream = self.proxy.by_name.get(name)
             if upstream is None:
                 self.proxy.no_route_errors.inc()
-                if not name:
+                shown = name.decode("latin-1") if name else None
+                if shown is None:
                     message = "no upstream named in the path (/v1/invoke/<upstream>/...) or Host"
                 else:
-                    shown = name.decode("latin-1")
                     message = f"no upstream named {shown!r} is configured"
-                shown_name = name.decode("latin-1") if name else None
-                return self.send_error(req, ProxyError(ErrorCode.NO_ROUTE, message, shown_name))
+                return self.send_error(req, ProxyError(ErrorCode.NO_ROUTE, message, shown))
         elif target[:7].lower() == b"http://":
             target = route_target(target)[1]
         return await Exchange(self, req, upstream, target).run()
@@ -353,29 +350,17 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def send_error(self, req: Request, err: ProxyError) -> bool:
         """Answer with the JSON error contract; return whether to keep the connection."""
-        keep = req.keep_alive and req.body_done and not self.proxy.closing
-        body = err.body()
-        extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in err.headers)
-        self.write(
-            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"x-sidecar-error: %s\r\n%s%s\r\n%s"
-            % (
-                err.code.status,
-                _REASONS[err.code.status],
-                len(body),
-                err.code.value.encode(),
-                extra,
-                b"" if keep else b"connection: close\r\n",
-                body,
-            )
+        headers = b"content-type: application/json\r\nx-sidecar-error: %s\r\n%s" % (
+            err.code.value.encode(),
+            b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in err.headers),
         )
-        return keep
+        return self.send_response(req, err.code.status, headers, err.body())
 
-    def send_fallback(self, req: Request, status: int, headers: bytes, body: bytes) -> bool:
+    def send_response(self, req: Request, status: int, headers: bytes, body: bytes) -> bool:
+        """A response the sidecar makes itself (error or fallback); return keep-alive."""
         keep = req.keep_alive and req.body_done and not self.proxy.closing
         self.write(
-            b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\nx-sidecar-fallback: CIRCUIT_OPEN\r\n"
-            b"%s%s\r\n%s"
+            b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\n%s%s\r\n%s"
             % (
                 status,
                 _REASONS.get(status, b"Unknown"),
@@ -483,10 +468,7 @@ class Exchange:
             fallback = config.fallback
             if fallback is not None:
                 up.count(fallback.status)
-                extra = b"content-type: %s\r\n" % fallback.content_type.encode() + b"".join(
-                    b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in fallback.headers
-                )
-                return down.send_fallback(req, fallback.status, extra, fallback.body)
+                return down.send_response(req, fallback.status, up.fallback_headers, fallback.body)
             return self._error(
                 ProxyError(
                     ErrorCode.CIRCUIT_OPEN,

@@ -33,6 +33,7 @@ class Upstream:
         "budget",
         "config",
         "duration",
+        "fallback_headers",
         "inflight",
         "name",
         "resolver",
@@ -71,6 +72,16 @@ class Upstream:
         self.retries: Counter = metrics.retries.labels(config.name)
         self.duration: Histogram = metrics.upstream_duration.labels(config.name)
         self._codes: dict[int, Counter] = {}
+        fallback = config.fallback
+        self.fallback_headers = (
+            b""
+            if fallback is None
+            else b"x-sidecar-fallback: CIRCUIT_OPEN\r\ncontent-type: %s\r\n%s"
+            % (
+                fallback.content_type.encode(),
+                b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in fallback.headers),
+            )
+        )
         resolver.subscribe(self.on_endpoints)
 
     def on_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
@@ -84,6 +95,11 @@ class Upstream:
             upstream=self.name,
             endpoints=[str(e) for e in endpoints],
         )
+
+    def close_pools(self) -> None:
+        """Close every idle upstream connection (shutdown)."""
+        for stats in self.balancer.endpoints:
+            _close_pool(stats)
 
     def count(self, status: int) -> None:
         """Count one finished request by the status the app received."""
