@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,12 +26,27 @@ import aiohttp
 import yaml
 from aiohttp import web
 
+# Ports are handed out from below the kernel's ephemeral range (32768-60999 on Linux), so a
+# later bind to port 0 - an upstream, a client socket - can never take one before the sidecar
+# binds it; and never twice in one run, so two addresses in one config never collide.
+_PORT_RANGE = range(20000, 32000)
+_handed_out: set[int] = set()
+
 
 def free_port() -> int:
-    """A port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A 127.0.0.1 port that is free now and was not handed out before in this run."""
+    for _ in range(1000):
+        port = random.choice(_PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port found in {_PORT_RANGE}")
 
 
 async def raw_until_close(port: int, data: bytes) -> bytes:
