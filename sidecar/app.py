@@ -54,7 +54,7 @@ class Sidecar:
             name: Upstream(cfg, build_resolver(config, name), self.metrics)
             for name, cfg in config.upstreams.items()
         }
-        self.proxy = Proxy(self.upstreams, self.metrics)
+        self.proxy = Proxy(self.upstreams, self.metrics, config.app_connections)
         self.metrics.add_live(self._live_gauges)
         self._servers: list[asyncio.Server] = []
         self._admin: web.AppRunner | None = None
@@ -118,6 +118,7 @@ class Sidecar:
             )
             for name in self.upstreams
         }
+        self.proxy.start_sweeping()
         await self._bind("app", config.listen, None)
         for name, up in self.upstreams.items():
             if up.config.listen is not None:

@@ -44,6 +44,7 @@ __all__ = [
     "ENV_VARS",
     "Address",
     "AdminConfig",
+    "AppConnectionsConfig",
     "BreakerConfig",
     "Config",
     "ConsulConfig",
@@ -259,6 +260,15 @@ class ShutdownConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AppConnectionsConfig:
+    """Limits on the app's connections to the app-facing listeners."""
+
+    idle_timeout: float = 300.0  # keep-alive with no request: closed after this
+    header_timeout: float = 30.0  # a request head must arrive in full within this
+    max_header_bytes: int = 64 * 1024  # request line plus headers
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated configuration; build one with `load_config` or `config_from_mapping`."""
 
@@ -270,6 +280,7 @@ class Config:
     discovery: DiscoveryConfig = DiscoveryConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    app_connections: AppConnectionsConfig = AppConnectionsConfig()
 
 
 # --- public helpers ------------------------------------------------------------------------
@@ -362,6 +373,15 @@ def config_from_mapping(
         **shutdown_section.take(drain=_duration(allow_zero=True), grace=_duration())
     )
     shutdown_section.done()
+    connections_section = root.section("app_connections")
+    app_connections = AppConnectionsConfig(
+        **connections_section.take(
+            idle_timeout=_duration(),
+            header_timeout=_duration(),
+            max_header_bytes=_size(1024, 16 * 1024 * 1024),
+        )
+    )
+    connections_section.done()
     root.done(unsupported={"events", "alerts"})
 
     if discovery.allow_any_service and not consul.enabled:
@@ -379,6 +399,7 @@ def config_from_mapping(
         discovery=discovery,
         telemetry=telemetry,
         shutdown=shutdown,
+        app_connections=app_connections,
     )
 
 
@@ -646,6 +667,16 @@ def _duration(*, allow_zero: bool = False) -> Callable[[object], float]:
         if seconds == 0 and not allow_zero:
             raise ValueError("must be greater than 0")
         return seconds
+
+    return parse
+
+
+def _size(low: int, high: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        size = parse_size(value)
+        if not low <= size <= high:
+            raise ValueError(f"must be between {low} and {high} bytes, got {size}")
+        return size
 
     return parse
 

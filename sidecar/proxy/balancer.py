@@ -12,10 +12,12 @@ cheaper. Cost is `outstanding` ("least_request") or `ewma * (outstanding + 1)`
 estimate replaces it, a lower one is blended in with weight `1 - exp(-elapsed/10 s)`.
 
 Outlier ejection (Envoy): `consecutive_failures` failures in a row eject an endpoint
-for `base_ejection * n` seconds (n = how many times it was ejected, capped at
-`max_ejection`), unless that would put more than `max_ejection_percent` of the
-endpoints out of rotation. Ejected endpoints come back lazily: `pick()` notices the
-earliest expiry passed; there are no timers.
+for `base_ejection * n` seconds (capped at `max_ejection`), unless that would put
+more than `max_ejection_percent` of the endpoints out of rotation. The multiplier n
+grows by one per ejection and, as Envoy's does, drops by one for every
+`base_ejection` the endpoint then spends in rotation, so an endpoint that failed
+once long ago is not punished like one that keeps failing. Ejected endpoints come
+back lazily: `pick()` notices the earliest expiry passed; there are no timers.
 """
 
 from __future__ import annotations
@@ -54,8 +56,10 @@ class EndpointStats:
         "endpoint",
         "ewma",
         "live",
+        "multiplier",
         "outstanding",
         "pool",
+        "returned",
         "stamp",
     )
 
@@ -66,7 +70,9 @@ class EndpointStats:
         self.stamp = now  # when `ewma` last took a sample
         self.consecutive_failures = 0
         self.ejected_until = 0.0
-        self.ejections = 0
+        self.ejections = 0  # how many times it was ejected, ever
+        self.multiplier = 0  # of base_ejection for the next ejection, minus one
+        self.returned = now  # when it last came (back) into rotation
         self.pool: object | None = None
         self.live = True  # False once `Balancer.update()` dropped the endpoint
 
@@ -275,6 +281,7 @@ class Balancer:
         for stats in ejected[: max(0, len(ejected) - self._max_ejected())]:
             stats.ejected_until = 0.0
             stats.consecutive_failures = 0
+            stats.returned = now
         self._rebuild()
         if self._on_remove is not None:
             for removed in old.values():
@@ -310,6 +317,7 @@ class Balancer:
                 if s.ejected_until
                 else 0.0,
                 "ejections": s.ejections,
+                "ejection_multiplier": s.multiplier,
             }
             for s in self._stats
         ]
@@ -328,8 +336,12 @@ class Balancer:
     def _maybe_eject(self, stats: EndpointStats, now: float) -> None:
         if self._ejected + 1 > self._max_ejected():
             return  # too many out already: stay in rotation
+        if stats.multiplier:
+            healthy_periods = int((now - stats.returned) // self._base_ejection)
+            stats.multiplier = max(0, stats.multiplier - healthy_periods)
+        stats.multiplier += 1
         stats.ejections += 1
-        stats.ejected_until = now + min(self._base_ejection * stats.ejections, self._max_ejection)
+        stats.ejected_until = now + min(self._base_ejection * stats.multiplier, self._max_ejection)
         self._rebuild()
 
     def _return_expired(self, now: float) -> None:
@@ -338,6 +350,7 @@ class Balancer:
             if stats.ejected_until and stats.ejected_until <= now:
                 stats.ejected_until = 0.0
                 stats.consecutive_failures = 0
+                stats.returned = now
         self._rebuild()
 
     def _rebuild(self) -> None:

@@ -45,12 +45,17 @@ FRAMING_LENGTH = 1  # Content-Length
 FRAMING_CHUNKED = 2  # Transfer-Encoding: chunked
 FRAMING_CLOSE = 3  # read until the upstream closes
 
+#: A response head (status line, headers, interim responses) above this is refused like
+#: garbage: httptools would otherwise buffer an endless header whole.
+MAX_RESPONSE_HEAD = 256 * 1024
+
 
 class UpstreamConnection(asyncio.Protocol):
     """A keep-alive connection to one endpoint, carrying one exchange at a time."""
 
     __slots__ = (
         "_framing_is_close",
+        "_head_bytes",
         "_head_only",
         "_headers",
         "_parser",
@@ -81,6 +86,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = True
         self.paused = False
         self._framing_is_close = False
+        self._head_bytes = 0
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -91,7 +97,11 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
         try:
+            if not self.head_seen:
+                self._head_bytes += len(data)
             self._parser.feed_data(data)
+            if not self.head_seen and self._head_bytes > MAX_RESPONSE_HEAD:
+                raise httptools.HttpParserError("response head too large")
             if self._sink is not None:
                 self._sink.flush()
         except httptools.HttpParserError:
@@ -186,6 +196,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._framing_is_close = False
         self.got_bytes = False
         self.head_seen = False
+        self._head_bytes = 0
         self.transport.writelines(data)
 
     def write(self, data: bytes) -> None:

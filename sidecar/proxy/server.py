@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import deque
 from collections.abc import Mapping
 from http import HTTPStatus
@@ -19,6 +20,7 @@ from typing import cast
 
 import httptools
 
+from sidecar.config import AppConnectionsConfig
 from sidecar.errors import ErrorCode, ProxyError
 from sidecar.proxy.balancer import EndpointStats
 from sidecar.proxy.forward import (
@@ -46,11 +48,15 @@ log = get_logger("sidecar.proxy")
 REPLAY_LIMIT = 64 * 1024
 #: Body bytes buffered while no upstream is attached before the app is paused.
 BUFFER_LIMIT = 256 * 1024
+#: After a 400, what the app still sends is read and dropped this long before closing,
+#: so the close does not reset the connection before the app has read the answer.
+LINGER = 2.0
 
 # Why reading from the app's socket is paused (bit mask).
 _PAUSE_UPSTREAM = 1  # the upstream socket's write buffer is full
 _PAUSE_BUFFER = 2  # body buffered while connecting is above BUFFER_LIMIT
 _PAUSE_QUEUE = 4  # a pipelined request waits behind the current one
+_PAUSE_REJECT = 8  # a bad request waits for its 400 behind the ones before it
 
 # How one attempt ended.
 _DONE = 0  # response fully relayed
@@ -64,6 +70,10 @@ _CLIENT_GONE = 6  # the app closed its connection
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNK_END = b"0\r\n\r\n"
 _CRLF = b"\r\n"
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to refuse a request; the message is the 400's."""
 
 
 class Request:
@@ -106,8 +116,15 @@ class Request:
 class Proxy:
     """The routing table and shared state of every app-facing listener."""
 
-    def __init__(self, upstreams: Mapping[str, Upstream], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        upstreams: Mapping[str, Upstream],
+        metrics: Metrics,
+        limits: AppConnectionsConfig | None = None,
+    ) -> None:
         self.upstreams = upstreams
+        self.limits = limits or AppConnectionsConfig()
+        self.max_header_bytes = self.limits.max_header_bytes
         self.by_name: dict[bytes, Upstream] = {n.encode(): u for n, u in upstreams.items()}
         self.metrics = metrics
         self.connections: set[DownstreamProtocol] = set()
@@ -116,6 +133,8 @@ class Proxy:
         self.rng = random.Random()
         self._idle_waiter: asyncio.Future[None] | None = None
         self.no_route_errors = metrics.proxy_errors.labels("", ErrorCode.NO_ROUTE.value)
+        self.bad_requests = metrics.proxy_errors.labels("", ErrorCode.BAD_REQUEST.value)
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def protocol(self, fixed: Upstream | None = None) -> DownstreamProtocol:
         return DownstreamProtocol(self, fixed)
@@ -134,6 +153,31 @@ class Proxy:
             self._idle_waiter = asyncio.get_running_loop().create_future()
             await self._idle_waiter
 
+    def start_sweeping(self) -> None:
+        """Close idle app connections and those whose request head is too slow, periodically.
+
+        One timer for all connections instead of one per connection keeps timers off
+        the per-request path; a connection lives at most one sweep interval too long.
+        """
+        limits = self.limits
+        interval = min(1.0, limits.idle_timeout / 4, limits.header_timeout / 4)
+        loop = asyncio.get_running_loop()
+
+        def sweep() -> None:
+            now = time.monotonic()
+            idle_before = now - limits.idle_timeout
+            head_before = now - limits.header_timeout
+            for conn in list(self.connections):
+                conn.sweep(idle_before, head_before)
+            self._sweeper = loop.call_later(interval, sweep)
+
+        self._sweeper = loop.call_later(interval, sweep)
+
+    def stop_sweeping(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
     def start_closing(self) -> None:
         """Responses from now on close their connection; idle connections close now."""
         self.closing = True
@@ -141,6 +185,7 @@ class Proxy:
             conn.close_if_idle()
 
     def abort_all(self) -> None:
+        self.stop_sweeping()
         for conn in list(self.connections):
             conn.abort()
         for upstream in self.upstreams.values():
@@ -162,6 +207,13 @@ class DownstreamProtocol(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.paused = 0
         self.closed = False
+        self.last_active = time.monotonic()  # when the connection last became idle
+        self.in_head = True  # parsing a request head (or waiting for the next one)
+        self.head_bytes = 0  # bytes received since that head began
+        self.head_started = 0.0
+        self.dispatched = False  # the request being parsed is served or queued
+        self.rejected: str | None = None  # a bad request's 400, owed after earlier responses
+        self.lingering = False  # answered 400: input is dropped until the close
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -174,6 +226,12 @@ class DownstreamProtocol(asyncio.Protocol):
         self.proxy.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return
+        if self.in_head:
+            if not self.head_bytes:
+                self.head_started = time.monotonic()
+            self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -191,7 +249,16 @@ class DownstreamProtocol(asyncio.Protocol):
                 if rest:
                     self.data_received(rest)
         except httptools.HttpParserError as exc:
-            self._reject(f"malformed HTTP request: {exc}")
+            refused = exc.__context__
+            if isinstance(refused, _Refused):
+                self._reject(str(refused))
+            else:
+                self._reject(f"malformed HTTP request: {exc}")
+            return
+        # Counted per read, so it also bounds a single endless header httptools would
+        # otherwise buffer whole; bytes after the end of the head reset the count.
+        if self.in_head and self.head_bytes > self.proxy.max_header_bytes:
+            self._reject(self._head_too_large())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -215,6 +282,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.req = Request()
+        self.dispatched = False
 
     def on_url(self, url: bytes) -> None:
         assert self.req is not None
@@ -227,13 +295,17 @@ class DownstreamProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         req = self.req
         assert req is not None
+        self.in_head = False
+        self.head_bytes = 0
         parser = self.parser
         req.method = parser.get_method()
         if req.method == b"CONNECT":
             return  # feed_data raises HttpParserUpgrade next; _reject answers 400
         req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive()
+        size = len(req.target)
         for name, value in req.headers:
+            size += len(name) + len(value)
             lname = name.lower()
             if lname == b"content-length":
                 req.has_body = value.strip() != b"0"
@@ -243,10 +315,13 @@ class DownstreamProtocol(asyncio.Protocol):
                 req.expect_continue = value.strip().lower() == b"100-continue"
             elif lname == b"idempotency-key":
                 req.idempotency_key = True
+        if size > self.proxy.max_header_bytes:
+            raise _Refused(self._head_too_large())
         if not req.has_body:
             req.body_done = True
         elif parser.should_upgrade():
             return  # llhttp would take the body for the new protocol; _reject answers 400
+        self.dispatched = True
         if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._serve(req))
         else:
@@ -280,6 +355,8 @@ class DownstreamProtocol(asyncio.Protocol):
         req = self.req
         assert req is not None
         req.body_done = True
+        self.in_head = True
+        self.head_bytes = 0
         if req.conn is not None and req.chunked:
             req.conn.write(_CHUNK_END)
 
@@ -303,6 +380,8 @@ class DownstreamProtocol(asyncio.Protocol):
                         self._resume(_PAUSE_QUEUE)
                 else:
                     req = None
+            if self.rejected is not None and not self.closed:
+                self._answer_rejected(self.rejected)
         except asyncio.CancelledError:
             self.abort()
         except Exception:  # a bug must not take down other connections
@@ -310,6 +389,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self.abort()
         finally:
             self.task = None
+            self.last_active = time.monotonic()
 
     async def _handle(self, req: Request) -> bool:
         """Serve one request; return whether the connection may carry another."""
@@ -387,12 +467,63 @@ class DownstreamProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _reject(self, message: str) -> None:
-        """Answer a request we cannot parse and close: the stream is unusable after it."""
-        if self.exchange is None and self.task is None:
-            req = self.req or Request()
-            req.keep_alive = False
-            self.send_error(req, ProxyError(ErrorCode.BAD_REQUEST, message))
-        self.close()
+        """Refuse a request we cannot parse (or that is too big), then close: the stream
+        is unusable after it.
+
+        Responses go out in request order, so while earlier requests on this connection
+        are served, the 400 waits for them and reading stops. A malformed body of a
+        request already being served cuts that request instead: nothing can answer it.
+        """
+        req = self.req
+        if self.dispatched and req is not None and not req.body_done:
+            self.close()
+        elif self.task is None:
+            self._answer_rejected(message)
+        elif self.rejected is None:
+            self.rejected = message
+            self._pause(_PAUSE_REJECT)
+
+    def _head_too_large(self) -> str:
+        return f"request head larger than max_header_bytes ({self.proxy.max_header_bytes} bytes)"
+
+    def _answer_rejected(self, message: str) -> None:
+        req = Request()
+        req.keep_alive = False
+        self.proxy.bad_requests.inc()
+        self.send_error(req, ProxyError(ErrorCode.BAD_REQUEST, message))
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after an error answer without losing it (a lingering close, as nginx does).
+
+        Closing with unread input makes the kernel send a reset, which can destroy the
+        answer before the app reads it. So: finish writing, then read and drop input
+        until the app closes or LINGER passes.
+        """
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        self.lingering = True
+        if self.paused:
+            self.paused = 0
+            transport.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER, self.close)
+
+    def sweep(self, idle_before: float, head_before: float) -> None:
+        """Close this connection if it idled since `idle_before` or has been sending one
+        request head since `head_before` (clock times); see `Proxy.start_sweeping`."""
+        if self.task is not None or self.closed:
+            return
+        if self.head_bytes:
+            if self.head_started < head_before:
+                self._reject(
+                    "request head not complete within header_timeout "
+                    f"({self.proxy.limits.header_timeout:g}s)"
+                )
+        elif self.last_active < idle_before:
+            self.close()
 
     def close_if_idle(self) -> None:
         if self.task is None:

@@ -102,17 +102,22 @@ class TestErrorContract:
     async def test_malformed_request_is_400_bad_request(
         self, tmp_path: Path, upstreams: UpstreamFactory
     ) -> None:
-        """Bytes that are not HTTP get 400 BAD_REQUEST and the connection is closed."""
+        """Bytes that are not HTTP get 400 BAD_REQUEST, counted; the connection is closed."""
         billing = await upstreams("billing")
-        async with billing_sidecar(tmp_path, billing.endpoint) as sc:
+        async with (
+            billing_sidecar(tmp_path, billing.endpoint) as sc,
+            aiohttp.ClientSession() as session,
+        ):
             answer = await raw_until_close(
                 sc.app_port, b"GET /v1/invoke/billing/echo HTTP/1.1\r\nBad Header Line\r\n\r\n"
             )
+            _, _, metrics = await _get(session, f"{sc.admin}/metrics")
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 400")
         assert b"x-sidecar-error: BAD_REQUEST" in head
         assert b'"BAD_REQUEST"' in body
         assert 0 == billing.hits
+        assert b'sidecar_proxy_errors_total{error="BAD_REQUEST",upstream=""} 1.0' in metrics
 
     async def test_no_healthy_endpoints_is_503(self, tmp_path: Path) -> None:
         """Once every endpoint is ejected, requests fail fast with NO_HEALTHY_ENDPOINTS."""

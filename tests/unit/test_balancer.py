@@ -244,6 +244,32 @@ class TestEjection:
         assert [10.0, 20.0, 25.0, 25.0] == durations
         assert 4 == stats.ejections
 
+    def test_multiplier_decays_while_the_endpoint_stays_healthy(self) -> None:
+        """One step less per base_ejection spent in rotation: 10 s, 20 s, then after 15 s
+        back in rotation 20 s again (not 30 s), and after a long healthy spell the base."""
+        clock = FakeClock()
+        balancer = make(2, clock, consecutive_failures=1, base_ejection=10.0, max_ejection=300.0)
+        stats = balancer.endpoints[0]
+        durations = []
+
+        def eject_then_return(healthy_for: float) -> None:
+            fail(balancer, stats)
+            durations.append(stats.ejected_until - clock())
+            clock.now = stats.ejected_until
+            balancer.pick()  # lazy return
+            clock.advance(healthy_for)
+
+        eject_then_return(0.0)
+        eject_then_return(15.0)  # one base period in rotation: multiplier 2 -> 1
+        eject_then_return(0.0)
+        eject_then_return(0.0)
+        eject_then_return(3600.0)
+        eject_then_return(0.0)
+
+        assert [10.0, 20.0, 20.0, 30.0, 40.0, 10.0] == durations
+        assert 6 == stats.ejections
+        assert 1 == stats.multiplier
+
     def test_never_more_than_max_ejection_percent(self) -> None:
         """Failures beyond the allowed share leave endpoints in rotation."""
         clock = FakeClock()
@@ -489,6 +515,7 @@ class TestInspection:
             "ejected": True,
             "ejected_for_s": 20.0,
             "ejections": 1,
+            "ejection_multiplier": 1,
         } == snapshot[0]
         assert False is snapshot[1]["ejected"]
         assert 0.0 == snapshot[1]["ejected_for_s"]

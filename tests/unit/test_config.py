@@ -224,6 +224,11 @@ class TestDefaults:
         )
         assert ("json", "info") == (config.telemetry.log_format, config.telemetry.log_level)
         assert (5.0, 20.0) == (config.shutdown.drain, config.shutdown.grace)
+        assert (300.0, 30.0, 65536) == (
+            config.app_connections.idle_timeout,
+            config.app_connections.header_timeout,
+            config.app_connections.max_header_bytes,
+        )
         assert "http://127.0.0.1:8500" == config.consul.address
         assert {} == dict(config.upstreams)
 
@@ -524,6 +529,41 @@ class TestFallback:
             upstream(
                 fallback={"status": 200, "headers": {"Content-Length": "3", "connection": "x"}}
             )
+        )
+
+
+class TestAppConnections:
+    def test_fields_are_read(self) -> None:
+        config = build(
+            {
+                "app_connections": {
+                    "idle_timeout": "90s",
+                    "header_timeout": "500ms",
+                    "max_header_bytes": "8KiB",
+                }
+            }
+        )
+        assert (90.0, 0.5, 8192) == (
+            config.app_connections.idle_timeout,
+            config.app_connections.header_timeout,
+            config.app_connections.max_header_bytes,
+        )
+
+    def test_problems_are_reported_with_their_path(self) -> None:
+        assert [
+            "app_connections.idle_timeout: must be greater than 0",
+            "app_connections.header_timeout: invalid duration 'soon'",
+            "app_connections.max_header_bytes: must be between 1024 and 16777216 bytes, got 100",
+            "app_connections.keepalive: unknown key",
+        ] == problems(
+            {
+                "app_connections": {
+                    "idle_timeout": "0s",
+                    "header_timeout": "soon",
+                    "max_header_bytes": 100,
+                    "keepalive": True,
+                }
+            }
         )
 
 
