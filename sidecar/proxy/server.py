@@ -67,6 +67,7 @@ _RESET = 4  # connection closed or broken before the response head
 _CUT = 5  # response started but was cut short (upstream died, overall timeout)
 _CLIENT_GONE = 6  # the app closed its connection
 
+_VERSIONS = frozenset(("1.1", "1.0"))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNK_END = b"0\r\n\r\n"
 _CRLF = b"\r\n"
@@ -302,6 +303,8 @@ class DownstreamProtocol(asyncio.Protocol):
         if req.method == b"CONNECT":
             return  # feed_data raises HttpParserUpgrade next; _reject answers 400
         req.version = parser.get_http_version()
+        if req.version not in _VERSIONS:
+            raise _Refused(f"HTTP/{req.version} is not supported: only HTTP/1.1 and HTTP/1.0")
         req.keep_alive = parser.should_keep_alive()
         size = len(req.target)
         for name, value in req.headers:
@@ -310,6 +313,13 @@ class DownstreamProtocol(asyncio.Protocol):
             if lname == b"content-length":
                 req.has_body = value.strip() != b"0"
             elif lname == b"transfer-encoding":
+                # Only plain chunked can be relayed: the body is re-chunked on the way
+                # out, so any other coding (gzip, ...) would reach the upstream unnamed.
+                if req.chunked or value.strip().lower() != b"chunked":
+                    shown = value.decode("latin-1")
+                    raise _Refused(
+                        f"Transfer-Encoding {shown!r} is not supported: only a single 'chunked'"
+                    )
                 req.chunked = req.has_body = True
             elif lname == b"expect":
                 req.expect_continue = value.strip().lower() == b"100-continue"
@@ -862,7 +872,7 @@ class Exchange:
         self.downstream_chunked = False
         if framing in (FRAMING_CHUNKED, FRAMING_CLOSE):
             if req.version == "1.1":
-                extra = b"Transfer-Encoding: chunked\r\n"
+                extra = _rechunked(headers)
                 self.downstream_chunked = True
             else:
                 keep = False
@@ -917,6 +927,18 @@ class Exchange:
 
     def __repr__(self) -> str:
         return f"<Exchange {self.up.name} {self.req.method.decode()} attempts={self.attempts}>"
+
+
+def _rechunked(headers: Headers) -> bytes:
+    """`Transfer-Encoding` for a response re-chunked toward the app: chunked, after any
+    other coding the upstream applied (gzip, ...), which the relayed body still carries."""
+    for name, value in headers:
+        if name.lower() == b"transfer-encoding":
+            codings = [c.strip() for c in value.split(b",")]
+            kept = [c for c in codings if c and c.lower() != b"chunked"]
+            if kept:
+                return b"Transfer-Encoding: %s, chunked\r\n" % b", ".join(kept)
+    return b"Transfer-Encoding: chunked\r\n"
 
 
 _REASONS: dict[int, bytes] = {status.value: status.phrase.encode() for status in HTTPStatus}

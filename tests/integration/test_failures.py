@@ -354,6 +354,28 @@ class TestUnsupportedRequests:
         assert b"x-sidecar-error: BAD_REQUEST" in answer
         assert 0 == billing.hits
 
+    async def test_unrelayable_framing_and_versions_are_refused_with_400(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """Transfer codings other than plain chunked (re-chunking would drop them), and
+        HTTP versions other than 1.0 and 1.1, get 400 naming the reason; nothing is sent."""
+        billing = await upstreams("billing")
+        cases = {
+            b"POST /v1/invoke/billing/echo HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\n\r\n": "Transfer-Encoding 'gzip, chunked' is not supported",
+            b"POST /v1/invoke/billing/echo HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n"
+            b"abc": "Transfer-Encoding 'identity' is not supported",
+            b"GET /v1/invoke/billing/echo\r\n\r\n": "HTTP/0.9 is not supported",
+            b"GET /v1/invoke/billing/echo HTTP/2.0\r\n\r\n": "HTTP/2.0 is not supported",
+        }
+        async with billing_sidecar(tmp_path, billing.endpoint) as sc:
+            answers = [await raw_until_close(sc.app_port, request) for request in cases]
+        for answer, reason in zip(answers, cases.values(), strict=True):
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400"), answer
+            assert reason in json.loads(body)["error"]["message"]
+        assert 0 == billing.hits
+
     async def test_upgrade_request_with_a_body_is_refused_with_400(
         self, tmp_path: Path, upstreams: UpstreamFactory
     ) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
 import hashlib
 import signal
 from collections.abc import AsyncIterator
@@ -11,7 +13,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.integration.conftest import UpstreamFactory
-from tests.integration.harness import Sidecar, billing_sidecar, running_sidecar
+from tests.integration.harness import Sidecar, billing_sidecar, raw_until_close, running_sidecar
 
 SIZE = 64 * 1024 * 1024  # 64 MiB: comfortably above the 50 MiB the issue names
 BLOCK = bytes(range(256)) * 256  # 64 KiB, the same pattern the upstream's /download sends
@@ -229,7 +231,8 @@ class TestBrokenUpstream:
             await reader.readuntil(b"\r\n\r\n")
             writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
             await writer.drain()
-            await asyncio.sleep(5)
+            with contextlib.suppress(ConnectionError):
+                await reader.read()  # until the sidecar drops the connection
             writer.close()
 
         server = await asyncio.start_server(garbage, "127.0.0.1", 0)
@@ -249,3 +252,34 @@ class TestBrokenUpstream:
             await server.wait_closed()
         assert (502, "UPSTREAM_CONNECT_FAILED") == answer
         assert took < 1.0
+
+    async def test_transfer_codings_other_than_chunked_reach_the_app(self, tmp_path: Path) -> None:
+        """`Transfer-Encoding: gzip, chunked` from the upstream is re-chunked but keeps
+        `gzip`, so the app can still decode the body it gets."""
+        payload = gzip.compress(b"hello, compressed world")
+
+        async def gzipped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload)
+            )
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(gzipped, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cfg = {"endpoints": [f"127.0.0.1:{port}"], "retries": {"max": 0}}
+        try:
+            async with running_sidecar(tmp_path, {"billing": cfg}) as sc:
+                answer = await raw_until_close(
+                    sc.app_port,
+                    b"GET /v1/invoke/billing/x HTTP/1.1\r\nConnection: close\r\n\r\n",
+                )
+        finally:
+            server.close()
+            await server.wait_closed()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert b"Transfer-Encoding: gzip, chunked" in head.split(b"\r\n")
+        size, _, rest = body.partition(b"\r\n")
+        assert payload == rest[: int(size, 16)]
