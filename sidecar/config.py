@@ -593,6 +593,7 @@ _UPSTREAM_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _RETRY_FLAGS = ("connect-failure", "timeout", "reset")
+_WILDCARDS = frozenset({"0.0.0.0", "::", ""})
 # Headers the sidecar writes itself when it serves a fallback (framing and connection).
 _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 
@@ -1011,14 +1012,23 @@ def _telemetry(s: _Section) -> TelemetryConfig:
 def _check_ports(
     ctx: _Context, listen: Address, admin: AdminConfig, upstreams: Mapping[str, UpstreamConfig]
 ) -> None:
-    """Two listeners on one port would fail at bind time; port 0 (ephemeral) never collides."""
+    """Two listeners on one address would fail at bind time.
+
+    Addresses clash on the same port when their hosts are equal or one is a wildcard
+    (0.0.0.0, ::). Port 0 (ephemeral) never clashes; neither do two different host
+    names, which only binding can tell apart.
+    """
     listeners = [("listen", listen), ("admin.listen", admin.listen)]
     listeners += [(f"upstreams.{u.name}.listen", u.listen) for u in upstreams.values() if u.listen]
-    owners: dict[int, str] = {}
+    taken: list[tuple[str, Address]] = []
     for path, address in listeners:
         if address.port == 0:
             continue
-        if address.port in owners:
-            ctx.problem(path, f"port {address.port} already used by {owners[address.port]}")
+        for owner, other in taken:
+            if other.port == address.port and (
+                other.host == address.host or other.host in _WILDCARDS or address.host in _WILDCARDS
+            ):
+                ctx.problem(path, f"{address} clashes with {owner} ({other})")
+                break
         else:
-            owners[address.port] = path
+            taken.append((path, address))

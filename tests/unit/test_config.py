@@ -603,12 +603,17 @@ class TestCrossChecks:
             {"discovery": {"allow_any_service": True}}
         )
 
-    def test_listen_ports_must_not_collide(self) -> None:
-        """listen, admin.listen and upstream listens each need their own port."""
+    def test_listen_addresses_must_not_collide(self) -> None:
+        """The same host and port twice clashes, and so does a wildcard host on that port."""
         assert [
-            "admin.listen: port 4001 already used by listen",
-            "upstreams.billing.listen: port 4001 already used by listen",
+            "admin.listen: 0.0.0.0:4001 clashes with listen (127.0.0.1:4001)",
+            "upstreams.billing.listen: 127.0.0.1:4001 clashes with listen (127.0.0.1:4001)",
         ] == problems({"admin": {"listen": "0.0.0.0:4001"}, **upstream(listen="127.0.0.1:4001")})
+
+    def test_different_hosts_may_share_a_port(self) -> None:
+        """127.0.0.1:9000 and 127.0.0.2:9000 are different sockets."""
+        config = build({"listen": "127.0.0.1:9000", "admin": {"listen": "127.0.0.2:9000"}})
+        assert (9000, 9000) == (config.listen.port, config.admin.listen.port)
 
     def test_port_zero_never_collides(self) -> None:
         """Ephemeral port 0 may be used by several listeners at once."""
