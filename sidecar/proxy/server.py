@@ -215,6 +215,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.dispatched = False  # the request being parsed is served or queued
         self.rejected: str | None = None  # a bad request's 400, owed after earlier responses
         self.lingering = False  # answered 400: input is dropped until the close
+        self.eof = False  # the app half-closed; close once the answers are out
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -260,6 +261,19 @@ class DownstreamProtocol(asyncio.Protocol):
         # otherwise buffer whole; bytes after the end of the head reset the count.
         if self.in_head and self.head_bytes > self.proxy.max_header_bytes:
             self._reject(self._head_too_large())
+
+    def eof_received(self) -> bool:
+        """The app half-closed: it sent everything it will (`nc`, some HTTP/1.0 clients).
+
+        Requests already received are still answered, then the connection closes. A
+        request whose body was still arriving can never complete: that one is dropped
+        as if the app had gone away.
+        """
+        req = self.req
+        if self.task is None or (self.dispatched and req is not None and not req.body_done):
+            return False  # the transport closes itself
+        self.eof = True
+        return True  # keep the sending side open for the answers
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -392,6 +406,8 @@ class DownstreamProtocol(asyncio.Protocol):
                     req = None
             if self.rejected is not None and not self.closed:
                 self._answer_rejected(self.rejected)
+            elif self.eof:
+                self.close()
         except asyncio.CancelledError:
             self.abort()
         except Exception:  # a bug must not take down other connections

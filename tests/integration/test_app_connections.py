@@ -94,6 +94,41 @@ class TestTimeouts:
         assert 0 == billing.hits
 
 
+class TestHalfClose:
+    async def test_requests_sent_before_a_half_close_are_answered(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """An app that shuts down its sending side after two requests (as `nc` does) still
+        gets both answers, then the connection closes."""
+        billing = await upstreams("billing")
+        async with (
+            billing_sidecar(tmp_path, billing.endpoint) as sc,
+            _connection(sc.app_port) as (reader, writer),
+        ):
+            writer.write(GET + GET)
+            writer.write_eof()
+            answer = await _closed_within(reader, 5)
+        assert 2 == answer.count(b"HTTP/1.1 200 OK\r\n")
+        assert 2 == billing.hits
+
+    async def test_a_request_cut_by_the_half_close_is_dropped(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """A body that stops short at the half-close can never complete: the connection
+        closes at once instead of waiting for the upstream's timeout."""
+        billing = await upstreams("billing")
+        async with (
+            billing_sidecar(tmp_path, billing.endpoint) as sc,
+            _connection(sc.app_port) as (reader, writer),
+        ):
+            writer.write(b"POST /v1/invoke/billing/echo HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+            writer.write_eof()
+            began = time.monotonic()
+            answer = await _closed_within(reader, 5)
+        assert b"" == answer
+        assert time.monotonic() - began < 2.0
+
+
 class TestHeadSize:
     async def test_request_head_above_max_header_bytes_is_400(
         self, tmp_path: Path, upstreams: UpstreamFactory
