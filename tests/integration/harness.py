@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,47 @@ async def raw_responses(
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(handler: RawHandler) -> AsyncIterator[str]:
+    """A TCP server on 127.0.0.1 that runs `handler` per connection, for upstreams that
+    misbehave below HTTP; yields its endpoint ("127.0.0.1:port").
+
+    On exit every handler is cancelled and awaited and every connection closed, so
+    nothing outlives the test's event loop (Python 3.11's `Server.wait_closed` does
+    not wait for open connections).
+    """
+    tasks: set[asyncio.Task[None]] = set()
+    writers: set[asyncio.StreamWriter] = set()
+
+    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        writers.add(writer)
+        try:
+            await handler(reader, writer)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(run, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for writer in writers:
+            writer.transport.abort()
+        await server.wait_closed()
+        await asyncio.sleep(0)  # let the aborted transports run connection_lost
 
 
 class Upstream:

@@ -15,6 +15,7 @@ from tests.integration.harness import (
     billing_sidecar,
     raw_responses,
     raw_until_close,
+    raw_upstream,
     running_sidecar,
 )
 
@@ -212,26 +213,19 @@ class TestPipelinedBadRequest:
 class TestUpstreamResponseHead:
     async def test_endless_response_head_is_a_failed_attempt(self, tmp_path: Path) -> None:
         """An upstream whose header never ends: 502, not unbounded memory."""
-        stop = asyncio.Event()
 
         async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await reader.readuntil(b"\r\n\r\n")
             writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
-            with contextlib.suppress(ConnectionError):
-                while not stop.is_set():
-                    writer.write(b"z" * 65536)
-                    await writer.drain()
-            writer.close()
+            while True:  # until the sidecar drops the connection (ConnectionError)
+                writer.write(b"z" * 65536)
+                await writer.drain()
 
-        server = await asyncio.start_server(endless, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            async with billing_sidecar(tmp_path, f"127.0.0.1:{port}", retries={"max": 0}) as sc:
-                ((head, body),) = await raw_responses(sc.app_port, GET)
-        finally:
-            stop.set()
-            server.close()
-            await server.wait_closed()
+        async with (
+            raw_upstream(endless) as endpoint,
+            billing_sidecar(tmp_path, endpoint, retries={"max": 0}) as sc,
+        ):
+            ((head, body),) = await raw_responses(sc.app_port, GET)
         assert head.startswith(b"HTTP/1.1 502")
         assert "UPSTREAM_CONNECT_FAILED" == json.loads(body)["error"]["code"]
 

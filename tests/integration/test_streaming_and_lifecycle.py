@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import hashlib
 import signal
@@ -13,7 +12,13 @@ from pathlib import Path
 import aiohttp
 
 from tests.integration.conftest import UpstreamFactory
-from tests.integration.harness import Sidecar, billing_sidecar, raw_until_close, running_sidecar
+from tests.integration.harness import (
+    Sidecar,
+    billing_sidecar,
+    raw_until_close,
+    raw_upstream,
+    running_sidecar,
+)
 
 SIZE = 64 * 1024 * 1024  # 64 MiB: comfortably above the 50 MiB the issue names
 BLOCK = bytes(range(256)) * 256  # 64 KiB, the same pattern the upstream's /download sends
@@ -231,14 +236,10 @@ class TestBrokenUpstream:
             await reader.readuntil(b"\r\n\r\n")
             writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
             await writer.drain()
-            with contextlib.suppress(ConnectionError):
-                await reader.read()  # until the sidecar drops the connection
-            writer.close()
+            await reader.read()  # until the sidecar drops the connection
 
-        server = await asyncio.start_server(garbage, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        cfg = {"endpoints": [f"127.0.0.1:{port}"], "per_try_timeout": "3s", "retries": {"max": 0}}
-        try:
+        async with raw_upstream(garbage) as endpoint:
+            cfg = {"endpoints": [endpoint], "per_try_timeout": "3s", "retries": {"max": 0}}
             async with (
                 running_sidecar(tmp_path, {"billing": cfg}) as sc,
                 aiohttp.ClientSession() as session,
@@ -247,9 +248,6 @@ class TestBrokenUpstream:
                 async with session.get(f"{sc.url}/v1/invoke/billing/x") as resp:
                     answer = (resp.status, resp.headers.get("x-sidecar-error"))
                 took = asyncio.get_running_loop().time() - started
-        finally:
-            server.close()
-            await server.wait_closed()
         assert (502, "UPSTREAM_CONNECT_FAILED") == answer
         assert took < 1.0
 
@@ -265,20 +263,14 @@ class TestBrokenUpstream:
                 b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload)
             )
             await writer.drain()
-            writer.close()
 
-        server = await asyncio.start_server(gzipped, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        cfg = {"endpoints": [f"127.0.0.1:{port}"], "retries": {"max": 0}}
-        try:
+        async with raw_upstream(gzipped) as endpoint:
+            cfg = {"endpoints": [endpoint], "retries": {"max": 0}}
             async with running_sidecar(tmp_path, {"billing": cfg}) as sc:
                 answer = await raw_until_close(
                     sc.app_port,
                     b"GET /v1/invoke/billing/x HTTP/1.1\r\nConnection: close\r\n\r\n",
                 )
-        finally:
-            server.close()
-            await server.wait_closed()
         head, _, body = answer.partition(b"\r\n\r\n")
         assert b"Transfer-Encoding: gzip, chunked" in head.split(b"\r\n")
         size, _, rest = body.partition(b"\r\n")
