@@ -165,12 +165,16 @@ class Proxy:
         loop = asyncio.get_running_loop()
 
         def sweep() -> None:
+            self._sweeper = loop.call_later(interval, sweep)  # first: a bug must not stop it
             now = time.monotonic()
             idle_before = now - limits.idle_timeout
             head_before = now - limits.header_timeout
             for conn in list(self.connections):
-                conn.sweep(idle_before, head_before)
-            self._sweeper = loop.call_later(interval, sweep)
+                try:
+                    conn.sweep(idle_before, head_before)
+                except Exception:
+                    log.exception("connection_sweep_failed")
+                    conn.abort()
 
         self._sweeper = loop.call_later(interval, sweep)
 
@@ -247,6 +251,8 @@ class DownstreamProtocol(asyncio.Protocol):
                 # Connection were stripped, the request goes on as plain HTTP/1.1, and
                 # what follows it is parsed as the next request.
                 self.parser = httptools.HttpRequestParser(self)
+                self.in_head = True
+                self.head_bytes = 0
                 rest = data[upgrade.args[0] :]
                 if rest:
                     self.data_received(rest)
@@ -500,6 +506,8 @@ class DownstreamProtocol(asyncio.Protocol):
         are served, the 400 waits for them and reading stops. A malformed body of a
         request already being served cuts that request instead: nothing can answer it.
         """
+        if self.lingering:
+            return  # already refused once
         req = self.req
         if self.dispatched and req is not None and not req.body_done:
             self.close()
@@ -540,7 +548,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def sweep(self, idle_before: float, head_before: float) -> None:
         """Close this connection if it idled since `idle_before` or has been sending one
         request head since `head_before` (clock times); see `Proxy.start_sweeping`."""
-        if self.task is not None or self.closed:
+        if self.task is not None or self.closed or self.lingering:
             return
         if self.head_bytes:
             if self.head_started < head_before:

@@ -80,18 +80,20 @@ class TestTimeouts:
     async def test_slow_request_head_gets_400_after_header_timeout(
         self, tmp_path: Path, upstreams: UpstreamFactory
     ) -> None:
-        """A head that stops half-way is answered 400 BAD_REQUEST naming header_timeout."""
+        """A head that stops half-way is answered 400 BAD_REQUEST naming header_timeout;
+        the next slow head on another connection is answered the same way."""
         billing = await upstreams("billing")
-        async with (
-            _sidecar_with(tmp_path, billing.endpoint, header_timeout="500ms") as port,
-            _connection(port) as (reader, writer),
-        ):
-            writer.write(b"GET /v1/invoke/billing/echo HTTP/1.1\r\nHost: side")
-            answer = await _closed_within(reader, 5)
-        head, error = _error(answer)
-        assert head.startswith(b"HTTP/1.1 400")
-        assert "BAD_REQUEST" == error["code"]
-        assert "header_timeout (0.5s)" in error["message"]
+        answers = []
+        async with _sidecar_with(tmp_path, billing.endpoint, header_timeout="500ms") as port:
+            for _ in range(2):
+                async with _connection(port) as (reader, writer):
+                    writer.write(b"GET /v1/invoke/billing/echo HTTP/1.1\r\nHost: side")
+                    answers.append(await _closed_within(reader, 5))
+        for answer in answers:
+            head, error = _error(answer)
+            assert head.startswith(b"HTTP/1.1 400")
+            assert "BAD_REQUEST" == error["code"]
+            assert "header_timeout (0.5s)" in error["message"]
         assert 0 == billing.hits
 
 
