@@ -849,6 +849,7 @@ class Exchange:
                 endpoint=str(stats.endpoint),
                 ejections=stats.ejections,
                 consecutive_failures=self.up.config.outlier.consecutive_failures,
+                ejected_for_s=round(stats.ejected_until - self.up.balancer.now(), 3),
             )
 
     def _error(self, err: ProxyError) -> bool:

@@ -258,6 +258,14 @@ class TestEjectionAndBreaker:
             e["address"]: e["ejected"] for e in status["upstreams"]["billing"]["endpoints"]
         }
         assert {good.endpoint: False, bad.endpoint: True} == endpoints
+        (ejected,) = [e for e in sc.log_events() if e.get("event") == "endpoint_ejected"]
+        assert ("billing", bad.endpoint, 1, 2) == (
+            ejected["upstream"],
+            ejected["endpoint"],
+            ejected["ejections"],
+            ejected["consecutive_failures"],
+        )
+        assert 29.0 < ejected["ejected_for_s"] <= 30.0
 
     async def test_breaker_opens_fails_fast_and_recovers(
         self, tmp_path: Path, upstreams: UpstreamFactory
