@@ -9,6 +9,7 @@ so a 50 MiB body crosses with a few socket buffers of memory.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Protocol, cast
 
@@ -48,6 +49,10 @@ FRAMING_CLOSE = 3  # read until the upstream closes
 #: A response head (status line, headers, interim responses) above this is refused like
 #: garbage: httptools would otherwise buffer an endless header whole.
 MAX_RESPONSE_HEAD = 256 * 1024
+#: A pooled connection idle longer than this is closed instead of reused: a NAT or
+#: firewall may have dropped it silently, and a request sent into it would only
+#: fail at the per-try timeout. Go's http.Transport uses the same 90 s.
+POOL_IDLE_TIMEOUT = 90.0
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -65,6 +70,7 @@ class UpstreamConnection(asyncio.Protocol):
         "closed",
         "got_bytes",
         "head_seen",
+        "idle_since",
         "keep_alive",
         "paused",
         "reused",
@@ -87,6 +93,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.paused = False
         self._framing_is_close = False
         self._head_bytes = 0
+        self.idle_since = 0.0  # when it was last put in the pool
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -240,7 +247,11 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class EndpointPool:
-    """Idle keep-alive connections to one endpoint, reused last-in first-out."""
+    """Idle keep-alive connections to one endpoint, reused last-in first-out.
+
+    Last-in first-out keeps the busy few warm and lets the rest age out: a
+    connection idle longer than POOL_IDLE_TIMEOUT is closed when it is reached.
+    """
 
     __slots__ = ("_connecting", "_factory", "endpoint", "idle", "max_idle")
 
@@ -253,11 +264,20 @@ class EndpointPool:
     def take(self) -> UpstreamConnection | None:
         """The most recently used idle connection that is still open, if any."""
         idle = self.idle
+        if not idle:
+            return None
+        fresh_after = time.monotonic() - POOL_IDLE_TIMEOUT
         while idle:
             conn = idle.pop()
-            if not conn.closed:
-                conn.reused = True
-                return conn
+            if conn.closed:
+                continue
+            if conn.idle_since < fresh_after:
+                # Everything below it in the stack is older still.
+                conn.abort()
+                self.close()
+                return None
+            conn.reused = True
+            return conn
         return None
 
     async def connect(self) -> UpstreamConnection:
@@ -269,8 +289,14 @@ class EndpointPool:
         return conn
 
     def put(self, conn: UpstreamConnection) -> None:
-        if len(self.idle) < self.max_idle:
-            self.idle.append(conn)
+        idle = self.idle
+        now = time.monotonic()
+        conn.idle_since = now
+        # The oldest sit at the bottom; drop those too old to be reused.
+        while idle and idle[0].idle_since < now - POOL_IDLE_TIMEOUT:
+            idle.pop(0).abort()
+        if len(idle) < self.max_idle:
+            idle.append(conn)
         else:
             conn.abort()
 
