@@ -75,6 +75,7 @@ class UpstreamConnection(asyncio.Protocol):
         "paused",
         "reused",
         "transport",
+        "write_paused",
     )
 
     def __init__(self, pool: EndpointPool) -> None:
@@ -94,6 +95,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._framing_is_close = False
         self._head_bytes = 0
         self.idle_since = 0.0  # when it was last put in the pool
+        self.write_paused = False  # the transport's write buffer is over its high mark
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -102,6 +104,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._sink is None:
+            # Bytes nobody asked for (the connection is idle, or its response is done):
+            # whatever they are, they would be read as the next request's answer.
+            self.abort()
+            return
         self.got_bytes = True
         try:
             if not self.head_seen:
@@ -111,9 +118,10 @@ class UpstreamConnection(asyncio.Protocol):
                 raise httptools.HttpParserError("response head too large")
             if self._sink is not None:
                 self._sink.flush()
-        except httptools.HttpParserError:
-            # Garbage from the upstream: the exchange fails at once like a reset (or a cut
-            # body once the head was relayed), and the connection is never reused.
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # Garbage from the upstream (or a 101 nobody asked for): the exchange fails at
+            # once like a reset (or a cut body once the head was relayed), and the
+            # connection is never reused.
             self._lost()
             self.abort()
 
@@ -137,16 +145,22 @@ class UpstreamConnection(asyncio.Protocol):
             sink.on_response_end(self._framing_is_close)
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         if self._sink is not None:
             self._sink.pause_source()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         if self._sink is not None:
             self._sink.resume_source()
 
     # -- httptools callbacks ------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._sink is None:
+            # A second response after the complete one, in the same read (RFC 9112
+            # §9.3): the connection is out of step and must not be reused.
+            self.keep_alive = False
         self._headers = []
         self._reason = b""
 
@@ -185,26 +199,39 @@ class UpstreamConnection(asyncio.Protocol):
     # -- exchange -------------------------------------------------------------------------
 
     def _framing(self, status: int) -> int:
+        """RFC 9112 §6.3: Transfer-Encoding wins over Content-Length; a body is chunked
+        only when chunked is the last coding, otherwise it runs until the close."""
         if self._head_only or status in (204, 304):
             return FRAMING_NONE
+        framing = FRAMING_CLOSE
         for name, value in self._headers:
             lname = name.lower()
-            if lname == b"transfer-encoding" and b"chunked" in value.lower():
-                return FRAMING_CHUNKED
+            if lname == b"transfer-encoding":
+                last = value.rpartition(b",")[2].strip().lower()
+                return FRAMING_CHUNKED if last == b"chunked" else FRAMING_CLOSE
             if lname == b"content-length":
-                return FRAMING_LENGTH
-        return FRAMING_CLOSE
+                framing = FRAMING_LENGTH
+        return framing
 
-    def start(self, data: list[bytes], sink: ResponseSink, head_only: bool) -> None:
-        """Send a request head (and any body at hand); the response goes to `sink`."""
-        assert self.transport is not None
+    def start(self, data: list[bytes], sink: ResponseSink, head_only: bool) -> bool:
+        """Send a request head (and any body at hand); the response goes to `sink`.
+
+        False when the connection closed before anything could be sent (the upstream
+        reset it right after accepting): the attempt failed like a reset.
+        """
+        transport = self.transport
+        if transport is None or self.closed or transport.is_closing():
+            return False
         self._sink = sink
         self._head_only = head_only
         self._framing_is_close = False
         self.got_bytes = False
         self.head_seen = False
         self._head_bytes = 0
-        self.transport.writelines(data)
+        transport.writelines(data)
+        if self.write_paused:  # still full from the last exchange
+            sink.pause_source()
+        return True
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -253,12 +280,13 @@ class EndpointPool:
     connection idle longer than POOL_IDLE_TIMEOUT is closed when it is reached.
     """
 
-    __slots__ = ("_connecting", "_factory", "endpoint", "idle", "max_idle")
+    __slots__ = ("_connecting", "_factory", "closed", "endpoint", "idle", "max_idle")
 
     def __init__(self, endpoint: Endpoint, max_idle: int = 256) -> None:
         self.endpoint = endpoint
         self.idle: list[UpstreamConnection] = []
         self.max_idle = max_idle
+        self.closed = False  # the endpoint is gone: connections that come back are closed
         self._factory: Callable[[], UpstreamConnection] = lambda: UpstreamConnection(self)
 
     def take(self) -> UpstreamConnection | None:
@@ -274,7 +302,7 @@ class EndpointPool:
             if conn.idle_since < fresh_after:
                 # Everything below it in the stack is older still.
                 conn.abort()
-                self.close()
+                self._drop_idle()
                 return None
             conn.reused = True
             return conn
@@ -289,6 +317,9 @@ class EndpointPool:
         return conn
 
     def put(self, conn: UpstreamConnection) -> None:
+        if self.closed:
+            conn.abort()
+            return
         idle = self.idle
         now = time.monotonic()
         conn.idle_since = now
@@ -305,7 +336,12 @@ class EndpointPool:
             self.idle.remove(conn)
 
     def close(self) -> None:
-        """Close every idle connection (endpoint gone, or shutting down)."""
+        """Close every idle connection, and those that come back later (endpoint gone,
+        or shutting down)."""
+        self.closed = True
+        self._drop_idle()
+
+    def _drop_idle(self) -> None:
         idle, self.idle = self.idle, []
         for conn in idle:
             conn.abort()

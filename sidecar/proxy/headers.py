@@ -24,6 +24,11 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 #: The sidecar answers `Expect: 100-continue` itself, so it is not forwarded.
 _REQUEST_ONLY_DROP: frozenset[bytes] = HOP_BY_HOP | {b"expect"}
 
+#: Never removed because `Connection` names them: without `Content-Length` the next
+#: hop would read the body as the next message (request smuggling, or an app waiting
+#: for a close that never comes), and without `Host` it could not route.
+PROTECTED: frozenset[bytes] = frozenset({b"content-length", b"host"})
+
 
 def _tokens(value: bytes) -> set[bytes]:
     return {t.strip().lower() for t in value.split(b",") if t.strip()}
@@ -40,25 +45,34 @@ def _strip(headers: Headers, drop: frozenset[bytes]) -> Headers:
                 listed |= _tokens(value)
             continue
         out.append((name, value))
+    listed -= PROTECTED
     if listed:
         out = [(n, v) for n, v in out if n.lower() not in listed]
     return out
 
 
-def request_headers(headers: Headers, client_ip: bytes) -> Headers:
+def request_headers(headers: Headers, client_ip: bytes, host: bytes | None = None) -> Headers:
     """Headers to send upstream: hop-by-hop removed, `X-Forwarded-For` appended.
 
     Framing (`Content-Length` stays; `Transfer-Encoding` is re-added by the caller
     when the body is chunked) and everything end-to-end is kept in order; the
-    X-Forwarded-For fields become one, last.
+    X-Forwarded-For fields become one, last. When the app sent no `Host` (HTTP/1.0,
+    or a bare `/v1/invoke/...` call), `host` is added first: HTTP/1.1 requires one,
+    and upstreams answer 400 without it.
     """
     out: Headers = []
     xff = b""
+    has_host = False
     for name, value in _strip(headers, _REQUEST_ONLY_DROP):
-        if name.lower() == b"x-forwarded-for":
+        lname = name.lower()
+        if lname == b"x-forwarded-for":
             xff += value + b", "
-        else:
-            out.append((name, value))
+            continue
+        if lname == b"host":
+            has_host = True
+        out.append((name, value))
+    if host is not None and not has_host:
+        out.insert(0, (b"Host", host))
     out.append((b"X-Forwarded-For", xff + client_ip))
     return out
 
@@ -66,6 +80,23 @@ def request_headers(headers: Headers, client_ip: bytes) -> Headers:
 def response_headers(headers: Headers) -> Headers:
     """Headers to send back to the app: hop-by-hop removed, the rest untouched."""
     return _strip(headers, HOP_BY_HOP)
+
+
+def rechunked_encoding(headers: Headers) -> bytes:
+    """The `Transfer-Encoding` line for a response re-chunked toward the app.
+
+    Only a final `chunked` is undone on the way in; any other coding (gzip, ...) is
+    still on the relayed bytes, so it is named again, with chunked last.
+    """
+    for name, value in headers:
+        if name.lower() == b"transfer-encoding":
+            codings = value.strip()
+            if codings.rpartition(b",")[2].strip().lower() == b"chunked":
+                if codings.lower() == b"chunked":
+                    break
+                return b"Transfer-Encoding: %s\r\n" % codings
+            return b"Transfer-Encoding: %s, chunked\r\n" % codings
+    return b"Transfer-Encoding: chunked\r\n"
 
 
 def serialize(headers: Headers) -> bytes:

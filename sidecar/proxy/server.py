@@ -32,6 +32,7 @@ from sidecar.proxy.forward import (
 from sidecar.proxy.headers import (
     Headers,
     host_name,
+    rechunked_encoding,
     request_headers,
     response_headers,
     route_target,
@@ -215,11 +216,11 @@ class DownstreamProtocol(asyncio.Protocol):
         self.last_active = time.monotonic()  # when the connection last became idle
         self.in_head = True  # parsing a request head (or waiting for the next one)
         self.head_bytes = 0  # bytes received since that head began
-        self.head_started = 0.0
+        self.head_started = 0.0  # when a request head began; 0.0 while none is pending
         self.dispatched = False  # the request being parsed is served or queued
         self.rejected: str | None = None  # a bad request's 400, owed after earlier responses
         self.lingering = False  # answered 400: input is dropped until the close
-        self.eof = False  # the app half-closed; close once the answers are out
+        self.write_paused = False  # the app's transport is over its write high mark
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -235,8 +236,6 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.lingering:
             return
         if self.in_head:
-            if not self.head_bytes:
-                self.head_started = time.monotonic()
             self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
@@ -269,17 +268,11 @@ class DownstreamProtocol(asyncio.Protocol):
             self._reject(self._head_too_large())
 
     def eof_received(self) -> bool:
-        """The app half-closed: it sent everything it will (`nc`, some HTTP/1.0 clients).
-
-        Requests already received are still answered, then the connection closes. A
-        request whose body was still arriving can never complete: that one is dropped
-        as if the app had gone away.
-        """
-        req = self.req
-        if self.task is None or (self.dispatched and req is not None and not req.body_done):
-            return False  # the transport closes itself
-        self.eof = True
-        return True  # keep the sending side open for the answers
+        """The app closed its sending side. That is how an HTTP client that gave up (its
+        own timeout) looks, so it counts as the app leaving: the connection closes and
+        any attempt in flight is cancelled. A half-close after the requests (`nc`
+        without `-q`) is not supported, as in nginx's and Envoy's defaults."""
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -290,11 +283,15 @@ class DownstreamProtocol(asyncio.Protocol):
             self.task.cancel()
 
     def pause_writing(self) -> None:
+        # Remembered: asyncio does not call this again for the next exchange while the
+        # buffer stays full, and that exchange's upstream must start paused.
+        self.write_paused = True
         ex = self.exchange
         if ex is not None and ex.conn is not None:
             ex.conn.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         ex = self.exchange
         if ex is not None and ex.conn is not None:
             ex.conn.resume_reading()
@@ -304,6 +301,9 @@ class DownstreamProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.req = Request()
         self.dispatched = False
+        # The first byte of a head (llhttp skips blank lines between messages), also
+        # when it came in the same read as the end of the previous request.
+        self.head_started = time.monotonic()
 
     def on_url(self, url: bytes) -> None:
         assert self.req is not None
@@ -318,6 +318,7 @@ class DownstreamProtocol(asyncio.Protocol):
         assert req is not None
         self.in_head = False
         self.head_bytes = 0
+        self.head_started = 0.0
         parser = self.parser
         req.method = parser.get_method()
         if req.method == b"CONNECT":
@@ -402,7 +403,10 @@ class DownstreamProtocol(asyncio.Protocol):
                 finally:
                     proxy.end()
                 if not keep or self.closed:
-                    self.close()
+                    if req.body_done:
+                        self.close()
+                    else:
+                        self._linger()  # the app is still sending: let it read the answer
                     return
                 if self.queue:
                     req = self.queue.popleft()
@@ -412,8 +416,6 @@ class DownstreamProtocol(asyncio.Protocol):
                     req = None
             if self.rejected is not None and not self.closed:
                 self._answer_rejected(self.rejected)
-            elif self.eof:
-                self.close()
         except asyncio.CancelledError:
             self.abort()
         except Exception:  # a bug must not take down other connections
@@ -550,7 +552,7 @@ class DownstreamProtocol(asyncio.Protocol):
         request head since `head_before` (clock times); see `Proxy.start_sweeping`."""
         if self.task is not None or self.closed or self.lingering:
             return
-        if self.head_bytes:
+        if self.head_started:
             if self.head_started < head_before:
                 self._reject(
                     "request head not complete within header_timeout "
@@ -657,6 +659,7 @@ class Exchange:
         finally:
             down.exchange = None
             down._resume(_PAUSE_UPSTREAM)  # back-pressure from this upstream ends with it
+            down._resume(_PAUSE_BUFFER)  # nothing waits for the buffered body any more
             up.inflight -= 1
             if verdict is None:
                 up.breaker.release(probe)
@@ -676,6 +679,8 @@ class Exchange:
         failed: ProxyError | None = None  # why the previous attempt failed
         stats = balancer.pick()
         while True:
+            if self.down.closed:
+                return None  # the app left during a back-off
             if stats is None:
                 self._error(
                     failed
@@ -686,8 +691,6 @@ class Exchange:
                     )
                 )
                 return False
-            if self.down.closed:
-                return None  # the app left during a back-off
             remaining = self.deadline - loop.time()
             if remaining <= 0:  # the back-off used up the rest of `timeout`
                 self._error(failed or self._timeout_error(loop, stats))
@@ -697,7 +700,11 @@ class Exchange:
             assert isinstance(pool, EndpointPool)
             started = balancer.begin(stats)
             self.first_byte = None
-            result = await self._one_attempt(loop, pool, head, min(per_try, remaining))
+            try:
+                result = await self._one_attempt(loop, pool, head, min(per_try, remaining))
+            except BaseException:  # cancelled, or a bug: the endpoint's count must not leak
+                balancer.abandon(stats)
+                raise
             conn = self.conn
             self.conn = None
             req.conn = None
@@ -793,13 +800,16 @@ class Exchange:
                         out.append(_CHUNK_END)
                 else:
                     out += body
-            conn.start(out, self, req.method == b"HEAD")
+            if not conn.start(out, self, req.method == b"HEAD"):
+                return _CONNECT_FAILED  # reset right after the accept: nothing was sent
+            if self.down.write_paused:  # the app is not reading: neither do we, yet
+                conn.pause_reading()
             if req.has_body:
                 if not req.replayable:
                     req.body = []
                 if not req.body_done:
                     req.conn = conn
-                    self.down._resume(_PAUSE_BUFFER)
+            self.down._resume(_PAUSE_BUFFER)  # the buffered body is on its way now
             return await fut
         finally:
             self._fut = None
@@ -809,7 +819,7 @@ class Exchange:
 
     def _request_head(self) -> bytes:
         req = self.req
-        headers = request_headers(req.headers, self.down.client_ip)
+        headers = request_headers(req.headers, self.down.client_ip, self.up.host)
         framing = b"Transfer-Encoding: chunked\r\n" if req.chunked else b""
         return b"%s %s HTTP/1.1\r\n%s%s\r\n" % (
             req.method,
@@ -879,25 +889,28 @@ class Exchange:
     # -- forward.ResponseSink --------------------------------------------------------------------
 
     def on_response_head(self, status: int, reason: bytes, headers: Headers, framing: int) -> None:
+        fut = self._fut
+        if fut is None or fut.done():
+            return  # the attempt already ended (timed out, or the app left)
         self._head_seen = True
         self.first_byte = self.up.balancer.now()
         if self._try_timer is not None:
             self._try_timer.cancel()
             self._try_timer = None
         if status in self.up.retry_statuses and self._may_retry(asyncio.get_running_loop()):
-            fut = self._fut
-            if fut is not None and not fut.done():
-                fut.set_result(_RETRY_STATUS)
+            fut.set_result(_RETRY_STATUS)
             return
         self.status = status
         req, down = self.req, self.down
-        keep = req.keep_alive and not down.proxy.closing
+        # An answer before the app finished sending its body ends the connection: the
+        # rest of that body can't be told apart from the next request.
+        keep = req.keep_alive and req.body_done and not down.proxy.closing
         out = response_headers(headers)
         extra = b""
         self.downstream_chunked = False
         if framing in (FRAMING_CHUNKED, FRAMING_CLOSE):
             if req.version == "1.1":
-                extra = _rechunked(headers)
+                extra = rechunked_encoding(headers)
                 self.downstream_chunked = True
             else:
                 keep = False
@@ -952,18 +965,6 @@ class Exchange:
 
     def __repr__(self) -> str:
         return f"<Exchange {self.up.name} {self.req.method.decode()} attempts={self.attempts}>"
-
-
-def _rechunked(headers: Headers) -> bytes:
-    """`Transfer-Encoding` for a response re-chunked toward the app: chunked, after any
-    other coding the upstream applied (gzip, ...), which the relayed body still carries."""
-    for name, value in headers:
-        if name.lower() == b"transfer-encoding":
-            codings = [c.strip() for c in value.split(b",")]
-            kept = [c for c in codings if c and c.lower() != b"chunked"]
-            if kept:
-                return b"Transfer-Encoding: %s, chunked\r\n" % b", ".join(kept)
-    return b"Transfer-Encoding: chunked\r\n"
 
 
 _REASONS: dict[int, bytes] = {status.value: status.phrase.encode() for status in HTTPStatus}

@@ -34,6 +34,7 @@ class Upstream:
         "config",
         "duration",
         "fallback_headers",
+        "host",
         "inflight",
         "name",
         "resolver",
@@ -43,6 +44,7 @@ class Upstream:
 
     def __init__(self, config: UpstreamConfig, resolver: Resolver, metrics: Metrics) -> None:
         self.name = config.name
+        self.host = config.name.encode()  # Host for requests that came without one
         self.config = config
         self.resolver = resolver
         self.inflight = 0

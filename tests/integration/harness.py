@@ -111,8 +111,8 @@ async def raw_upstream(handler: RawHandler) -> AsyncIterator[str]:
         writers.add(writer)
         try:
             await handler(reader, writer)
-        except ConnectionError:
-            pass
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the sidecar closed the connection: how most of these handlers end
         finally:
             writer.close()
 
@@ -242,7 +242,7 @@ class Upstream:
         return app
 
     async def start(self, port: int = 0) -> Upstream:
-        self._runner = web.AppRunner(self._app(), access_log=None)
+        self._runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()

@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
+
 from tests.integration.conftest import UpstreamFactory
 from tests.integration.harness import (
+    Sidecar,
     billing_sidecar,
     raw_responses,
     raw_until_close,
@@ -38,6 +42,15 @@ async def _connection(
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+def _rss_mib(sc: Sidecar) -> int:
+    assert sc.proc is not None
+    with open(f"/proc/{sc.proc.pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024
+    raise AssertionError("no VmRSS")
 
 
 def _error(answer: bytes) -> tuple[bytes, dict[str, str]]:
@@ -80,56 +93,136 @@ class TestTimeouts:
     async def test_slow_request_head_gets_400_after_header_timeout(
         self, tmp_path: Path, upstreams: UpstreamFactory
     ) -> None:
-        """A head that stops half-way is answered 400 BAD_REQUEST naming header_timeout;
-        the next slow head on another connection is answered the same way."""
+        """A head that stops half-way is answered 400 BAD_REQUEST naming header_timeout:
+        alone on a connection, or in the same write as a whole request before it (whose
+        answer comes first); and again on the next connection."""
         billing = await upstreams("billing")
+        partial = b"GET /v1/invoke/billing/echo HTTP/1.1\r\nHost: side"
         answers = []
         async with _sidecar_with(tmp_path, billing.endpoint, header_timeout="500ms") as port:
-            for _ in range(2):
+            for sent in (partial, GET + partial, partial):
                 async with _connection(port) as (reader, writer):
-                    writer.write(b"GET /v1/invoke/billing/echo HTTP/1.1\r\nHost: side")
+                    writer.write(sent)
                     answers.append(await _closed_within(reader, 5))
-        for answer in answers:
+        first_answer, _, rest = answers[1].partition(b"}")  # echo's JSON body ends first
+        assert first_answer.startswith(b"HTTP/1.1 200")
+        for answer in (answers[0], rest, answers[2]):
             head, error = _error(answer)
             assert head.startswith(b"HTTP/1.1 400")
             assert "BAD_REQUEST" == error["code"]
             assert "header_timeout (0.5s)" in error["message"]
-        assert 0 == billing.hits
+        assert 1 == billing.hits
 
 
-class TestHalfClose:
-    async def test_requests_sent_before_a_half_close_are_answered(
+class TestPausedReading:
+    async def test_big_body_sent_while_connecting_does_not_stall_the_connection(
         self, tmp_path: Path, upstreams: UpstreamFactory
     ) -> None:
-        """An app that shuts down its sending side after two requests (as `nc` does) still
-        gets both answers, then the connection closes."""
+        """A 400 KiB body buffered while the first upstream connection is made: once it
+        is answered, the next request on the same connection is read and answered."""
         billing = await upstreams("billing")
+        size = 400 * 1024
+        post = (
+            b"POST /v1/invoke/billing/upload HTTP/1.1\r\nHost: s\r\nContent-Length: %d\r\n\r\n"
+            % size
+        )
         async with (
             billing_sidecar(tmp_path, billing.endpoint) as sc,
             _connection(sc.app_port) as (reader, writer),
         ):
-            writer.write(GET + GET)
-            writer.write_eof()
-            answer = await _closed_within(reader, 5)
-        assert 2 == answer.count(b"HTTP/1.1 200 OK\r\n")
-        assert 2 == billing.hits
+            statuses = []
+            for request in (post + b"x" * size, GET):
+                writer.write(request)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                statuses.append(head.split(b" ")[1])
+        assert [b"200", b"200"] == statuses
 
-    async def test_a_request_cut_by_the_half_close_is_dropped(
+    async def test_app_that_stops_reading_stops_the_next_response_too(self, tmp_path: Path) -> None:
+        """Back-pressure from an app that stopped reading holds for the next response on
+        the connection: a pipelined 200 MB answer is not buffered in the sidecar."""
+        big = 200 * 1024 * 1024
+        first_size = 8_000_000
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if b"/first " in head:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % first_size)
+                    writer.write(b"a" * first_size)
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % big)
+                    chunk = b"b" * (1 << 20)
+                    for _ in range(big >> 20):
+                        writer.write(chunk)
+                        await writer.drain()
+                await writer.drain()
+
+        async with (
+            raw_upstream(serve) as endpoint,
+            running_sidecar(
+                tmp_path,
+                {"billing": {"endpoints": [endpoint], "timeout": "60s", "per_try_timeout": "60s"}},
+            ) as sc,
+        ):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.sock_connect(sock, ("127.0.0.1", sc.app_port))
+                await loop.sock_sendall(
+                    sock,
+                    b"GET /v1/invoke/billing/first HTTP/1.1\r\n\r\n"
+                    b"GET /v1/invoke/billing/second HTTP/1.1\r\n\r\n",
+                )
+                before = _rss_mib(sc)
+                # Read the first answer slowly, so the sidecar's buffer toward the app is
+                # full when it ends; then stop reading.
+                want = len(b"HTTP/1.1 200 OK\r\nContent-Length: 8000000\r\n\r\n") + first_size
+                got = 0
+                while got < want:
+                    got += len(await loop.sock_recv(sock, min(16384, want - got)))
+                    await asyncio.sleep(0.001)
+                await asyncio.sleep(2.0)
+                growth = _rss_mib(sc) - before
+            finally:
+                sock.close()
+        assert growth < 64, f"sidecar RSS grew {growth} MiB while the app was not reading"
+
+
+class TestAppLeaves:
+    async def test_app_that_leaves_cancels_the_attempt_and_is_not_counted(
         self, tmp_path: Path, upstreams: UpstreamFactory
     ) -> None:
-        """A body that stops short at the half-close can never complete: the connection
-        closes at once instead of waiting for the upstream's timeout."""
+        """An app whose client gives up (closes) mid-request: the attempt ends at once,
+        in-flight drops to 0, and the request counts as neither success nor failure."""
         billing = await upstreams("billing")
         async with (
             billing_sidecar(tmp_path, billing.endpoint) as sc,
-            _connection(sc.app_port) as (reader, writer),
+            aiohttp.ClientSession() as session,
         ):
-            writer.write(b"POST /v1/invoke/billing/echo HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
-            writer.write_eof()
+            async with _connection(sc.app_port) as (_, writer):
+                writer.write(
+                    b"GET /v1/invoke/billing/slow?delay=5 HTTP/1.1\r\nHost: sidecar\r\n\r\n"
+                )
+                while billing.hits == 0:
+                    await asyncio.sleep(0.01)
             began = time.monotonic()
-            answer = await _closed_within(reader, 5)
-        assert b"" == answer
-        assert time.monotonic() - began < 2.0
+            while True:
+                async with session.get(f"{sc.admin}/v1/status") as resp:
+                    status = await resp.json()
+                if status["upstreams"]["billing"]["in_flight"] == 0:
+                    break
+                assert time.monotonic() - began < 2.0, status
+                await asyncio.sleep(0.02)
+            async with session.get(f"{sc.admin}/metrics") as resp:
+                metrics = await resp.text()
+        assert "sidecar_upstream_requests_total{" not in metrics
+        assert 'sidecar_circuit_state{upstream="billing"} 0.0' in metrics
+        endpoint = status["upstreams"]["billing"]["endpoints"][0]
+        assert (0, 0) == (endpoint["outstanding"], endpoint["consecutive_failures"])
 
 
 class TestHeadSize:

@@ -51,6 +51,23 @@ class TestInvokePath:
         assert f"127.0.0.1:{sc.app_port}" == headers["host"]
         assert "127.0.0.1" == headers["x-forwarded-for"]
 
+    async def test_request_without_host_gets_the_upstream_name(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """HTTP/1.0 and bare HTTP/1.1 calls without Host reach the upstream with
+        `Host: billing` (an HTTP/1.1 server answers 400 to a request without one)."""
+        billing = await upstreams("billing")
+        async with billing_sidecar(tmp_path, billing.endpoint) as sc:
+            answers = [
+                await raw_responses(
+                    sc.app_port, b"GET /v1/invoke/billing/echo HTTP/%s\r\n\r\n" % version
+                )
+                for version in (b"1.1", b"1.0")
+            ]
+        for [(head, body)] in answers:
+            assert head.startswith(b"HTTP/1.1 200"), head
+            assert "billing" == _headers(json.loads(body))["host"]
+
     async def test_invoke_without_path_forwards_root(
         self, tmp_path: Path, upstreams: UpstreamFactory
     ) -> None:

@@ -15,6 +15,7 @@ from tests.integration.conftest import UpstreamFactory
 from tests.integration.harness import (
     Sidecar,
     billing_sidecar,
+    raw_responses,
     raw_until_close,
     raw_upstream,
     running_sidecar,
@@ -275,3 +276,110 @@ class TestBrokenUpstream:
         assert b"Transfer-Encoding: gzip, chunked" in head.split(b"\r\n")
         size, _, rest = body.partition(b"\r\n")
         assert payload == rest[: int(size, 16)]
+
+    async def test_bytes_after_a_complete_response_never_reach_the_next_request(
+        self, tmp_path: Path
+    ) -> None:
+        """An upstream that sends a second response head after a complete one: that
+        connection is not reused, so the next request gets its own answer."""
+
+        async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET /a "):
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nA"
+                        b"HTTP/1.1 200 OK\r\nX-Stray: 1\r\nContent-Length: 30\r\n\r\n"
+                    )
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nB-body")
+                await writer.drain()
+
+        async with raw_upstream(chatty) as endpoint, billing_sidecar(tmp_path, endpoint) as sc:
+            answers = [
+                await raw_responses(sc.app_port, b"GET /v1/invoke/billing/%s HTTP/1.1\r\n\r\n" % p)
+                for p in (b"a", b"b")
+            ]
+        assert [(b"A",), (b"B-body",)] == [tuple(body for _, body in a) for a in answers]
+        assert b"X-Stray" not in answers[1][0][0]
+
+    async def test_upstream_that_resets_at_once_gets_502_for_every_request(
+        self, tmp_path: Path
+    ) -> None:
+        """Accept, then reset before reading: each of 100 concurrent requests gets a 502
+        (no request dies unanswered) and no endpoint count leaks."""
+
+        async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.transport.abort()
+
+        async with (
+            raw_upstream(reset) as endpoint,
+            billing_sidecar(tmp_path, endpoint, retries={"max": 0}) as sc,
+            aiohttp.ClientSession() as session,
+        ):
+
+            async def one() -> int:
+                async with session.get(f"{sc.url}/v1/invoke/billing/x") as resp:
+                    await resp.read()
+                    return resp.status
+
+            statuses = await asyncio.gather(*(one() for _ in range(100)))
+            async with session.get(f"{sc.admin}/v1/status") as resp:
+                status = await resp.json()
+        assert {502} == set(statuses)
+        (stats,) = status["upstreams"]["billing"]["endpoints"]
+        assert (0, 0) == (status["upstreams"]["billing"]["in_flight"], stats["outstanding"])
+        assert not [e for e in sc.log_events() if e.get("level") == "error"]
+
+    async def test_an_unasked_101_is_a_failed_attempt(self, tmp_path: Path) -> None:
+        """`101 Switching Protocols` to a request that asked for no upgrade: 502, quietly."""
+
+        async def switching(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"
+            )
+            await reader.read()
+
+        async with (
+            raw_upstream(switching) as endpoint,
+            billing_sidecar(tmp_path, endpoint, retries={"max": 0}) as sc,
+        ):
+            ((head, _),) = await raw_responses(
+                sc.app_port, b"GET /v1/invoke/billing/x HTTP/1.1\r\n\r\n"
+            )
+        assert head.startswith(b"HTTP/1.1 502")
+        assert not [e for e in sc.log_events() if e.get("level") == "error"]
+        assert "Fatal error" not in sc.logs()
+
+    async def test_an_early_answer_to_an_unfinished_upload_says_connection_close(
+        self, tmp_path: Path
+    ) -> None:
+        """The upstream refuses a 10 MB upload with 413 after the head: the app is told
+        `Connection: close` and can read the whole answer while it is still sending."""
+
+        async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\nConnection: close\r\n\r\n"
+                b"big!"
+            )
+            await writer.drain()
+
+        async with (
+            raw_upstream(refuse) as endpoint,
+            billing_sidecar(tmp_path, endpoint, retries={"max": 0}) as sc,
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
+            try:
+                writer.write(
+                    b"POST /v1/invoke/billing/up HTTP/1.1\r\nContent-Length: 10000000\r\n\r\n"
+                    + b"x" * 65536
+                )
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                body = await asyncio.wait_for(reader.readexactly(4), 5)
+            finally:
+                writer.close()
+        assert head.startswith(b"HTTP/1.1 413")
+        assert b"connection: close" in head.lower()
+        assert b"big!" == body

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.proxy.headers import (
     HOP_BY_HOP,
+    PROTECTED,
     host_name,
+    rechunked_encoding,
     request_headers,
     response_headers,
     route_target,
@@ -39,6 +42,33 @@ class TestRequestHeaders:
         expected = [(b"Host", b"billing"), (b"Accept", b"*/*"), (b"X-Forwarded-For", b"1.2.3.4")]
         assert expected == request_headers(headers, b"1.2.3.4")
 
+    def test_connection_cannot_remove_framing_or_host(self) -> None:
+        """`Connection: content-length, host` must not strip them: the upstream would read
+        the body as a second request (smuggling) or could not route."""
+        headers = [
+            (b"Host", b"billing"),
+            (b"Connection", b"Content-Length, host, x-hop"),
+            (b"Content-Length", b"41"),
+            (b"X-Hop", b"1"),
+        ]
+        assert [
+            (b"Host", b"billing"),
+            (b"Content-Length", b"41"),
+            (b"X-Forwarded-For", b"ip"),
+        ] == request_headers(headers, b"ip")
+        assert [(b"Content-Length", b"5")] == response_headers(
+            [(b"Connection", b"content-length"), (b"Content-Length", b"5")]
+        )
+
+    def test_host_is_added_only_when_missing(self) -> None:
+        """HTTP/1.1 needs Host: the upstream's name goes first when the app sent none."""
+        assert [(b"Host", b"billing"), (b"Accept", b"*/*"), (b"X-Forwarded-For", b"ip")] == (
+            request_headers([(b"Accept", b"*/*")], b"ip", b"billing")
+        )
+        assert [(b"host", b"x:8080"), (b"X-Forwarded-For", b"ip")] == request_headers(
+            [(b"host", b"x:8080")], b"ip", b"billing"
+        )
+
     def test_expect_is_not_forwarded(self) -> None:
         """The sidecar answers Expect: 100-continue itself."""
         headers = [(b"Expect", b"100-continue"), (b"Content-Length", b"3")]
@@ -64,19 +94,40 @@ class TestRequestHeaders:
         listed: list[bytes],
         case: object,
     ) -> None:
-        """Whatever the mix and case, no hop-by-hop or Connection-listed field is forwarded,
-        and every other field is kept in order."""
+        """Whatever the mix and case, no hop-by-hop or Connection-listed field is forwarded
+        (but Content-Length and Host, which framing and routing need), and every other
+        field is kept in order."""
         assert callable(case)
         headers = [(case(n), v) for n, v in hops] + end_to_end
         if listed:
             headers.append((b"Connection", b", ".join(listed)))
         out = request_headers(headers, b"127.0.0.1")
         names = [n.lower() for n, _ in out]
-        removed = HOP_BY_HOP | {b"expect", b"x-forwarded-for"} | {t.lower() for t in listed}
-        assert not (set(names[:-1]) & (HOP_BY_HOP | {t.lower() for t in listed}))
+        dropped = {t.lower() for t in listed} - PROTECTED
+        removed = HOP_BY_HOP | {b"expect", b"x-forwarded-for"} | dropped
+        assert not (set(names[:-1]) & (HOP_BY_HOP | dropped))
         assert b"x-forwarded-for" == names[-1]
         kept = [(n, v) for n, v in end_to_end if n.lower() not in removed]
         assert kept == out[:-1]
+
+
+class TestRechunkedEncoding:
+    @pytest.mark.parametrize(
+        ("upstream", "line"),
+        [
+            (None, b"Transfer-Encoding: chunked\r\n"),
+            (b"chunked", b"Transfer-Encoding: chunked\r\n"),
+            (b"gzip, chunked", b"Transfer-Encoding: gzip, chunked\r\n"),
+            # chunked not last: the body was read until the close, codings and all.
+            (b"chunked, gzip", b"Transfer-Encoding: chunked, gzip, chunked\r\n"),
+            (b"gzip", b"Transfer-Encoding: gzip, chunked\r\n"),
+        ],
+    )
+    def test_codings_still_on_the_body_are_named(self, upstream: bytes | None, line: bytes) -> None:
+        headers = [(b"Content-Type", b"text/plain")]
+        if upstream is not None:
+            headers.append((b"Transfer-Encoding", upstream))
+        assert line == rechunked_encoding(headers)
 
 
 class TestResponseHeaders:

@@ -1,4 +1,5 @@
-"""The per-endpoint pool of idle upstream connections: LIFO reuse and idle expiry."""
+"""One upstream connection's response framing, and the per-endpoint pool of idle
+connections: LIFO reuse, idle expiry, closing."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ import pytest
 
 from sidecar.discovery.base import Endpoint
 from sidecar.proxy import forward
-from sidecar.proxy.forward import POOL_IDLE_TIMEOUT, EndpointPool, UpstreamConnection
+from sidecar.proxy.forward import (
+    FRAMING_CHUNKED,
+    FRAMING_CLOSE,
+    FRAMING_LENGTH,
+    FRAMING_NONE,
+    POOL_IDLE_TIMEOUT,
+    EndpointPool,
+    UpstreamConnection,
+)
 
 
 class FakeTime:
@@ -83,3 +92,46 @@ class TestEndpointPool:
             pool.put(conn)
         assert conns[:2] == pool.idle
         assert conns[2].closed
+
+    def test_closed_pool_closes_connections_that_come_back(self, clock: FakeTime) -> None:
+        """An endpoint dropped by discovery: its busy connections are closed on return."""
+        pool, (idle,) = pool_with(clock, 1.0)
+        pool.close()
+        busy = UpstreamConnection(pool)
+        pool.put(busy)
+        assert idle.closed
+        assert busy.closed
+        assert [] == pool.idle
+
+
+def framing(headers: list[tuple[bytes, bytes]], status: int = 200, head: bool = False) -> int:
+    conn = UpstreamConnection(EndpointPool(Endpoint("10.0.0.1", 8080)))
+    conn._headers = headers
+    conn._head_only = head
+    return conn._framing(status)
+
+
+class TestResponseFraming:
+    @pytest.mark.parametrize(
+        ("headers", "expected"),
+        [
+            ([(b"Content-Length", b"5")], FRAMING_LENGTH),
+            ([(b"Transfer-Encoding", b"chunked")], FRAMING_CHUNKED),
+            ([(b"Transfer-Encoding", b"gzip, Chunked")], FRAMING_CHUNKED),
+            # RFC 9112 6.3: chunked not last means the body runs until the close.
+            ([(b"Transfer-Encoding", b"chunked, gzip")], FRAMING_CLOSE),
+            # Transfer-Encoding wins over Content-Length, in either order.
+            ([(b"Content-Length", b"5"), (b"Transfer-Encoding", b"chunked")], FRAMING_CHUNKED),
+            ([(b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"5")], FRAMING_CHUNKED),
+            ([], FRAMING_CLOSE),
+        ],
+    )
+    def test_body_delimiting(self, headers: list[tuple[bytes, bytes]], expected: int) -> None:
+        assert expected == framing(headers)
+
+    @pytest.mark.parametrize("status", [204, 304])
+    def test_no_body_statuses(self, status: int) -> None:
+        assert FRAMING_NONE == framing([(b"Content-Length", b"5")], status)
+
+    def test_answer_to_head_has_no_body(self) -> None:
+        assert FRAMING_NONE == framing([(b"Content-Length", b"5")], head=True)
