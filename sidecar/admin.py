@@ -34,13 +34,33 @@ def _is_loopback(remote: str | None) -> bool:
     if not remote:
         return False
     try:
-        return ipaddress.ip_address(remote.split("%")[0]).is_loopback
+        address = ipaddress.ip_address(remote.split("%")[0])
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback  # 127.0.0.1 on a dual-stack socket
+    return address.is_loopback
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """aiohttp's own 404 and 405 as JSON too, like every other admin answer."""
+    try:
+        response: web.StreamResponse = await handler(request)
+    except web.HTTPNotFound:
+        return _error(404, "NOT_FOUND", f"no admin endpoint at {request.path}")
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        response = _error(
+            405, "METHOD_NOT_ALLOWED", f"{request.method} {request.path}: use {allowed}"
+        )
+        response.headers["Allow"] = allowed
+        return response
+    return response
 
 
 def build_admin_app(
@@ -92,7 +112,7 @@ def build_admin_app(
         log.info("circuit_reset", upstream=name, before=before, remote=request.remote)
         return web.json_response({"upstream": name, "before": before, "circuit": "closed"})
 
-    app = web.Application()
+    app = web.Application(middlewares=[_json_errors])
     app.router.add_get("/live", live)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_endpoint)

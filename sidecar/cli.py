@@ -8,7 +8,11 @@ never as a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+from collections.abc import Iterator
+from types import FrameType
 from typing import NoReturn
 
 from sidecar import __version__
@@ -57,23 +61,44 @@ def main(argv: list[str] | None = None) -> int:
 
     source = resolve_config_path(args.config)
     label = source or _DEFAULTS_LABEL
-    try:
-        config = load_config(source)
-    except ConfigError as error:
-        return _report(error, label)
-
     if args.command == "check-config":
+        try:
+            config = load_config(source)
+        except ConfigError as error:
+            return _report(error, label)
         print(f"config OK: {label}")
         print(_summary(config))
         return 0
 
-    configure_logging(config.telemetry.log_format, config.telemetry.log_level)
-    from sidecar.app import run_app  # noqa: PLC0415 - only `run` needs the app and its deps
+    with _stop_quietly_while_starting():
+        try:
+            config = load_config(source)
+        except ConfigError as error:
+            return _report(error, label)
+        configure_logging(config.telemetry.log_format, config.telemetry.log_level)
+        from sidecar.app import run_app  # noqa: PLC0415 - only `run` needs the app and its deps
 
+        try:
+            return run_app(config)
+        except ConfigError as error:  # a problem only found while building components
+            return _report(error, label)
+
+
+@contextlib.contextmanager
+def _stop_quietly_while_starting() -> Iterator[None]:
+    """SIGTERM or SIGINT before the app installs its own handlers (while the config
+    loads and the app's libraries import) exits 0 with nothing bound yet, instead of
+    dying by the signal or printing a KeyboardInterrupt traceback."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(0)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return run_app(config)
-    except ConfigError as error:  # a problem only found while building components
-        return _report(error, label)
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _report(error: ConfigError, label: str) -> int:

@@ -10,6 +10,7 @@ unset, so `FOO=` in a pod spec never replaces a file value with nothing.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import math
@@ -302,7 +303,8 @@ def parse_duration(value: object) -> float:
     """
     seconds: float | None = None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
+        with contextlib.suppress(OverflowError):  # an int too large for a float
+            seconds = float(value)
     elif isinstance(value, str):
         text = value.strip()
         if _NUMBER.fullmatch(text):
@@ -313,7 +315,7 @@ def parse_duration(value: object) -> float:
                 for n, unit in _DURATION_PART.findall(text)
             )
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"invalid duration {value!r}")
+        raise ValueError(f"invalid duration {_shown(value)}")
     return seconds
 
 
@@ -326,7 +328,7 @@ def parse_size(value: object) -> int:
         return value
     if isinstance(value, str) and (match := _SIZE.fullmatch(value.strip())):
         return int(Decimal(match[1]) * _SIZE_UNITS[match[2] or "B"])
-    raise ValueError(f"invalid size {value!r}")
+    raise ValueError(f"invalid size {_shown(value)}")
 
 
 def resolve_config_path(
@@ -424,9 +426,12 @@ _Loader.add_implicit_resolver(
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
+    # Duplicates are looked for among the keys written in this mapping only: keys a
+    # merge (`<<: *base`) brings in may be overridden, as YAML intends.
     keys: set[object] = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node)
         try:
             duplicate = key in keys
@@ -435,8 +440,9 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict[Any, Any
             continue
         if duplicate:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
+                None, None, f"duplicate key {_shown(key)}", key_node.start_mark
             )
+    loader.flatten_mapping(node)
     return loader.construct_mapping(node)
 
 
@@ -457,6 +463,8 @@ def _read_yaml(path: str) -> Any:
         raise ConfigError([f"{path}: invalid YAML{where}: {exc.problem}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: invalid YAML: nested too deeply"]) from None
 
 
 # --- the validation helper -----------------------------------------------------------------
@@ -598,6 +606,17 @@ _WILDCARDS = frozenset({"0.0.0.0", "::", ""})
 _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 
 
+def _shown(value: object) -> str:
+    """`value` for an error message: the repr of a scalar, cut when long; the kind of
+    anything else. A container may be a YAML alias bomb whose repr never ends."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return "a very large integer"
+    if isinstance(value, str | int | float | bool) or value is None:
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+    return _kind(value)
+
+
 def _kind(value: object) -> str:
     names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list"}
     names |= {dict: "mapping", type(None): "null"}
@@ -644,7 +663,7 @@ def _integer(low: int, high: int | None = None) -> Callable[[object], int]:
             raise ValueError(f"expected an integer, got {_kind(value)}")
         if value < low or (high is not None and value > high):
             bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise ValueError(f"must be {bounds}, got {value}")
+            raise ValueError(f"must be {bounds}, got {_shown(value)}")
         return value
 
     return parse
@@ -654,10 +673,14 @@ def _number(low: float, high: float | None = None) -> Callable[[object], float]:
     def parse(value: object) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"expected a number, got {_kind(value)}")
-        if not math.isfinite(value) or value < low or (high is not None and value > high):
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float
+            number = math.inf
+        if not math.isfinite(number) or number < low or (high is not None and number > high):
             bounds = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
-            raise ValueError(f"must be {bounds}, got {value}")
-        return float(value)
+            raise ValueError(f"must be {bounds}, got {_shown(value)}")
+        return number
 
     return parse
 
@@ -686,7 +709,7 @@ def _choice(*options: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         word = _string(value).strip().lower()
         if word not in options:
-            raise ValueError(f"expected {_one_of(options)}, got {value!r}")
+            raise ValueError(f"expected {_one_of(options)}, got {_shown(value)}")
         return word
 
     return parse
@@ -713,7 +736,7 @@ def _host(value: object) -> str:
     except ValueError:
         if not (_HOST.fullmatch(host) and len(host) <= 253):
             raise ValueError(
-                f"invalid host {value!r} (expected an IP address or host name)"
+                f"invalid host {_shown(value)} (expected an IP address or host name)"
             ) from None
     return host
 
@@ -776,15 +799,30 @@ def _retry_condition(value: object) -> str | frozenset[int]:
     if isinstance(status, int) and not isinstance(status, bool) and 500 <= status <= 599:
         return frozenset({status})
     raise ValueError(
-        f"unknown condition {value!r} "
+        f"unknown condition {_shown(value)} "
         "(expected connect-failure, timeout, reset, 5xx or a status 500-599)"
     )
 
 
+#: A fallback body is a small canned answer; this also stops a YAML alias bomb, whose
+#: shared references would otherwise be expanded into gigabytes of JSON.
+_MAX_JSON_VALUES = 10_000
+
+
 def _json_body(value: object) -> bytes:
+    pending, seen = [value], 0
+    while pending:
+        item = pending.pop()
+        seen += 1
+        if seen > _MAX_JSON_VALUES:
+            raise ValueError(f"too large: more than {_MAX_JSON_VALUES} values")
+        if isinstance(item, dict):
+            pending += item.values()
+        elif isinstance(item, list):
+            pending += item
     try:
-        return json.dumps(value).encode()
-    except (TypeError, ValueError) as exc:
+        return json.dumps(value, allow_nan=False).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ValueError(f"cannot be encoded as JSON ({exc})") from None
 
 

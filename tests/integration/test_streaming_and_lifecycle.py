@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import hashlib
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -87,7 +88,36 @@ class TestStreaming:
         assert growth_mib < 24, f"peak RSS grew {growth_mib:.1f} MiB while streaming"
 
 
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` has a handler installed for `sig` (SigCgt in /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
 class TestLifecycle:
+    async def test_sigterm_while_starting_exits_zero_quietly(self, tmp_path: Path) -> None:
+        """SIGTERM as soon as it is caught, while the sidecar still imports and loads its
+        config: exit 0 and no traceback. (SIGINT cannot be tested this way: the
+        interpreter catches it itself from its first moment.)"""
+        sig = signal.SIGTERM
+        sc = Sidecar(tmp_path, {"billing": {"endpoints": ["127.0.0.1:9"]}}).start()
+        try:
+            assert sc.proc is not None
+            deadline = time.monotonic() + 10
+            while not _catches(sc.proc.pid, sig):
+                assert time.monotonic() < deadline, "the sidecar never caught the signal"
+                await asyncio.sleep(0.001)
+            sc.signal(sig)
+            code = await sc.wait_exit(10)
+        finally:
+            sc.kill()
+        assert 0 == code, sc.logs()
+        assert "Traceback" not in sc.logs()
+        assert "started" not in sc.logs()  # it really was stopped while starting
+
     async def test_sigterm_drains_in_flight_requests_and_exits_zero(
         self, tmp_path: Path, upstreams: UpstreamFactory
     ) -> None:

@@ -6,7 +6,7 @@ import json
 from unittest import mock
 
 from aiohttp import web
-from aiohttp.test_utils import make_mocked_request
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
 from sidecar.admin import build_admin_app
 from sidecar.config import Address, config_from_mapping
@@ -67,6 +67,32 @@ class TestBreakerReset:
         response = await _call(app, "POST", "/v1/breakers/billing/reset", "::1")
         assert 200 == response.status
         assert "closed" == upstream.breaker.state
+
+    async def test_ipv4_mapped_loopback_is_allowed_and_mapped_others_are_not(self) -> None:
+        """On a dual-stack socket 127.0.0.1 arrives as ::ffff:127.0.0.1."""
+        app, _ = _app()
+        forbidden = await _call(app, "POST", "/v1/breakers/billing/reset", "::ffff:10.0.0.7")
+        allowed = await _call(app, "POST", "/v1/breakers/billing/reset", "::ffff:127.0.0.1")
+        assert (403, 200) == (forbidden.status, allowed.status)
+
+
+class TestUnknownRequests:
+    async def test_unknown_path_and_wrong_method_answer_json(self) -> None:
+        """aiohttp's own 404 and 405 come in the same JSON shape as every admin answer."""
+        app, _ = _app()
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            missing = await client.get("/nope")
+            wrong = await client.get("/v1/breakers/billing/reset")
+            answers = [
+                (r.status, r.content_type, (await r.json())["error"]["code"])
+                for r in (missing, wrong)
+            ]
+            allow = wrong.headers["Allow"]
+        assert [
+            (404, "application/json", "NOT_FOUND"),
+            (405, "application/json", "METHOD_NOT_ALLOWED"),
+        ] == answers
+        assert "POST" == allow
 
 
 class TestReadiness:

@@ -91,10 +91,12 @@ class TestParseDuration:
 
     @pytest.mark.parametrize("value", ["ten", "", "5x", "-1s", "1s2", "ms", -1, True, None, [1]])
     def test_rejects_anything_else(self, value: object) -> None:
-        """A value that is not a non-negative duration raises ValueError naming it."""
+        """A value that is not a non-negative duration raises ValueError naming it (or
+        its kind, for a container)."""
         with pytest.raises(ValueError, match="invalid duration") as info:
             parse_duration(value)
-        assert f"invalid duration {value!r}" == str(info.value)
+        shown = "list" if isinstance(value, list) else repr(value)
+        assert f"invalid duration {shown}" == str(info.value)
 
     @given(st.integers(min_value=0, max_value=10**9), st.sampled_from(["s", "m", "h"]))
     def test_whole_units_round_trip(self, amount: int, unit: str) -> None:
@@ -828,6 +830,67 @@ class TestLoadConfig:
         assert [f"{path}: invalid YAML at line 3, column 1: duplicate key 'listen'"] == (
             info.value.problems
         )
+
+    def test_merge_keys_may_be_overridden(self, tmp_path: Path) -> None:
+        """`<<: *base` then an explicit key is YAML's override, not a duplicate."""
+        path = tmp_path / "merge.yaml"
+        path.write_text(
+            "service: {name: a, address: 10.0.0.1}\nconsul: {enabled: false}\n"
+            "base: &base {endpoints: ['10.0.0.1:80'], timeout: 5s}\n"
+            "upstreams:\n  b: {<<: *base, timeout: 10s}\n"
+        )
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path), {})
+        assert ["base: unknown key"] == info.value.problems  # and nothing about `timeout`
+
+    @pytest.mark.timeout(10)
+    @pytest.mark.parametrize(
+        ("where", "problem"),
+        [
+            ("    timeout: *a8\n", "upstreams.billing.timeout: invalid duration list"),
+            (
+                "    fallback: {status: 200, json: *a8}\n",
+                "upstreams.billing.fallback.json: too large: more than 10000 values",
+            ),
+        ],
+    )
+    def test_alias_bomb_is_reported_not_expanded(
+        self, tmp_path: Path, where: str, problem: str
+    ) -> None:
+        """Nine levels of nine aliases are 9**9 values if anything walks them: the error
+        names the kind, and the fallback body is refused by size."""
+        levels = ["x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+        levels += [f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+        path = tmp_path / "bomb.yaml"
+        path.write_text(
+            "service: {name: a, address: 10.0.0.1}\nconsul: {enabled: false}\nbombs:\n"
+            + "".join(f"  {line}\n" for line in levels)
+            + "upstreams:\n  billing:\n    endpoints: ['10.0.0.1:80']\n"
+            + where
+        )
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path), {})
+        assert [problem, "bombs: unknown key"] == info.value.problems
+
+    def test_deep_nesting_is_a_config_error(self, tmp_path: Path) -> None:
+        path = tmp_path / "deep.yaml"
+        path.write_text("x: " + "[" * 20000 + "]" * 20000 + "\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path), {})
+        assert [f"{path}: invalid YAML: nested too deeply"] == info.value.problems
+
+    def test_huge_integers_are_reported_not_crashed_on(self) -> None:
+        big = 10**400
+        assert [
+            "upstreams.billing.timeout: invalid duration a very large integer",
+            "upstreams.billing.retries.budget_ratio: must be between 0 and 1, "
+            "got a very large integer",
+        ] == problems(upstream(timeout=big, retries={"budget_ratio": big}))
+
+    def test_fallback_json_must_be_strict_json(self) -> None:
+        """NaN and Infinity are not JSON; a strict client would reject the fallback."""
+        [problem] = problems(upstream(fallback={"status": 200, "json": {"r": float("nan")}}))
+        assert problem.startswith("upstreams.billing.fallback.json: cannot be encoded as JSON")
 
     def test_only_true_and_false_are_booleans(self, tmp_path: Path) -> None:
         """YAML 1.1's yes/no/on/off stay strings, so `retries: {on: ...}` keeps its key."""
