@@ -217,7 +217,8 @@ class UpstreamConnection(asyncio.Protocol):
         """Send a request head (and any body at hand); the response goes to `sink`.
 
         False when the connection closed before anything could be sent (the upstream
-        reset it right after accepting): the attempt failed like a reset.
+        reset it right after accepting, say): nothing left, so the attempt failed like
+        a connect failure and may be retried whatever the method.
         """
         transport = self.transport
         if transport is None or self.closed or transport.is_closing():
