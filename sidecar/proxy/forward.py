@@ -122,7 +122,7 @@ class UpstreamConnection(asyncio.Protocol):
             # Garbage from the upstream (or a 101 nobody asked for): the exchange fails at
             # once like a reset (or a cut body once the head was relayed), and the
             # connection is never reused.
-            self._lost()
+            self._lost(clean=False)
             self.abort()
 
     def eof_received(self) -> bool:
@@ -131,9 +131,9 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._pool.forget(self)
-        self._lost()
+        self._lost(clean=exc is None)
 
-    def _lost(self) -> None:
+    def _lost(self, clean: bool) -> None:
         sink = self._sink
         if sink is None:
             return
@@ -141,8 +141,9 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.head_seen:
             sink.on_upstream_error()
         else:
-            # A body delimited by the close is complete now; any other body is cut short.
-            sink.on_response_end(self._framing_is_close)
+            # A body delimited by the close is complete at a clean close (FIN); a reset,
+            # or any other body, is cut short.
+            sink.on_response_end(self._framing_is_close and clean)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -217,8 +218,8 @@ class UpstreamConnection(asyncio.Protocol):
         """Send a request head (and any body at hand); the response goes to `sink`.
 
         False when the connection closed before anything could be sent (the upstream
-        reset it right after accepting, say): nothing left, so the attempt failed like
-        a connect failure and may be retried whatever the method.
+        reset it right after accepting, and the reset was seen before the write):
+        nothing left, so the attempt failed like a connect failure.
         """
         transport = self.transport
         if transport is None or self.closed or transport.is_closing():

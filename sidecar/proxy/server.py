@@ -343,7 +343,10 @@ class DownstreamProtocol(asyncio.Protocol):
                     )
                 req.chunked = req.has_body = True
             elif lname == b"expect":
-                req.expect_continue = value.strip().lower() == b"100-continue"
+                # RFC 9110 §10.1.1: ignored in an HTTP/1.0 request.
+                req.expect_continue = (
+                    value.strip().lower() == b"100-continue" and req.version == "1.1"
+                )
             elif lname == b"idempotency-key":
                 req.idempotency_key = True
         if size > self.proxy.max_header_bytes:
@@ -473,16 +476,15 @@ class DownstreamProtocol(asyncio.Protocol):
     def send_response(self, req: Request, status: int, headers: bytes, body: bytes) -> bool:
         """A response the sidecar makes itself (error or fallback); return keep-alive."""
         keep = req.keep_alive and req.body_done and not self.proxy.closing
+        if not keep:
+            connection = b"connection: close\r\n"
+        elif req.version == "1.0":  # an HTTP/1.0 client closes unless told otherwise
+            connection = b"connection: keep-alive\r\n"
+        else:
+            connection = b""
         self.write(
             b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\n%s%s\r\n%s"
-            % (
-                status,
-                _REASONS.get(status, b"Unknown"),
-                len(body),
-                headers,
-                b"" if keep else b"connection: close\r\n",
-                body,
-            )
+            % (status, _REASONS.get(status, b"Unknown"), len(body), headers, connection, body)
         )
         return keep
 
@@ -512,8 +514,11 @@ class DownstreamProtocol(asyncio.Protocol):
             return  # already refused once
         req = self.req
         if self.dispatched and req is not None and not req.body_done:
-            self.close()
-        elif self.task is None:
+            if req not in self.queue:
+                self.close()  # its body is being forwarded: nothing can answer it now
+                return
+            self.queue.remove(req)  # queued, never sent anywhere: it gets the 400
+        if self.task is None:
             self._answer_rejected(message)
         elif self.rejected is None:
             self.rejected = message
@@ -545,7 +550,8 @@ class DownstreamProtocol(asyncio.Protocol):
             transport.resume_reading()
         if transport.can_write_eof():
             transport.write_eof()
-        asyncio.get_running_loop().call_later(LINGER, self.close)
+        # abort, not close: an app that never reads would keep a graceful close waiting.
+        asyncio.get_running_loop().call_later(LINGER, self.abort)
 
     def sweep(self, idle_before: float, head_before: float) -> None:
         """Close this connection if it idled since `idle_before` or has been sending one
@@ -559,7 +565,11 @@ class DownstreamProtocol(asyncio.Protocol):
                     f"({self.proxy.limits.header_timeout:g}s)"
                 )
         elif self.last_active < idle_before:
-            self.close()
+            transport = self.transport
+            if transport is not None and transport.get_write_buffer_size():
+                self.abort()  # an app that stopped reading: a graceful close would wait
+            else:
+                self.close()
 
     def close_if_idle(self) -> None:
         if self.task is None:
@@ -583,6 +593,7 @@ class Exchange:
     """
 
     __slots__ = (
+        "_body_sent",
         "_fut",
         "_head_seen",
         "_out",
@@ -613,6 +624,7 @@ class Exchange:
         self.downstream_chunked = False
         self.first_byte: float | None = None
         self._fut: asyncio.Future[int] | None = None
+        self._body_sent = False  # the whole request body was sent when the answer ended
         self._head_seen = False
         self._out: list[bytes] = []  # response bytes waiting for flush()
         self._try_timer: asyncio.TimerHandle | None = None
@@ -712,11 +724,12 @@ class Exchange:
                 ok = self.status < 500
                 self._end(stats, started, ok)
                 if conn is not None:
-                    conn.release(req.body_done)
+                    conn.release(self._body_sent)
                 up.count(self.status)
                 return ok
             if conn is not None:
                 conn.abort()
+                self.down._resume(_PAUSE_UPSTREAM)  # that connection's back-pressure is gone
             if result == _CLIENT_GONE:
                 balancer.abandon(stats)
                 self.keep = False
@@ -947,8 +960,10 @@ class Exchange:
         if self.downstream_chunked:
             self._out.append(_CHUNK_END)
         self.flush()
-        # A request whose body the app is still sending can't share the connection.
-        if not self.req.body_done:
+        # A request whose body the app is still sending can't share the connection,
+        # and neither can the upstream connection that answered before reading it all.
+        self._body_sent = self.req.body_done
+        if not self._body_sent:
             self.keep = False
         fut.set_result(_DONE)
 

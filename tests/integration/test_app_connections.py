@@ -293,16 +293,70 @@ class TestPipelinedBadRequest:
     async def test_bad_request_after_a_good_one_gets_400_after_its_answer(
         self, tmp_path: Path, upstreams: UpstreamFactory
     ) -> None:
-        """Pipelined: a good request, then garbage. The good one is answered, then the 400."""
+        """Pipelined: a good request, then garbage, or a request whose chunked body is
+        broken. The good one is answered, then the 400; the bad one reaches nobody."""
         billing = await upstreams("billing")
         slow = b"GET /v1/invoke/billing/slow?delay=0.3 HTTP/1.1\r\nHost: s\r\n\r\n"
+        broken_chunk = (
+            b"PUT /v1/invoke/billing/upload HTTP/1.1\r\nHost: s\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nZZ\r\n"
+        )
         async with billing_sidecar(tmp_path, billing.endpoint) as sc:
-            answer = await raw_until_close(sc.app_port, slow + b"GARBAGE\r\n\r\n")
-        first, _, rest = answer.partition(b"\r\n\r\n")
-        assert first.startswith(b"HTTP/1.1 200")
-        assert b"HTTP/1.1 400 Bad Request" in rest
-        assert b"malformed HTTP request" in rest
-        assert 1 == billing.hits
+            answers = [
+                await raw_until_close(sc.app_port, slow + bad)
+                for bad in (b"GARBAGE\r\n\r\n", broken_chunk)
+            ]
+        for answer in answers:
+            first, _, rest = answer.partition(b"\r\n\r\n")
+            assert first.startswith(b"HTTP/1.1 200")
+            assert b"HTTP/1.1 400 Bad Request" in rest
+            assert b"malformed HTTP request" in rest
+        assert 2 == billing.hits
+
+
+class TestHttp10:
+    async def test_sidecar_answers_keep_an_http10_keep_alive_connection_explicitly(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """An HTTP/1.0 client that asked for keep-alive: a sidecar-made 404 says
+        `connection: keep-alive`, and the next request on the connection is served."""
+        billing = await upstreams("billing")
+        keep = b"Connection: keep-alive\r\n\r\n"
+        async with billing_sidecar(tmp_path, billing.endpoint) as sc:
+            answers = await raw_responses(
+                sc.app_port,
+                b"GET /v1/invoke/nope/x HTTP/1.0\r\n"
+                + keep
+                + b"GET /v1/invoke/billing/echo HTTP/1.0\r\n"
+                + keep,
+                count=2,
+            )
+        (not_found, _), (echoed, _) = answers
+        assert not_found.startswith(b"HTTP/1.1 404")
+        assert b"connection: keep-alive" in not_found.lower()
+        assert echoed.startswith(b"HTTP/1.1 200")
+
+    async def test_expect_100_continue_is_ignored_in_http10(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """RFC 9110 §10.1.1: no `100 Continue` for a 1.0 client, which would take it for
+        the answer; the real answer comes once the body is sent."""
+        billing = await upstreams("billing")
+        async with (
+            billing_sidecar(tmp_path, billing.endpoint) as sc,
+            _connection(sc.app_port) as (reader, writer),
+        ):
+            writer.write(
+                b"POST /v1/invoke/billing/echo HTTP/1.0\r\nExpect: 100-continue\r\n"
+                b"Content-Length: 3\r\n\r\n"
+            )
+            with contextlib.suppress(TimeoutError):
+                early = await asyncio.wait_for(reader.read(100), 0.5)
+                raise AssertionError(f"answered before the body was sent: {early!r}")
+            writer.write(b"abc")
+            answer = await _closed_within(reader, 5)
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert b'"body": "abc"' in answer
 
 
 class TestUpstreamResponseHead:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import signal
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -413,3 +416,39 @@ class TestBrokenUpstream:
         assert head.startswith(b"HTTP/1.1 413")
         assert b"connection: close" in head.lower()
         assert b"big!" == body
+
+    async def test_a_reset_is_not_the_end_of_a_close_delimited_body(self, tmp_path: Path) -> None:
+        """A body that ends at the close, then an RST instead of a FIN: the app's response
+        is cut (no final chunk) and the attempt counts as a failure, not a 200."""
+
+        async def reset_mid_body(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart-of-the-body")
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()  # with SO_LINGER 0: an RST
+
+        async with (
+            raw_upstream(reset_mid_body) as endpoint,
+            billing_sidecar(tmp_path, endpoint, retries={"max": 0}) as sc,
+            aiohttp.ClientSession() as session,
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
+            try:
+                writer.write(b"GET /v1/invoke/billing/x HTTP/1.1\r\n\r\n")
+                answer = b""
+                with contextlib.suppress(ConnectionError):
+                    while chunk := await asyncio.wait_for(reader.read(4096), 5):
+                        answer += chunk
+            finally:
+                writer.close()
+            async with session.get(f"{sc.admin}/v1/status") as resp:
+                status = await resp.json()
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert b"part-of-the-body" in answer
+        assert not answer.endswith(b"0\r\n\r\n")
+        assert 1 == status["upstreams"]["billing"]["endpoints"][0]["consecutive_failures"]
