@@ -597,7 +597,7 @@ class Exchange:
         "_fut",
         "_head_seen",
         "_out",
-        "_try_timer",
+        "_timer",
         "attempts",
         "conn",
         "deadline",
@@ -627,7 +627,7 @@ class Exchange:
         self._body_sent = False  # the whole request body was sent when the answer ended
         self._head_seen = False
         self._out: list[bytes] = []  # response bytes waiting for flush()
-        self._try_timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     async def run(self) -> bool:
         down, req, up = self.down, self.req, self.up
@@ -785,8 +785,9 @@ class Exchange:
         self._head_seen = False
         fut: asyncio.Future[int] = loop.create_future()
         self._fut = fut
-        self._try_timer = loop.call_later(budget, self._on_try_timeout)
-        overall = loop.call_at(self.deadline, self._on_overall_timeout)
+        # One timer per attempt: at the per-try deadline it ends an attempt that has no
+        # response head yet, or re-arms itself for the overall deadline (_on_timer).
+        self._timer = loop.call_later(budget, self._on_timer)
         try:
             conn = pool.take()
             if conn is None:
@@ -826,9 +827,9 @@ class Exchange:
             return await fut
         finally:
             self._fut = None
-            if self._try_timer is not None:
-                self._try_timer.cancel()
-            overall.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
     def _request_head(self) -> bytes:
         req = self.req
@@ -883,16 +884,25 @@ class Exchange:
 
     # -- timers ----------------------------------------------------------------------------------
 
-    def _on_try_timeout(self) -> None:
-        self._try_timer = None
-        if not self._head_seen and self._fut is not None and not self._fut.done():
-            self._fut.set_result(_TIMEOUT)
+    def _on_timer(self) -> None:
+        """The per-try deadline (`min(per_try_timeout, what is left of timeout)`) passed.
 
-    def _on_overall_timeout(self) -> None:
+        No response head yet: the attempt timed out. A response is streaming: only the
+        overall `timeout` can cut it, so wait for that (a response that ends first
+        cancels the timer; no second timer is made for the common fast answer).
+        """
+        self._timer = None
         fut = self._fut
         if fut is None or fut.done():
             return
-        fut.set_result(_CUT if self._head_seen else _TIMEOUT)
+        if not self._head_seen:
+            fut.set_result(_TIMEOUT)
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.deadline:
+            self._timer = loop.call_at(self.deadline, self._on_timer)
+        else:
+            fut.set_result(_CUT)
 
     def client_gone(self) -> None:
         fut = self._fut
@@ -907,9 +917,6 @@ class Exchange:
             return  # the attempt already ended (timed out, or the app left)
         self._head_seen = True
         self.first_byte = self.up.balancer.now()
-        if self._try_timer is not None:
-            self._try_timer.cancel()
-            self._try_timer = None
         if status in self.up.retry_statuses and self._may_retry(asyncio.get_running_loop()):
             fut.set_result(_RETRY_STATUS)
             return

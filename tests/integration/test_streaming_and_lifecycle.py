@@ -452,3 +452,37 @@ class TestBrokenUpstream:
         assert b"part-of-the-body" in answer
         assert not answer.endswith(b"0\r\n\r\n")
         assert 1 == status["upstreams"]["billing"]["endpoints"][0]["consecutive_failures"]
+
+    async def test_a_stalled_body_is_cut_at_the_overall_timeout_not_per_try(
+        self, tmp_path: Path
+    ) -> None:
+        """Head and 10 of 100 bytes, then silence: per_try_timeout (200ms) no longer
+        applies once the head arrived; the overall timeout (1s) cuts the response."""
+
+        async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+            await reader.read()
+
+        async with (
+            raw_upstream(stall) as endpoint,
+            billing_sidecar(
+                tmp_path, endpoint, timeout="1s", per_try_timeout="200ms", retries={"max": 0}
+            ) as sc,
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
+            try:
+                writer.write(b"GET /v1/invoke/billing/x HTTP/1.1\r\n\r\n")
+                started = time.monotonic()
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                body = b""
+                with contextlib.suppress(ConnectionError):
+                    body = await asyncio.wait_for(reader.read(1000), 5)
+                    while chunk := await asyncio.wait_for(reader.read(1000), 5):
+                        body += chunk
+                took = time.monotonic() - started
+            finally:
+                writer.close()
+        assert head.startswith(b"HTTP/1.1 200")
+        assert b"0123456789" == body
+        assert 0.9 < took < 3.0
