@@ -816,8 +816,6 @@ class Exchange:
                     out += body
             if not conn.start(out, self, req.method == b"HEAD"):
                 return _CONNECT_FAILED  # reset right after the accept: nothing was sent
-            if self.down.write_paused:  # the app is not reading: neither do we, yet
-                conn.pause_reading()
             if req.has_body:
                 if not req.replayable:
                     req.body = []
@@ -922,6 +920,11 @@ class Exchange:
             return
         self.status = status
         req, down = self.req, self.down
+        if down.write_paused and self.conn is not None:
+            # The app stopped reading during an earlier answer: hold this body too. Only
+            # now, after the head: pausing earlier would time out the upstream (and
+            # count it as failing) for the app's slowness.
+            self.conn.pause_reading()
         # An answer before the app finished sending its body ends the connection: the
         # rest of that body can't be told apart from the next request.
         keep = req.keep_alive and req.body_done and not down.proxy.closing

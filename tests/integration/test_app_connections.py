@@ -141,7 +141,9 @@ class TestPausedReading:
 
     async def test_app_that_stops_reading_stops_the_next_response_too(self, tmp_path: Path) -> None:
         """Back-pressure from an app that stopped reading holds for the next response on
-        the connection: a pipelined 200 MB answer is not buffered in the sidecar."""
+        the connection: a pipelined 200 MB answer is not buffered in the sidecar. And it
+        is held only after its head arrived, so the app's slowness is not taken for the
+        upstream timing out (per_try_timeout 300ms, app away for 2 s)."""
         big = 200 * 1024 * 1024
         first_size = 8_000_000
 
@@ -163,7 +165,14 @@ class TestPausedReading:
             raw_upstream(serve) as endpoint,
             running_sidecar(
                 tmp_path,
-                {"billing": {"endpoints": [endpoint], "timeout": "60s", "per_try_timeout": "60s"}},
+                {
+                    "billing": {
+                        "endpoints": [endpoint],
+                        "timeout": "60s",
+                        "per_try_timeout": "300ms",
+                        "retries": {"max": 0},
+                    }
+                },
             ) as sc,
         ):
             sock = socket.socket()
@@ -187,9 +196,17 @@ class TestPausedReading:
                     await asyncio.sleep(0.001)
                 await asyncio.sleep(2.0)
                 growth = _rss_mib(sc) - before
+                second = await asyncio.wait_for(loop.sock_recv(sock, 64), 5)
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(f"{sc.admin}/v1/status") as resp,
+                ):
+                    endpoint_stats = (await resp.json())["upstreams"]["billing"]["endpoints"][0]
             finally:
                 sock.close()
         assert growth < 64, f"sidecar RSS grew {growth} MiB while the app was not reading"
+        assert second.startswith(b"HTTP/1.1 200"), second
+        assert 0 == endpoint_stats["consecutive_failures"]
 
 
 class TestAppLeaves:
