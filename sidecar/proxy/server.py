@@ -126,7 +126,7 @@ class Proxy:
     ) -> None:
         self.upstreams = upstreams
         self.limits = limits or AppConnectionsConfig()
-        self.max_header_bytes = self.limits.max_header_bytes
+        self.max_header_bytes = self.limits.max_header_bytes  # read per socket read
         self.by_name: dict[bytes, Upstream] = {n.encode(): u for n, u in upstreams.items()}
         self.metrics = metrics
         self.connections: set[DownstreamProtocol] = set()
@@ -284,7 +284,8 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # Remembered: asyncio does not call this again for the next exchange while the
-        # buffer stays full, and that exchange's upstream must start paused.
+        # buffer stays full, so that exchange pauses its upstream itself, once the
+        # response head is in (Exchange.on_response_head).
         self.write_paused = True
         ex = self.exchange
         if ex is not None and ex.conn is not None:
