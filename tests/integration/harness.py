@@ -310,6 +310,18 @@ class Sidecar:
                 await asyncio.sleep(0.05)
         raise AssertionError(f"sidecar not ready after {timeout}s:\n{self.logs()}")
 
+    def proc_status(self, field: str) -> str:
+        """A field of the process's /proc/<pid>/status (`VmRSS`, `VmHWM`, `SigCgt`, ...)."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return line.split()[1]
+        raise AssertionError(f"{field} not in /proc/{self.proc.pid}/status")
+
+    def rss_kib(self, field: str = "VmRSS") -> int:
+        """Resident memory now (`VmRSS`) or at its peak (`VmHWM`), in KiB."""
+        return int(self.proc_status(field))
+
     def logs(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 

@@ -15,7 +15,6 @@ import aiohttp
 
 from tests.integration.conftest import UpstreamFactory
 from tests.integration.harness import (
-    Sidecar,
     billing_sidecar,
     raw_responses,
     raw_until_close,
@@ -42,15 +41,6 @@ async def _connection(
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
-
-
-def _rss_mib(sc: Sidecar) -> int:
-    assert sc.proc is not None
-    with open(f"/proc/{sc.proc.pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) // 1024
-    raise AssertionError("no VmRSS")
 
 
 def _error(answer: bytes) -> tuple[bytes, dict[str, str]]:
@@ -186,7 +176,7 @@ class TestPausedReading:
                     b"GET /v1/invoke/billing/first HTTP/1.1\r\n\r\n"
                     b"GET /v1/invoke/billing/second HTTP/1.1\r\n\r\n",
                 )
-                before = _rss_mib(sc)
+                before = sc.rss_kib() // 1024
                 # Read the first answer slowly, so the sidecar's buffer toward the app is
                 # full when it ends; then stop reading.
                 want = len(b"HTTP/1.1 200 OK\r\nContent-Length: 8000000\r\n\r\n") + first_size
@@ -195,7 +185,7 @@ class TestPausedReading:
                     got += len(await loop.sock_recv(sock, min(16384, want - got)))
                     await asyncio.sleep(0.001)
                 await asyncio.sleep(2.0)
-                growth = _rss_mib(sc) - before
+                growth = sc.rss_kib() // 1024 - before
                 second = await asyncio.wait_for(loop.sock_recv(sock, 64), 5)
                 async with (
                     aiohttp.ClientSession() as session,

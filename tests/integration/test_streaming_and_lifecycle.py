@@ -29,14 +29,6 @@ SIZE = 64 * 1024 * 1024  # 64 MiB: comfortably above the 50 MiB the issue names
 BLOCK = bytes(range(256)) * 256  # 64 KiB, the same pattern the upstream's /download sends
 
 
-def _rss_kib(sc: Sidecar, field: str = "VmHWM") -> int:
-    assert sc.proc is not None
-    for line in Path(f"/proc/{sc.proc.pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"{field} not found")
-
-
 async def _blocks(total: int) -> AsyncIterator[bytes]:
     sent = 0
     while sent < total:
@@ -67,7 +59,7 @@ class TestStreaming:
             ) as sc,
             aiohttp.ClientSession() as session,
         ):
-            before = _rss_kib(sc)
+            before = sc.rss_kib("VmHWM")
             async with session.put(
                 f"{sc.url}/v1/invoke/billing/upload", data=_blocks(SIZE)
             ) as resp:
@@ -83,21 +75,12 @@ class TestStreaming:
                 down_status = resp.status
                 async for chunk in resp.content.iter_chunked(1 << 16):
                     down.update(chunk)
-            growth_mib = (_rss_kib(sc) - before) / 1024
+            growth_mib = (sc.rss_kib("VmHWM") - before) / 1024
         want = {"size": SIZE, "sha256": expected.hexdigest()}
         assert (200, want) == chunked_up
         assert (200, want) == sized_up
         assert (200, expected.hexdigest()) == (down_status, down.hexdigest())
         assert growth_mib < 24, f"peak RSS grew {growth_mib:.1f} MiB while streaming"
-
-
-def _catches(pid: int, sig: signal.Signals) -> bool:
-    """Whether process `pid` has a handler installed for `sig` (SigCgt in /proc)."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("SigCgt:"):
-                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
-    return False
 
 
 class TestLifecycle:
@@ -108,9 +91,8 @@ class TestLifecycle:
         sig = signal.SIGTERM
         sc = Sidecar(tmp_path, {"billing": {"endpoints": ["127.0.0.1:9"]}}).start()
         try:
-            assert sc.proc is not None
             deadline = time.monotonic() + 10
-            while not _catches(sc.proc.pid, sig):
+            while not int(sc.proc_status("SigCgt"), 16) >> (sig - 1) & 1:  # handler installed
                 assert time.monotonic() < deadline, "the sidecar never caught the signal"
                 await asyncio.sleep(0.001)
             sc.signal(sig)
