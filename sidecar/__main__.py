@@ -4,16 +4,9 @@ SIGTERM and SIGINT exit 0 from the very first moment, even while the modules bel
 import; `cli.main` keeps that up until the app installs its own handlers.
 """
 
-import signal
-from types import FrameType
+from sidecar.stopsignals import exit_quietly_until_started
 
-
-def _stop(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
-
-
-for _sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(_sig, _stop)
+exit_quietly_until_started()
 
 from sidecar.cli import main  # noqa: E402 - after the handlers, on purpose
 

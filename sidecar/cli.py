@@ -12,12 +12,12 @@ import contextlib
 import signal
 import sys
 from collections.abc import Iterator
-from types import FrameType
 from typing import NoReturn
 
 from sidecar import __version__
 from sidecar.config import Config, load_config, resolve_config_path
 from sidecar.errors import ConfigError
+from sidecar.stopsignals import exit_quietly_until_started
 from sidecar.telemetry.logging import configure_logging
 
 __all__ = ["EX_USAGE", "main"]
@@ -90,10 +90,7 @@ def _stop_quietly_while_starting() -> Iterator[None]:
     loads and the app's libraries import) exits 0 with nothing bound yet, instead of
     dying by the signal or printing a KeyboardInterrupt traceback."""
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(0)
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = exit_quietly_until_started()
     try:
         yield
     finally:

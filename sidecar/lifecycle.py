@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 from collections.abc import Callable
 
+from sidecar.stopsignals import STOP_SIGNALS
 from sidecar.telemetry.logging import get_logger
 
 log = get_logger("sidecar.lifecycle")
@@ -67,12 +67,12 @@ class Lifecycle:
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self.request_shutdown, sig.name)
 
     def remove_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
 
     async def sleep_unless_forced(self, seconds: float) -> None:
