@@ -329,7 +329,13 @@ class TestBrokenUpstream:
 
         async with (
             raw_upstream(reset) as endpoint,
-            billing_sidecar(tmp_path, endpoint, retries={"max": 0}) as sc,
+            billing_sidecar(
+                tmp_path,
+                endpoint,
+                retries={"max": 0},
+                # A breaker that opened midway would answer the late ones 503 instead.
+                circuit_breaker={"failure_threshold": 1000},
+            ) as sc,
             aiohttp.ClientSession() as session,
         ):
 
