@@ -283,8 +283,10 @@ class Sidecar:
     def admin(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
 
-    def start(self) -> Sidecar:
-        self.path.write_text(yaml.safe_dump(self.config))
+    def start(self, write_config: bool = True) -> Sidecar:
+        """Start the process; with `write_config` False, the test provides `self.path`."""
+        if write_config:
+            self.path.write_text(yaml.safe_dump(self.config))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SIDECAR_", "HTTP_PROXY"))}
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(

@@ -215,6 +215,9 @@ class TestRetries:
         cfg = {
             "endpoints": [billing.endpoint],
             "retries": {"max": 2, "on": [503], "budget_ratio": 0, "min_retries_per_second": 0},
+            # Every call fails: neither the breaker nor ejection may stop one reaching it.
+            "circuit_breaker": {"failure_threshold": 100},
+            "outlier": {"consecutive_failures": 100},
         }
         async with (
             running_sidecar(tmp_path, {"billing": cfg}) as sc,
@@ -276,7 +279,8 @@ class TestEjectionAndBreaker:
         billing.failing = True
         cfg = {
             "endpoints": [billing.endpoint],
-            "circuit_breaker": {"failure_threshold": 3, "open_for": "500ms"},
+            # Long enough that the 4th call and the scrape surely land while open.
+            "circuit_breaker": {"failure_threshold": 3, "open_for": "2s"},
             "outlier": {"consecutive_failures": 1000},
             **FAST_FAIL,
         }
@@ -290,7 +294,12 @@ class TestEjectionAndBreaker:
             hits_while_open = billing.hits
             metrics_open = (await _get(session, f"{sc.admin}/metrics"))[2].decode()
             billing.failing = False
-            await asyncio.sleep(0.6)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # until open_for has passed
+                async with session.get(f"{sc.admin}/v1/status") as resp:
+                    if (await resp.json())["upstreams"]["billing"]["circuit"] == "half-open":
+                        break
+                await asyncio.sleep(0.05)
             recovered = (await _get(session, url))[0]
             after = (await _get(session, url))[0]
             async with session.get(f"{sc.admin}/v1/status") as resp:
