@@ -476,18 +476,28 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def send_response(self, req: Request, status: int, headers: bytes, body: bytes) -> bool:
         """A response the sidecar makes itself (error or fallback); return keep-alive."""
-        keep = req.keep_alive and req.body_done and not self.proxy.closing
-        if not keep:
-            connection = b"connection: close\r\n"
-        elif req.version == "1.0":  # an HTTP/1.0 client closes unless told otherwise
-            connection = b"connection: keep-alive\r\n"
-        else:
-            connection = b""
+        keep = self.may_keep(req)
         self.write(
             b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\n%s%s\r\n%s"
-            % (status, _REASONS.get(status, b"Unknown"), len(body), headers, connection, body)
+            % (
+                status,
+                _REASONS.get(status, b"Unknown"),
+                len(body),
+                headers,
+                _connection_field(req, keep),
+                body,
+            )
         )
         return keep
+
+    def may_keep(self, req: Request) -> bool:
+        """Whether the connection may carry another request after answering `req`.
+
+        Not when the app asked to close, nor when shutting down, nor when the answer
+        comes before the app finished sending its body: the rest of that body can't be
+        told apart from the next request.
+        """
+        return req.keep_alive and req.body_done and not self.proxy.closing
 
     # -- connection state ------------------------------------------------------------------------
 
@@ -926,9 +936,7 @@ class Exchange:
             # now, after the head: pausing earlier would time out the upstream (and
             # count it as failing) for the app's slowness.
             self.conn.pause_reading()
-        # An answer before the app finished sending its body ends the connection: the
-        # rest of that body can't be told apart from the next request.
-        keep = req.keep_alive and req.body_done and not down.proxy.closing
+        keep = down.may_keep(req)
         out = response_headers(headers)
         extra = b""
         self.downstream_chunked = False
@@ -938,10 +946,7 @@ class Exchange:
                 self.downstream_chunked = True
             else:
                 keep = False
-        if not keep:
-            extra += b"Connection: close\r\n"
-        elif req.version == "1.0":
-            extra += b"Connection: keep-alive\r\n"
+        extra += _connection_field(req, keep)
         self.keep = keep
         # Held until flush(): the head usually leaves in one write with the body.
         self._out.append(b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (status, reason, serialize(out), extra))
@@ -994,3 +999,13 @@ class Exchange:
 
 
 _REASONS: dict[int, bytes] = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
+def _connection_field(req: Request, keep: bool) -> bytes:
+    """The `Connection` line of an answer to `req`: close, or keep-alive stated for an
+    HTTP/1.0 client (which closes unless told otherwise), or none."""
+    if not keep:
+        return b"Connection: close\r\n"
+    if req.version == "1.0":
+        return b"Connection: keep-alive\r\n"
+    return b""

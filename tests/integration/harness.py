@@ -49,6 +49,26 @@ def free_port() -> int:
     raise RuntimeError(f"no free port found in {_PORT_RANGE}")
 
 
+async def poll_json(
+    session: aiohttp.ClientSession,
+    url: str,
+    done: Callable[[int, Any], bool],
+    timeout: float = 10.0,
+) -> tuple[int, Any]:
+    """GET `url` until `done(status, json)` holds or `timeout` passes; the last answer.
+
+    For waiting on a state change (a signal handled, `open_for` passed) without a
+    fixed sleep that a slow machine could outrun.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        async with session.get(url) as resp:
+            answer = (resp.status, await resp.json())
+        if done(*answer) or time.monotonic() > deadline:
+            return answer
+        await asyncio.sleep(0.01)
+
+
 async def raw_until_close(port: int, data: bytes) -> bytes:
     """Send raw bytes to 127.0.0.1:port and return everything read until the peer closes."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

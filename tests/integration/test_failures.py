@@ -14,6 +14,7 @@ from tests.integration.conftest import UpstreamFactory
 from tests.integration.harness import (
     billing_sidecar,
     free_port,
+    poll_json,
     raw_responses,
     raw_until_close,
     running_sidecar,
@@ -294,12 +295,11 @@ class TestEjectionAndBreaker:
             hits_while_open = billing.hits
             metrics_open = (await _get(session, f"{sc.admin}/metrics"))[2].decode()
             billing.failing = False
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:  # until open_for has passed
-                async with session.get(f"{sc.admin}/v1/status") as resp:
-                    if (await resp.json())["upstreams"]["billing"]["circuit"] == "half-open":
-                        break
-                await asyncio.sleep(0.05)
+            await poll_json(  # until open_for has passed
+                session,
+                f"{sc.admin}/v1/status",
+                lambda _, status: status["upstreams"]["billing"]["circuit"] == "half-open",
+            )
             recovered = (await _get(session, url))[0]
             after = (await _get(session, url))[0]
             async with session.get(f"{sc.admin}/v1/status") as resp:

@@ -20,6 +20,7 @@ from tests.integration.conftest import UpstreamFactory
 from tests.integration.harness import (
     Sidecar,
     billing_sidecar,
+    poll_json,
     raw_responses,
     raw_until_close,
     raw_upstream,
@@ -131,13 +132,9 @@ class TestLifecycle:
                 while billing.hits == 0:
                     await asyncio.sleep(0.01)
                 sc.signal(signal.SIGTERM)
-                deadline = time.monotonic() + 5
-                while True:  # until the signal has been handled
-                    async with session.get(f"{sc.admin}/ready") as resp:
-                        ready = (resp.status, await resp.json())
-                    if ready[0] != 200 or time.monotonic() > deadline:
-                        break
-                    await asyncio.sleep(0.01)
+                ready = await poll_json(  # until the signal has been handled
+                    session, f"{sc.admin}/ready", lambda status, _: status != 200
+                )
                 async with session.get(f"{sc.url}/v1/invoke/billing/echo") as resp:
                     during_drain = resp.status
                 async with await slow as resp:
