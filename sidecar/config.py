@@ -266,6 +266,7 @@ class AppConnectionsConfig:
 
     idle_timeout: float = 300.0  # keep-alive with no request: closed after this
     header_timeout: float = 30.0  # a request head must arrive in full within this
+    body_timeout: float = 60.0  # no request-body bytes for this long: 408, the app's fault
     max_header_bytes: int = 64 * 1024  # request line plus headers
 
 
@@ -380,6 +381,7 @@ def config_from_mapping(
         **connections_section.take(
             idle_timeout=_duration(),
             header_timeout=_duration(),
+            body_timeout=_duration(),
             max_header_bytes=_size(1024, 16 * 1024 * 1024),
         )
     )

@@ -16,8 +16,10 @@ _STATUS: dict[str, int] = {
     "OVERLOADED": 503,
     "UPSTREAM_CONNECT_FAILED": 502,
     "UPSTREAM_TIMEOUT": 504,
+    "REQUEST_TIMEOUT": 408,
     "BODY_TOO_LARGE": 413,
     "BAD_REQUEST": 400,
+    "NOT_IMPLEMENTED": 501,
     "SPOOL_FULL": 507,
 }
 
@@ -31,8 +33,10 @@ class ErrorCode(StrEnum):
     OVERLOADED = "OVERLOADED"
     UPSTREAM_CONNECT_FAILED = "UPSTREAM_CONNECT_FAILED"
     UPSTREAM_TIMEOUT = "UPSTREAM_TIMEOUT"
+    REQUEST_TIMEOUT = "REQUEST_TIMEOUT"  # the app stopped sending its request body
     BODY_TOO_LARGE = "BODY_TOO_LARGE"
     BAD_REQUEST = "BAD_REQUEST"
+    NOT_IMPLEMENTED = "NOT_IMPLEMENTED"  # a well-formed request with a method the proxy can't parse
     SPOOL_FULL = "SPOOL_FULL"
 
     @property

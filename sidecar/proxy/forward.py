@@ -9,6 +9,7 @@ so a 50 MiB body crosses with a few socket buffers of memory.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from typing import Protocol, cast
@@ -22,9 +23,17 @@ from sidecar.proxy.headers import Headers
 class ResponseSink(Protocol):
     """Where one upstream response goes: the app-facing side of an exchange."""
 
+    def on_interim(self, status: int, reason: bytes, headers: Headers) -> None:
+        """An interim 1xx answer (103 Early Hints, ...) before the final one."""
+
     def on_response_head(
         self, status: int, reason: bytes, headers: Headers, framing: int
     ) -> None: ...
+
+    def on_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
+        """The upstream switched protocols (101, already given to `on_response_head`);
+        `rest` is what it sent after the 101 head. The connection's transport is the
+        sink's from now on: the connection no longer reads or pools it."""
 
     def on_response_body(self, chunk: bytes) -> None: ...
 
@@ -45,6 +54,7 @@ FRAMING_NONE = 0  # no body (HEAD, 204, 304)
 FRAMING_LENGTH = 1  # Content-Length
 FRAMING_CHUNKED = 2  # Transfer-Encoding: chunked
 FRAMING_CLOSE = 3  # read until the upstream closes
+FRAMING_TUNNEL = 4  # 101 Switching Protocols: what follows is not HTTP
 
 #: A response head (status line, headers, interim responses) above this is refused like
 #: garbage: httptools would otherwise buffer an endless header whole.
@@ -67,6 +77,8 @@ class UpstreamConnection(asyncio.Protocol):
         "_pool",
         "_reason",
         "_sink",
+        "_spare",
+        "_upgrade",
         "closed",
         "got_bytes",
         "head_seen",
@@ -86,6 +98,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers: Headers = []
         self._reason = b""
         self._head_only = False
+        self._upgrade = False  # the request asked to switch protocols (a WebSocket handshake)
+        self._spare = -1  # a second descriptor of the socket, read after a failed write
         self.head_seen = False
         self.closed = False
         self.reused = False
@@ -118,10 +132,20 @@ class UpstreamConnection(asyncio.Protocol):
                 raise httptools.HttpParserError("response head too large")
             if self._sink is not None:
                 self._sink.flush()
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            # Garbage from the upstream (or a 101 nobody asked for): the exchange fails at
-            # once like a reset (or a cut body once the head was relayed), and the
-            # connection is never reused.
+        except httptools.HttpParserUpgrade as upgrade:
+            sink = self._sink
+            if sink is not None and self._upgrade and self.head_seen:
+                # The 101 the request asked for: the rest of the stream is the tunnel's.
+                self._sink = None
+                self.closed = True  # never pooled, never read here again
+                self._close_spare()
+                sink.on_upgraded(self, data[upgrade.args[0] :])
+            else:  # a 101 nobody asked for: handled like garbage
+                self._lost(clean=False)
+                self.abort()
+        except httptools.HttpParserError:
+            # Garbage from the upstream: the exchange fails at once like a reset (or a
+            # cut body once the head was relayed), and the connection is never reused.
             self._lost(clean=False)
             self.abort()
 
@@ -131,7 +155,44 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._pool.forget(self)
-        self._lost(clean=exc is None)
+        clean = exc is None
+        if self._spare >= 0:
+            if not clean and self._sink is not None:
+                clean = self._read_spare()
+            self._close_spare()
+        self._lost(clean)
+
+    def keep_readable(self) -> None:
+        """Keep the socket readable after a failed write, while a request body streams.
+
+        An upstream that answers early (401, 413 to an upload) and closes with the rest
+        of the body unread makes its kernel reset the connection; the next write of
+        the body then fails, and the event loop closes the socket at once - with the
+        answer, which arrived before the reset, still unread in the kernel's buffer.
+        A second descriptor keeps the socket open so `connection_lost` can read it.
+        """
+        if self._spare < 0 and self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                self._spare = os.dup(sock.fileno())
+
+    def _read_spare(self) -> bool:
+        """Parse what the kernel still holds after the loop gave up on the socket;
+        return whether the stream ended with a clean close (FIN) rather than a reset."""
+        while self._sink is not None:
+            try:
+                data = os.read(self._spare, 256 * 1024)  # non-blocking, like the socket
+            except OSError:
+                return False  # nothing more (EAGAIN), or the reset itself
+            if not data:
+                return True
+            self.data_received(data)
+        return False
+
+    def _close_spare(self) -> None:
+        if self._spare >= 0:
+            os.close(self._spare)
+            self._spare = -1
 
     def _lost(self, clean: bool) -> None:
         sink = self._sink
@@ -173,9 +234,18 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        if status < 200:
-            return  # interim (100 Continue, 103): the sidecar answered Expect itself
         sink = self._sink
+        if status < 200:
+            if sink is None:
+                return
+            if status == 101:
+                if self._upgrade:  # the parser raises HttpParserUpgrade next
+                    self.head_seen = True
+                    self.keep_alive = False
+                    sink.on_response_head(status, self._reason, self._headers, FRAMING_TUNNEL)
+            elif status != 100:  # 100 Continue: the sidecar answered Expect itself
+                sink.on_interim(status, self._reason, self._headers)
+            return
         if sink is None:
             return
         self.keep_alive = self._parser.should_keep_alive()
@@ -214,7 +284,9 @@ class UpstreamConnection(asyncio.Protocol):
                 framing = FRAMING_LENGTH
         return framing
 
-    def start(self, data: list[bytes], sink: ResponseSink, head_only: bool) -> bool:
+    def start(
+        self, data: list[bytes], sink: ResponseSink, head_only: bool, upgrade: bool = False
+    ) -> bool:
         """Send a request head (and any body at hand); the response goes to `sink`.
 
         False when the connection closed before anything could be sent (the upstream
@@ -226,6 +298,7 @@ class UpstreamConnection(asyncio.Protocol):
             return False
         self._sink = sink
         self._head_only = head_only
+        self._upgrade = upgrade
         self._framing_is_close = False
         self.got_bytes = False
         self.head_seen = False
@@ -248,6 +321,7 @@ class UpstreamConnection(asyncio.Protocol):
     def release(self, reusable: bool) -> None:
         """Return to the pool after an exchange, or close when it can't carry another."""
         self._sink = None
+        self._close_spare()
         if reusable and self.keep_alive and not self.closed:
             self.resume_reading()  # back-pressure from the last app must not outlive it
             self._pool.put(self)

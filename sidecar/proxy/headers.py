@@ -8,16 +8,23 @@ from __future__ import annotations
 
 Headers = list[tuple[bytes, bytes]]
 
-#: Removed on every hop. `Trailer` goes too: the sidecar does not forward trailers.
+#: Removed on every hop, both ways: RFC 9110 §7.6.1's list plus the proxy credentials
+#: (§11.7: `Proxy-Authorization` is for the proxy it was sent to, `Proxy-Authenticate`
+#: for the client of the proxy that sent it) - the set Go's httputil.ReverseProxy
+#: removes. `TE` and `Trailer` go too: the sidecar does not forward trailers. A
+#: WebSocket handshake's `Connection: Upgrade` and `Upgrade: websocket` are written
+#: again by the proxy, which alone knows the request is tunnelled.
 HOP_BY_HOP: frozenset[bytes] = frozenset(
     {
         b"connection",
         b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
         b"proxy-connection",
         b"te",
+        b"trailer",
         b"transfer-encoding",
         b"upgrade",
-        b"trailer",
     }
 )
 
@@ -51,14 +58,17 @@ def _strip(headers: Headers, drop: frozenset[bytes]) -> Headers:
     return out
 
 
-def request_headers(headers: Headers, client_ip: bytes, host: bytes | None = None) -> Headers:
+def request_headers(
+    headers: Headers, client_ip: bytes, host: bytes | None = None, replace_host: bool = False
+) -> Headers:
     """Headers to send upstream: hop-by-hop removed, `X-Forwarded-For` appended.
 
     Framing (`Content-Length` stays; `Transfer-Encoding` is re-added by the caller
     when the body is chunked) and everything end-to-end is kept in order; the
     X-Forwarded-For fields become one, last. When the app sent no `Host` (HTTP/1.0,
     or a bare `/v1/invoke/...` call), `host` is added first: HTTP/1.1 requires one,
-    and upstreams answer 400 without it.
+    and upstreams answer 400 without it. With `replace_host` (an absolute-form
+    target, RFC 9112 §3.2.2) the app's `Host` is dropped and `host` takes its place.
     """
     out: Headers = []
     xff = b""
@@ -69,6 +79,8 @@ def request_headers(headers: Headers, client_ip: bytes, host: bytes | None = Non
             xff += value + b", "
             continue
         if lname == b"host":
+            if replace_host:
+                continue
             has_host = True
         out.append((name, value))
     if host is not None and not has_host:
@@ -132,6 +144,28 @@ def route_target(target: bytes) -> tuple[bytes | None, bytes]:
         authority, tail = _split(target[7:], b"/?#")
         return host_name(authority), tail
     return None, target
+
+
+def absolute_target(target: bytes) -> tuple[bytes, bytes]:
+    """The authority (userinfo dropped) and the origin-form of an absolute-form target.
+
+    `http://user@billing:8080/a?q` → (b"billing:8080", b"/a?q"). The origin-form is
+    `b""` when the target has neither path nor query (`http://billing`): RFC 9112
+    §3.2.4 makes that `*` for OPTIONS and `/` for everything else.
+    """
+    authority, tail = _split(target[7:], b"/?#")
+    if tail == b"/" and len(target) == 7 + len(authority):
+        tail = b""
+    return authority.rpartition(b"@")[2], tail
+
+
+def websocket_upgrade(headers: Headers) -> bool:
+    """Whether a request that asks to upgrade (Connection: upgrade + Upgrade) asks for
+    WebSocket, the one protocol the sidecar tunnels."""
+    for name, value in headers:
+        if name.lower() == b"upgrade" and b"websocket" in _tokens(value):
+            return True
+    return False
 
 
 def host_name(authority: bytes) -> bytes:

@@ -11,7 +11,9 @@ each of them decides lives in `balancer` and `resilience`.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -26,19 +28,23 @@ from sidecar.proxy.balancer import EndpointStats
 from sidecar.proxy.forward import (
     FRAMING_CHUNKED,
     FRAMING_CLOSE,
+    FRAMING_TUNNEL,
     EndpointPool,
     UpstreamConnection,
 )
 from sidecar.proxy.headers import (
     Headers,
+    absolute_target,
     host_name,
     rechunked_encoding,
     request_headers,
     response_headers,
     route_target,
     serialize,
+    websocket_upgrade,
 )
 from sidecar.proxy.resilience import CircuitOpenError, retry_backoff, retryable_request
+from sidecar.proxy.tunnel import Tunnel
 from sidecar.proxy.upstream import Upstream
 from sidecar.telemetry.logging import get_logger
 from sidecar.telemetry.metrics import Metrics
@@ -58,6 +64,7 @@ _PAUSE_UPSTREAM = 1  # the upstream socket's write buffer is full
 _PAUSE_BUFFER = 2  # body buffered while connecting is above BUFFER_LIMIT
 _PAUSE_QUEUE = 4  # a pipelined request waits behind the current one
 _PAUSE_REJECT = 8  # a bad request waits for its 400 behind the ones before it
+_PAUSE_UPGRADE = 16  # what follows a WebSocket handshake waits for the upstream's answer
 
 # How one attempt ended.
 _DONE = 0  # response fully relayed
@@ -67,11 +74,22 @@ _CONNECT_FAILED = 3  # the connection could not be made
 _RESET = 4  # connection closed or broken before the response head
 _CUT = 5  # response started but was cut short (upstream died, overall timeout)
 _CLIENT_GONE = 6  # the app closed its connection
+_UPGRADED = 7  # 101 relayed: the exchange became a tunnel
+_APP_STALLED = 8  # the app sent no body bytes for body_timeout
 
 _VERSIONS = frozenset(("1.1", "1.0"))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNK_END = b"0\r\n\r\n"
 _CRLF = b"\r\n"
+_UPGRADE_WEBSOCKET = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+#: Methods whose `Max-Forwards` the sidecar honours (RFC 9110 §7.6.2).
+_MAX_FORWARDS_METHODS = frozenset((b"TRACE", b"OPTIONS"))
+#: What the sidecar answers, as the final recipient, to `OPTIONS` with `Max-Forwards: 0`.
+_ALLOW = b"allow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE\r\n"
+#: Fields a reflected TRACE leaves out (RFC 9110 §9.3.8: likely to hold secrets).
+_TRACE_HIDDEN = frozenset((b"authorization", b"proxy-authorization", b"cookie"))
+#: A request line as RFC 9112 §3 spells it: method token, target, version.
+_REQUEST_LINE = re.compile(rb"(?:^|\n)([!#$%&'*+\-.^_`|~0-9A-Za-z]+) [^ \r\n]+ HTTP/\d\.\d\r?\n")
 
 
 class _Refused(Exception):
@@ -95,6 +113,7 @@ class Request:
         "method",
         "replayable",
         "target",
+        "upgrade",
         "version",
     )
 
@@ -112,6 +131,7 @@ class Request:
         self.body_size = 0
         self.body_done = False
         self.replayable = True
+        self.upgrade = False  # a WebSocket handshake: tunnelled if the upstream answers 101
         self.conn: UpstreamConnection | None = None
 
 
@@ -130,12 +150,12 @@ class Proxy:
         self.by_name: dict[bytes, Upstream] = {n.encode(): u for n, u in upstreams.items()}
         self.metrics = metrics
         self.connections: set[DownstreamProtocol] = set()
+        self.tunnels: set[Tunnel] = set()
         self.active = 0
         self.closing = False
         self.rng = random.Random()
         self._idle_waiter: asyncio.Future[None] | None = None
         self.no_route_errors = metrics.proxy_errors.labels("", ErrorCode.NO_ROUTE.value)
-        self.bad_requests = metrics.proxy_errors.labels("", ErrorCode.BAD_REQUEST.value)
         self._sweeper: asyncio.TimerHandle | None = None
 
     def protocol(self, fixed: Upstream | None = None) -> DownstreamProtocol:
@@ -156,13 +176,16 @@ class Proxy:
             await self._idle_waiter
 
     def start_sweeping(self) -> None:
-        """Close idle app connections and those whose request head is too slow, periodically.
+        """Periodically close idle app connections and tunnels, answer a request head
+        that is too slow (400) or a body that stalled (408).
 
         One timer for all connections instead of one per connection keeps timers off
         the per-request path; a connection lives at most one sweep interval too long.
         """
         limits = self.limits
-        interval = min(1.0, limits.idle_timeout / 4, limits.header_timeout / 4)
+        interval = min(
+            1.0, limits.idle_timeout / 4, limits.header_timeout / 4, limits.body_timeout / 4
+        )
         loop = asyncio.get_running_loop()
 
         def sweep() -> None:
@@ -170,12 +193,17 @@ class Proxy:
             now = time.monotonic()
             idle_before = now - limits.idle_timeout
             head_before = now - limits.header_timeout
+            body_before = now - limits.body_timeout
             for conn in list(self.connections):
                 try:
-                    conn.sweep(idle_before, head_before)
+                    conn.sweep(idle_before, head_before, body_before)
                 except Exception:
                     log.exception("connection_sweep_failed")
                     conn.abort()
+            for tunnel in list(self.tunnels):
+                if tunnel.last_active < idle_before:
+                    log.info("tunnel_idle_closed", upstream=tunnel.upstream_name)
+                    tunnel.close()
 
         self._sweeper = loop.call_later(interval, sweep)
 
@@ -194,6 +222,8 @@ class Proxy:
         self.stop_sweeping()
         for conn in list(self.connections):
             conn.abort()
+        for tunnel in list(self.tunnels):
+            tunnel.abort()
         for upstream in self.upstreams.values():
             upstream.close_pools()
 
@@ -218,9 +248,11 @@ class DownstreamProtocol(asyncio.Protocol):
         self.head_bytes = 0  # bytes received since that head began
         self.head_started = 0.0  # when a request head began; 0.0 while none is pending
         self.dispatched = False  # the request being parsed is served or queued
-        self.rejected: str | None = None  # a bad request's 400, owed after earlier responses
+        self.rejected: ProxyError | None = None  # a bad request's answer, owed after earlier ones
         self.lingering = False  # answered 400: input is dropped until the close
         self.write_paused = False  # the app's transport is over its write high mark
+        self.body_last = 0.0  # when the app last sent body bytes (or reading last resumed)
+        self.held = b""  # what the app sent after a WebSocket handshake, until the answer
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -242,30 +274,39 @@ class DownstreamProtocol(asyncio.Protocol):
         except httptools.HttpParserUpgrade as upgrade:
             req = self.req
             if req is None or req.method == b"CONNECT":
-                self._reject("CONNECT tunnels are not supported")
-            elif req.has_body:
-                self._reject("a protocol upgrade request with a body is not supported")
+                self._reject(_bad_request("CONNECT tunnels are not supported"))
             else:
-                # The upgrade is ignored (RFC 9110 §7.8 lets a server do so): Upgrade and
-                # Connection were stripped, the request goes on as plain HTTP/1.1, and
-                # what follows it is parsed as the next request.
+                # Unless it is a WebSocket handshake the upgrade is ignored (RFC 9110 §7.8
+                # lets a server do so): Upgrade and Connection were stripped, the request
+                # goes on as plain HTTP/1.1, and what follows is its body, if any, then
+                # the next request. After a handshake, what follows waits: it is the
+                # tunnel's if the upstream answers 101, the next request otherwise
+                # (`_end_upgrade`).
                 self.parser = httptools.HttpRequestParser(self)
                 self.in_head = True
                 self.head_bytes = 0
                 rest = data[upgrade.args[0] :]
-                if rest:
-                    self.data_received(rest)
+                if req.upgrade:
+                    self.held = rest
+                    self._pause(_PAUSE_UPGRADE)
+                else:
+                    if req.has_body:
+                        self._body_after_upgrade(req)
+                    if rest:
+                        self.data_received(rest)
         except httptools.HttpParserError as exc:
             refused = exc.__context__
             if isinstance(refused, _Refused):
-                self._reject(str(refused))
+                self._reject(_bad_request(str(refused)))
+            elif isinstance(exc, httptools.HttpParserInvalidMethodError):
+                self._reject(_unknown_method(data))
             else:
-                self._reject(f"malformed HTTP request: {exc}")
+                self._reject(_bad_request(f"malformed HTTP request: {exc}"))
             return
         # Counted per read, so it also bounds a single endless header httptools would
         # otherwise buffer whole; bytes after the end of the head reset the count.
         if self.in_head and self.head_bytes > self.proxy.max_header_bytes:
-            self._reject(self._head_too_large())
+            self._reject(_bad_request(self._head_too_large()))
 
     def eof_received(self) -> bool:
         """The app closed its sending side. That is how an HTTP client that gave up (its
@@ -352,10 +393,14 @@ class DownstreamProtocol(asyncio.Protocol):
                 req.idempotency_key = True
         if size > self.proxy.max_header_bytes:
             raise _Refused(self._head_too_large())
+        if parser.should_upgrade():
+            req.upgrade = (
+                not req.has_body and req.version == "1.1" and websocket_upgrade(req.headers)
+            )
         if not req.has_body:
             req.body_done = True
-        elif parser.should_upgrade():
-            return  # llhttp would take the body for the new protocol; _reject answers 400
+        else:
+            self.body_last = time.monotonic()
         self.dispatched = True
         if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._serve(req))
@@ -366,6 +411,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         req = self.req
         assert req is not None
+        self.body_last = time.monotonic()
         req.body_size += len(body)
         conn = req.conn
         if conn is not None:
@@ -386,6 +432,22 @@ class DownstreamProtocol(asyncio.Protocol):
         if req.body_size > BUFFER_LIMIT:
             self._pause(_PAUSE_BUFFER)
 
+    def _body_after_upgrade(self, req: Request) -> None:
+        """Parse the body of an upgrade request whose upgrade is ignored (`Upgrade: h2c`
+        on a POST). llhttp ended the message at its head, taking the body for the new
+        protocol, so a fresh parser is primed with a head of the same framing that
+        `_BodyAfterUpgrade` keeps from the connection; the body and everything after
+        it are parsed as usual."""
+        req.body_done = False  # llhttp's message end at the head said otherwise
+        self.in_head = False
+        if req.chunked:
+            framing = b"Transfer-Encoding: chunked"
+        else:
+            length = next(v for n, v in req.headers if n.lower() == b"content-length")
+            framing = b"Content-Length: %s" % length.strip()
+        self.parser = httptools.HttpRequestParser(_BodyAfterUpgrade(self))
+        self.parser.feed_data(b"POST / HTTP/1.1\r\n%s\r\n\r\n" % framing)
+
     def on_message_complete(self) -> None:
         req = self.req
         assert req is not None
@@ -394,6 +456,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self.head_bytes = 0
         if req.conn is not None and req.chunked:
             req.conn.write(_CHUNK_END)
+        ex = self.exchange
+        if req.has_body and ex is not None and ex.req is req:
+            ex.on_body_done()
 
     # -- serving ---------------------------------------------------------------------------------
 
@@ -406,6 +471,8 @@ class DownstreamProtocol(asyncio.Protocol):
                     keep = await self._handle(req)
                 finally:
                     proxy.end()
+                if req.upgrade and keep and not self.closed:
+                    self._end_upgrade()
                 if not keep or self.closed:
                     if req.body_done:
                         self.close()
@@ -431,6 +498,10 @@ class DownstreamProtocol(asyncio.Protocol):
 
     async def _handle(self, req: Request) -> bool:
         """Serve one request; return whether the connection may carry another."""
+        if req.method in _MAX_FORWARDS_METHODS:
+            answered = self._max_forwards(req)
+            if answered is not None:
+                return answered
         upstream = self.fixed
         target = req.target
         if upstream is None:
@@ -452,9 +523,53 @@ class DownstreamProtocol(asyncio.Protocol):
                 else:
                     message = f"no upstream named {shown!r} is configured"
                 return self.send_error(req, ProxyError(ErrorCode.NO_ROUTE, message, shown))
-        elif target[:7].lower() == b"http://":
-            target = route_target(target)[1]
-        return await Exchange(self, req, upstream, target).run()
+        host = None
+        if req.target[:1] != b"/" and req.target[:7].lower() == b"http://":
+            # Absolute-form (HTTP_PROXY clients): the target's authority is the Host the
+            # upstream gets, whatever Host the app sent (RFC 9112 §3.2.2).
+            host, target = absolute_target(req.target)
+            if not target:
+                target = b"*" if req.method == b"OPTIONS" else b"/"
+        return await Exchange(self, req, upstream, target, host).run()
+
+    def _max_forwards(self, req: Request) -> bool | None:
+        """Apply `Max-Forwards` to a TRACE or OPTIONS (RFC 9110 §7.6.2): at 0 answer as
+        the final recipient and return keep-alive; otherwise count it down and return
+        None (forward)."""
+        headers = req.headers
+        for i, (name, value) in enumerate(headers):
+            if name.lower() != b"max-forwards":
+                continue
+            hops = value.strip()
+            if not hops.isdigit():
+                shown = value.decode("latin-1")
+                return self._answer_bad(req, f"Max-Forwards {shown!r} is not a number of hops")
+            if int(hops) > 0:
+                headers[i] = (name, b"%d" % (int(hops) - 1))
+                return None
+            if req.method == b"OPTIONS":
+                return self.send_response(req, 200, _ALLOW, b"")
+            reflected = [(n, v) for n, v in headers if n.lower() not in _TRACE_HIDDEN]
+            message = b"TRACE %s HTTP/%s\r\n%s\r\n" % (
+                req.target,
+                req.version.encode(),
+                serialize(reflected),
+            )
+            return self.send_response(req, 200, b"content-type: message/http\r\n", message)
+        return None
+
+    def _answer_bad(self, req: Request, message: str) -> bool:
+        err = _bad_request(message)
+        self.proxy.metrics.proxy_errors.labels("", err.code.value).inc()
+        return self.send_error(req, err)
+
+    def _end_upgrade(self) -> None:
+        """The upstream did not switch protocols: what the app sent after its handshake
+        is read as the next request."""
+        held, self.held = self.held, b""
+        self._resume(_PAUSE_UPGRADE)
+        if held:
+            self.data_received(held)
 
     # -- writing to the app ----------------------------------------------------------------------
 
@@ -512,8 +627,10 @@ class DownstreamProtocol(asyncio.Protocol):
         self.paused &= ~reason
         if not self.paused and self.transport is not None and not self.closed:
             self.transport.resume_reading()
+            # A stalled body is measured only while the sidecar reads: a pause is its own.
+            self.body_last = time.monotonic()
 
-    def _reject(self, message: str) -> None:
+    def _reject(self, err: ProxyError) -> None:
         """Refuse a request we cannot parse (or that is too big), then close: the stream
         is unusable after it.
 
@@ -530,19 +647,19 @@ class DownstreamProtocol(asyncio.Protocol):
                 return
             self.queue.remove(req)  # queued, never sent anywhere: it gets the 400
         if self.task is None:
-            self._answer_rejected(message)
+            self._answer_rejected(err)
         elif self.rejected is None:
-            self.rejected = message
+            self.rejected = err
             self._pause(_PAUSE_REJECT)
 
     def _head_too_large(self) -> str:
         return f"request head larger than max_header_bytes ({self.proxy.max_header_bytes} bytes)"
 
-    def _answer_rejected(self, message: str) -> None:
+    def _answer_rejected(self, err: ProxyError) -> None:
         req = Request()
         req.keep_alive = False
-        self.proxy.bad_requests.inc()
-        self.send_error(req, ProxyError(ErrorCode.BAD_REQUEST, message))
+        self.proxy.metrics.proxy_errors.labels("", err.code.value).inc()
+        self.send_error(req, err)
         self._linger()
 
     def _linger(self) -> None:
@@ -564,16 +681,32 @@ class DownstreamProtocol(asyncio.Protocol):
         # abort, not close: an app that never reads would keep a graceful close waiting.
         asyncio.get_running_loop().call_later(LINGER, self.abort)
 
-    def sweep(self, idle_before: float, head_before: float) -> None:
-        """Close this connection if it idled since `idle_before` or has been sending one
-        request head since `head_before` (clock times); see `Proxy.start_sweeping`."""
-        if self.task is not None or self.closed or self.lingering:
+    def sweep(self, idle_before: float, head_before: float, body_before: float) -> None:
+        """Close this connection if it idled since `idle_before`, has been sending one
+        request head since `head_before`, or sent no bytes of the body the sidecar is
+        reading since `body_before` (clock times); see `Proxy.start_sweeping`."""
+        if self.closed or self.lingering:
+            return
+        if self.task is not None:
+            req = self.req
+            if (
+                req is not None
+                and self.dispatched
+                and not req.body_done
+                and not self.paused
+                and self.body_last < body_before
+                and self.exchange is not None
+                and self.exchange.req is req
+            ):
+                self.exchange.app_stalled()
             return
         if self.head_started:
             if self.head_started < head_before:
                 self._reject(
-                    "request head not complete within header_timeout "
-                    f"({self.proxy.limits.header_timeout:g}s)"
+                    _bad_request(
+                        "request head not complete within header_timeout "
+                        f"({self.proxy.limits.header_timeout:g}s)"
+                    )
                 )
         elif self.last_active < idle_before:
             transport = self.transport
@@ -601,6 +734,13 @@ class Exchange:
 
     Implements `forward.ResponseSink`: the upstream connection calls it as the
     response arrives, and it writes straight to the app's transport.
+
+    Timers measure the upstream, never the app: the overall `timeout` starts once
+    the app's whole request is in (for a request without a body, at once), and
+    each attempt's `per_try_timeout` once the whole request has been sent on that
+    attempt; a connect is bounded by `per_try_timeout` on its own. While the app
+    is still uploading, only `app_connections.body_timeout` applies, and a stall
+    is the app's fault (408, nothing blamed).
     """
 
     __slots__ = (
@@ -615,24 +755,41 @@ class Exchange:
         "down",
         "downstream_chunked",
         "first_byte",
+        "host",
+        "interim",
         "keep",
         "req",
+        "stalled",
+        "started",
         "status",
         "target",
+        "tunnel",
         "up",
     )
 
-    def __init__(self, down: DownstreamProtocol, req: Request, up: Upstream, target: bytes) -> None:
+    def __init__(
+        self,
+        down: DownstreamProtocol,
+        req: Request,
+        up: Upstream,
+        target: bytes,
+        host: bytes | None = None,
+    ) -> None:
         self.down = down
         self.req = req
         self.up = up
         self.target = target
+        self.host = host  # replaces the app's Host (absolute-form target)
         self.conn: UpstreamConnection | None = None
-        self.status = 0
+        self.status = 0  # the status relayed to the app; 0 until a final head is relayed
         self.attempts = 0
-        self.deadline = 0.0
+        self.deadline = math.inf  # the overall timeout's end, once the request is all in
         self.keep = False
         self.downstream_chunked = False
+        self.interim = False  # a 1xx reached the app: no attempt may follow
+        self.stalled = False  # the app stopped sending its body (body_timeout)
+        self.tunnel: Tunnel | None = None
+        self.started = 0.0  # the attempt's start on the balancer's clock (its latency sample)
         self.first_byte: float | None = None
         self._fut: asyncio.Future[int] | None = None
         self._body_sent = False  # the whole request body was sent when the answer ended
@@ -669,28 +826,45 @@ class Exchange:
             )
         loop = asyncio.get_running_loop()
         start = loop.time()
-        self.deadline = start + config.timeout
+        if req.body_done:
+            self.deadline = start + config.timeout
         up.inflight += 1
         up.budget.deposit()
         down.exchange = self
         verdict: bool | None = None  # breaker: True success, False failure, None no verdict
+        settled = False
         try:
             if req.expect_continue and not req.body_done:
                 down.write(_CONTINUE)
             verdict = await self._attempts(loop)
+            tunnel = self.tunnel
+            if tunnel is not None:
+                # The handshake is the request: its verdict and latency count now; the
+                # tunnel stays in flight until it closes.
+                settled = True
+                self._settle(probe, verdict, loop.time() - start)
+                await tunnel.done
             return self.keep
         finally:
             down.exchange = None
             down._resume(_PAUSE_UPSTREAM)  # back-pressure from this upstream ends with it
             down._resume(_PAUSE_BUFFER)  # nothing waits for the buffered body any more
             up.inflight -= 1
-            if verdict is None:
-                up.breaker.release(probe)
-            elif verdict:
-                up.breaker.success(probe)
-            else:
-                up.breaker.failure(probe)
-            up.duration.observe(loop.time() - start)
+            if self.tunnel is not None:
+                self.tunnel.abort()  # cancelled (a bug, or the loop ending): nothing leaks
+            if not settled:
+                self._settle(probe, verdict, loop.time() - start)
+
+    def _settle(self, probe: bool, verdict: bool | None, took: float) -> None:
+        """Give the breaker its verdict and observe the latency, once per request."""
+        breaker = self.up.breaker
+        if verdict is None:
+            breaker.release(probe)
+        elif verdict:
+            breaker.success(probe)
+        else:
+            breaker.failure(probe)
+        self.up.duration.observe(took)
 
     async def _attempts(self, loop: asyncio.AbstractEventLoop) -> bool | None:
         """Run attempts until one answers or none may follow; return the breaker verdict."""
@@ -704,6 +878,9 @@ class Exchange:
         while True:
             if self.down.closed:
                 return None  # the app left during a back-off
+            if self.stalled:
+                self._answer_stalled()
+                return None
             if stats is None:
                 self._error(
                     failed
@@ -721,7 +898,7 @@ class Exchange:
             self.attempts += 1
             pool = stats.pool
             assert isinstance(pool, EndpointPool)
-            started = balancer.begin(stats)
+            self.started = balancer.begin(stats)
             self.first_byte = None
             try:
                 result = await self._one_attempt(loop, pool, head, min(per_try, remaining))
@@ -733,11 +910,16 @@ class Exchange:
             req.conn = None
             if result == _DONE:
                 ok = self.status < 500
-                self._end(stats, started, ok)
+                self._end(stats, ok)
                 if conn is not None:
                     conn.release(self._body_sent)
                 up.count(self.status)
                 return ok
+            if result == _UPGRADED:
+                self._end(stats, True)
+                up.count(101)
+                self.keep = False
+                return True
             if conn is not None:
                 conn.abort()
                 self.down._resume(_PAUSE_UPSTREAM)  # that connection's back-pressure is gone
@@ -745,7 +927,11 @@ class Exchange:
                 balancer.abandon(stats)
                 self.keep = False
                 return None
-            self._end(stats, started, False)
+            if result == _APP_STALLED:
+                balancer.abandon(stats)
+                self._answer_stalled()
+                return None
+            self._end(stats, False)
             if result == _CUT:
                 up.count(self.status)
                 self.keep = False
@@ -789,6 +975,22 @@ class Exchange:
             self.up.name,
         )
 
+    def _answer_stalled(self) -> None:
+        """The app sent no body bytes for body_timeout: 408 if nothing was relayed yet,
+        else cut the connection. No verdict: the upstream did nothing wrong."""
+        self.keep = False
+        if self.status:
+            self.down.abort()
+            return
+        limit = self.down.proxy.limits.body_timeout
+        self._error(
+            ProxyError(
+                ErrorCode.REQUEST_TIMEOUT,
+                f"the app sent no request body bytes for body_timeout ({limit:g}s)",
+                self.up.name,
+            )
+        )
+
     async def _one_attempt(
         self, loop: asyncio.AbstractEventLoop, pool: EndpointPool, head: bytes, budget: float
     ) -> int:
@@ -796,15 +998,15 @@ class Exchange:
         self._head_seen = False
         fut: asyncio.Future[int] = loop.create_future()
         self._fut = fut
-        # One timer per attempt: at the per-try deadline it ends an attempt that has no
-        # response head yet, or re-arms itself for the overall deadline (_on_timer).
-        self._timer = loop.call_later(budget, self._on_timer)
         try:
             conn = pool.take()
             if conn is None:
+                # The connect is bounded by the per-try budget; the attempt's own timer
+                # starts once the request is sent.
+                self._timer = loop.call_later(budget, self._on_timer)
                 connect = loop.create_task(pool.connect())
                 await asyncio.wait((connect, fut), return_when=asyncio.FIRST_COMPLETED)
-                if fut.done():  # timed out, or the app went away
+                if fut.done():  # timed out, or the app went away (or stalled)
                     connect.cancel()
                     if connect.done() and not connect.cancelled() and not connect.exception():
                         connect.result().abort()
@@ -812,6 +1014,8 @@ class Exchange:
                 if connect.exception() is not None:
                     return _CONNECT_FAILED
                 conn = connect.result()
+                self._timer.cancel()
+                self._timer = None
             self.conn = conn
             req = self.req
             # The head and whatever body is already here leave in one write.
@@ -825,13 +1029,21 @@ class Exchange:
                         out.append(_CHUNK_END)
                 else:
                     out += body
-            if not conn.start(out, self, req.method == b"HEAD"):
+            if not conn.start(out, self, req.method == b"HEAD", req.upgrade):
                 return _CONNECT_FAILED  # reset right after the accept: nothing was sent
-            if req.has_body:
-                if not req.replayable:
-                    req.body = []
-                if not req.body_done:
-                    req.conn = conn
+            if req.body_done:
+                # The whole request is sent: the upstream's time starts now (one timer:
+                # at the per-try deadline it ends an attempt that has no response head
+                # yet, or re-arms itself for the overall deadline, see _on_timer).
+                self._timer = loop.call_later(
+                    min(budget, self.deadline - loop.time()), self._on_timer
+                )
+            else:
+                # The app is still sending: no timer until its last byte (on_body_done).
+                req.conn = conn
+                conn.keep_readable()
+            if req.has_body and not req.replayable:
+                req.body = []
             self.down._resume(_PAUSE_BUFFER)  # the buffered body is on its way now
             return await fut
         finally:
@@ -840,10 +1052,37 @@ class Exchange:
                 self._timer.cancel()
                 self._timer = None
 
+    def on_body_done(self) -> None:
+        """The app's last body byte arrived: the overall timeout starts, and so does the
+        per-try timer of an attempt the body was streaming to."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self.deadline = now + self.up.config.timeout
+        fut = self._fut
+        if fut is not None and not fut.done() and self.req.conn is not None:
+            self._timer = loop.call_at(
+                now + min(self.up.config.per_try_timeout, self.up.config.timeout), self._on_timer
+            )
+            if not self._head_seen:  # the endpoint's latency sample starts now too
+                self.started = self.up.balancer.now()
+
+    def app_stalled(self) -> None:
+        """The app sent no body bytes for body_timeout (the proxy's sweeper saw it)."""
+        self.stalled = True
+        fut = self._fut
+        if fut is not None and not fut.done():
+            fut.set_result(_APP_STALLED)
+
     def _request_head(self) -> bytes:
         req = self.req
-        headers = request_headers(req.headers, self.down.client_ip, self.up.host)
+        host = self.host
+        if host is None:
+            headers = request_headers(req.headers, self.down.client_ip, self.up.host)
+        else:
+            headers = request_headers(req.headers, self.down.client_ip, host, replace_host=True)
         framing = b"Transfer-Encoding: chunked\r\n" if req.chunked else b""
+        if req.upgrade:
+            framing += _UPGRADE_WEBSOCKET
         return b"%s %s HTTP/1.1\r\n%s%s\r\n" % (
             req.method,
             self.target,
@@ -853,7 +1092,7 @@ class Exchange:
 
     def _may_retry(self, loop: asyncio.AbstractEventLoop) -> bool:
         req, up = self.req, self.up
-        if self.attempts > up.config.retries.max:
+        if self.attempts > up.config.retries.max or self.interim:
             return False
         if not retryable_request(req.method, req.idempotency_key):
             return False
@@ -871,9 +1110,9 @@ class Exchange:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    def _end(self, stats: EndpointStats, started: float, ok: bool) -> None:
+    def _end(self, stats: EndpointStats, ok: bool) -> None:
         before = stats.ejections
-        self.up.balancer.end(stats, started, ok, self.first_byte)
+        self.up.balancer.end(stats, self.started, ok, self.first_byte)
         if stats.ejections != before:
             self.down.proxy.metrics.ejections.labels(self.up.name).inc()
             log.warning(
@@ -920,6 +1159,17 @@ class Exchange:
 
     # -- forward.ResponseSink --------------------------------------------------------------------
 
+    def on_interim(self, status: int, reason: bytes, headers: Headers) -> None:
+        """Relay a 1xx the upstream sent on its own (103 Early Hints) to an HTTP/1.1 app
+        (RFC 9110 §15.2: never to HTTP/1.0); from then on no attempt may follow."""
+        fut = self._fut
+        if fut is None or fut.done() or self.req.version != "1.1":
+            return
+        self.interim = True
+        self._out.append(
+            b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, serialize(response_headers(headers)))
+        )
+
     def on_response_head(self, status: int, reason: bytes, headers: Headers, framing: int) -> None:
         fut = self._fut
         if fut is None or fut.done():
@@ -946,10 +1196,38 @@ class Exchange:
                 self.downstream_chunked = True
             else:
                 keep = False
-        extra += _connection_field(req, keep)
+        if framing == FRAMING_TUNNEL:
+            extra = _UPGRADE_WEBSOCKET  # not hop-by-hop this once: the app's side of the switch
+            keep = False
+        else:
+            extra += _connection_field(req, keep)
         self.keep = keep
         # Held until flush(): the head usually leaves in one write with the body.
         self._out.append(b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (status, reason, serialize(out), extra))
+
+    def on_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
+        """The upstream answered 101: relay it, then join the two sockets in a tunnel."""
+        fut = self._fut
+        down = self.down
+        transport = down.transport
+        upstream = conn.transport
+        assert upstream is not None  # it just read the 101
+        if fut is None or fut.done() or transport is None or down.closed:
+            upstream.abort()  # the attempt ended (timed out, the app left) while it came
+            return
+        self.flush()  # the 101 head
+        if rest:
+            transport.write(rest)
+        held, down.held = down.held, b""
+        if held:
+            upstream.write(held)
+        # The app's connection leaves the HTTP side: no sweeps, no requests, no close by it.
+        down.proxy.connections.discard(down)
+        down.closed = True
+        tunnel = Tunnel(transport, upstream, self.up.name, down.proxy.tunnels)
+        tunnel.start(down.write_paused, conn.write_paused)
+        self.tunnel = tunnel
+        fut.set_result(_UPGRADED)
 
     def on_response_body(self, chunk: bytes) -> None:
         fut = self._fut
@@ -996,6 +1274,67 @@ class Exchange:
 
     def __repr__(self) -> str:
         return f"<Exchange {self.up.name} {self.req.method.decode()} attempts={self.attempts}>"
+
+
+def _bad_request(message: str) -> ProxyError:
+    return ProxyError(ErrorCode.BAD_REQUEST, message)
+
+
+def _unknown_method(data: bytes) -> ProxyError:
+    """501 for a well-formed request line whose method llhttp does not know (`FROB`,
+    `get`); 400 when the bytes are no request line at all. Requests before it in the
+    same read parsed, so the one that failed is the first line whose method a fresh
+    parser refuses."""
+    for match in _REQUEST_LINE.finditer(data):
+        probe = httptools.HttpRequestParser(_Ignore())
+        try:
+            probe.feed_data(match.group(0).lstrip(b"\n") + b"\r\n")
+        except httptools.HttpParserInvalidMethodError:
+            method = match.group(1).decode("latin-1")
+            return ProxyError(
+                ErrorCode.NOT_IMPLEMENTED, f"method {method!r} is not supported by the sidecar"
+            )
+        except httptools.HttpParserError:
+            continue
+    return _bad_request("malformed HTTP request: invalid method")
+
+
+class _Ignore:
+    """A parser protocol with no callbacks, for probing a request line."""
+
+
+class _BodyAfterUpgrade:
+    """Parser callbacks for a body that follows an ignored upgrade: the primed head's
+    callbacks are dropped, the body's and every later message's go to the connection."""
+
+    __slots__ = ("down", "priming")
+
+    def __init__(self, down: DownstreamProtocol) -> None:
+        self.down = down
+        self.priming = True
+
+    def on_message_begin(self) -> None:
+        if not self.priming:
+            self.down.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self.priming:
+            self.down.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.priming:
+            self.down.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if not self.priming:
+            self.down.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self.down.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.priming = False
+        self.down.on_message_complete()
 
 
 _REASONS: dict[int, bytes] = {status.value: status.phrase.encode() for status in HTTPStatus}

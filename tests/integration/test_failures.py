@@ -393,28 +393,38 @@ class TestUnsupportedRequests:
             assert reason in json.loads(body)["error"]["message"]
         assert 0 == billing.hits
 
-    async def test_upgrade_request_with_a_body_is_refused_with_400(
+    async def test_upgrade_request_with_a_body_is_served_as_plain_http(
         self, tmp_path: Path, upstreams: UpstreamFactory
     ) -> None:
-        """An h2c upgrade on a POST (curl --http2 -d ...) gets 400, not a silent close."""
+        """An h2c upgrade on a POST (curl --http2 -d ...), Content-Length or chunked, is
+        forwarded as plain HTTP/1.1 with its body and without the upgrade, and the
+        connection carries the next request."""
         billing = await upstreams("billing")
         async with billing_sidecar(tmp_path, billing.endpoint) as sc:
-            answer = await raw_until_close(
+            answers = await raw_responses(
                 sc.app_port,
-                b"POST /v1/invoke/billing/echo HTTP/1.1\r\nHost: billing\r\n"
+                b"POST /v1/invoke/billing/echo/1 HTTP/1.1\r\nHost: billing\r\n"
                 b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
-                b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nContent-Length: 3\r\n\r\nabc",
+                b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nContent-Length: 3\r\n\r\nabc"
+                b"POST /v1/invoke/billing/echo/2 HTTP/1.1\r\nHost: billing\r\n"
+                b"Connection: Upgrade\r\nUpgrade: h2c\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"2\r\nde\r\n1\r\nf\r\n0\r\n\r\n"
+                b"GET /v1/invoke/billing/echo/3 HTTP/1.1\r\nHost: billing\r\n\r\n",
+                count=3,
             )
-        assert answer.startswith(b"HTTP/1.1 400"), answer
-        assert b"x-sidecar-error: BAD_REQUEST" in answer
-        assert 0 == billing.hits
+        assert [True] * 3 == [head.startswith(b"HTTP/1.1 200") for head, _ in answers]
+        echoes = [json.loads(body) for _, body in answers]
+        assert ["/echo/1", "/echo/2", "/echo/3"] == [e["path_qs"] for e in echoes]
+        assert ["abc", "def", ""] == [e["body"] for e in echoes]
+        for echo in echoes[:2]:
+            assert not {k.lower() for k, _ in echo["headers"]} & {"upgrade", "connection"}
 
     async def test_upgrade_requests_are_served_as_plain_http(
         self, tmp_path: Path, upstreams: UpstreamFactory
     ) -> None:
-        """An Upgrade (h2c, websocket) is ignored as RFC 9110 allows: the request is forwarded
-        without Upgrade/Connection, answered over HTTP/1.1, and the connection carries the
-        next request."""
+        """An Upgrade other than websocket (h2c) is ignored as RFC 9110 allows: the request
+        is forwarded without Upgrade/Connection, answered over HTTP/1.1, and the connection
+        carries the next request."""
         billing = await upstreams("billing")
         async with billing_sidecar(tmp_path, billing.endpoint) as sc:
             answers = await raw_responses(
