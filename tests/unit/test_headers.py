@@ -9,12 +9,14 @@ from hypothesis import strategies as st
 from sidecar.proxy.headers import (
     HOP_BY_HOP,
     PROTECTED,
+    absolute_target,
     host_name,
     rechunked_encoding,
     request_headers,
     response_headers,
     route_target,
     serialize,
+    websocket_upgrade,
 )
 
 token = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12).map(
@@ -109,6 +111,93 @@ class TestRequestHeaders:
         assert b"x-forwarded-for" == names[-1]
         kept = [(n, v) for n, v in end_to_end if n.lower() not in removed]
         assert kept == out[:-1]
+
+
+class TestHopByHopSet:
+    def test_the_set_is_go_reverse_proxys_and_rfc_9110s(self) -> None:
+        """The removed set is Go httputil.ReverseProxy's hop headers (RFC 9110 §7.6.1's list
+        plus the proxy credentials of §11.7), nothing less."""
+        go_hop_headers = {
+            b"connection",
+            b"proxy-connection",
+            b"keep-alive",
+            b"proxy-authenticate",
+            b"proxy-authorization",
+            b"te",
+            b"trailer",
+            b"transfer-encoding",
+            b"upgrade",
+        }
+        assert go_hop_headers == set(HOP_BY_HOP)
+
+    @pytest.mark.parametrize("name", sorted(HOP_BY_HOP))
+    def test_each_member_is_removed_both_ways(self, name: bytes) -> None:
+        """Each hop-by-hop field, in any case, is removed from requests and responses."""
+        for spelled in (name, name.upper(), name.title()):
+            headers = [(spelled, b"x"), (b"Accept", b"*/*")]
+            assert [(b"Accept", b"*/*"), (b"X-Forwarded-For", b"ip")] == request_headers(
+                headers, b"ip"
+            )
+            assert [(b"Accept", b"*/*")] == response_headers(headers)
+
+    def test_proxy_credentials_stay_at_the_proxy(self) -> None:
+        """An HTTP_PROXY client's Proxy-Authorization never reaches the upstream, and an
+        upstream's Proxy-Authenticate never reaches the app."""
+        request = [(b"Host", b"billing"), (b"Proxy-Authorization", b"Basic dXNlcjpzZWNyZXQ=")]
+        assert [(b"Host", b"billing"), (b"X-Forwarded-For", b"ip")] == request_headers(
+            request, b"ip"
+        )
+        assert [] == response_headers([(b"Proxy-Authenticate", b'Basic realm="x"')])
+
+
+class TestAbsoluteForm:
+    @pytest.mark.parametrize(
+        ("target", "expected"),
+        [
+            (b"http://billing/a?q=1", (b"billing", b"/a?q=1")),
+            (b"http://billing:8080/a", (b"billing:8080", b"/a")),
+            (b"http://user:pw@billing:8080/a", (b"billing:8080", b"/a")),
+            (b"http://billing?q", (b"billing", b"/?q")),
+            (b"http://billing/", (b"billing", b"/")),
+            (b"http://billing", (b"billing", b"")),
+            (b"http://[::1]:81", (b"[::1]:81", b"")),
+        ],
+    )
+    def test_authority_and_origin_form(self, target: bytes, expected: tuple[bytes, bytes]) -> None:
+        """The authority without userinfo becomes the Host; an empty path and query is b""
+        (OPTIONS then sends `*`, RFC 9112 §3.2.4)."""
+        assert expected == absolute_target(target)
+
+    def test_replace_host_drops_the_apps_host(self) -> None:
+        """With an absolute-form target the authority replaces whatever Host the app sent
+        (RFC 9112 §3.2.2), and goes first."""
+        headers = [(b"Accept", b"*/*"), (b"Host", b"elsewhere"), (b"HOST", b"twice")]
+        assert [
+            (b"Host", b"billing:8080"),
+            (b"Accept", b"*/*"),
+            (b"X-Forwarded-For", b"ip"),
+        ] == request_headers(headers, b"ip", b"billing:8080", replace_host=True)
+
+
+class TestWebsocketUpgrade:
+    @pytest.mark.parametrize(
+        ("value", "expected"),
+        [
+            (b"websocket", True),
+            (b"WebSocket", True),
+            (b"h2c, websocket", True),
+            (b"h2c", False),
+            (b"websockets", False),
+        ],
+    )
+    def test_only_the_websocket_token_is_tunnelled(self, value: bytes, expected: bool) -> None:
+        """`Upgrade` must list the websocket token (any case) for the request to be
+        tunnelled; h2c and look-alikes are served as plain HTTP."""
+        assert expected == websocket_upgrade([(b"Upgrade", value)])
+
+    def test_no_upgrade_header_is_no_websocket(self) -> None:
+        """Connection: upgrade alone asks for nothing."""
+        assert not websocket_upgrade([(b"Connection", b"upgrade")])
 
 
 class TestRechunkedEncoding:
