@@ -1060,6 +1060,8 @@ class Exchange:
         self.deadline = now + self.up.config.timeout
         fut = self._fut
         if fut is not None and not fut.done() and self.req.conn is not None:
+            if self._timer is not None:
+                self._timer.cancel()
             self._timer = loop.call_at(
                 now + min(self.up.config.per_try_timeout, self.up.config.timeout), self._on_timer
             )
