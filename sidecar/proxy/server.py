@@ -850,8 +850,9 @@ class Exchange:
             down._resume(_PAUSE_UPSTREAM)  # back-pressure from this upstream ends with it
             down._resume(_PAUSE_BUFFER)  # nothing waits for the buffered body any more
             up.inflight -= 1
-            if self.tunnel is not None:
-                self.tunnel.abort()  # cancelled (a bug, or the loop ending): nothing leaks
+            tunnel = self.tunnel
+            if tunnel is not None and not tunnel.done.done():
+                tunnel.abort()  # cancelled (a bug, or the loop ending): nothing leaks
             if not settled:
                 self._settle(probe, verdict, loop.time() - start)
 
