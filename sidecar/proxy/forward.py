@@ -321,7 +321,8 @@ class UpstreamConnection(asyncio.Protocol):
     def release(self, reusable: bool) -> None:
         """Return to the pool after an exchange, or close when it can't carry another."""
         self._sink = None
-        self._close_spare()
+        if self._spare >= 0:
+            self._close_spare()
         if reusable and self.keep_alive and not self.closed:
             self.resume_reading()  # back-pressure from the last app must not outlive it
             self._pool.put(self)
