@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Upstream
+from tests.integration.harness import Upstream, gunicorn_httpbin
 
 UpstreamFactory = Callable[[str], Awaitable[Upstream]]
 
@@ -24,3 +25,11 @@ async def upstreams() -> AsyncIterator[UpstreamFactory]:
     yield start
     for upstream in started:
         await upstream.stop()
+
+
+@pytest.fixture
+async def httpbin(tmp_path: Path) -> AsyncIterator[str]:
+    """gunicorn + httpbin with two sync workers, answering; its endpoint. Stopped and
+    reaped afterwards, workers included."""
+    async with gunicorn_httpbin(tmp_path / "gunicorn.log") as endpoint:
+        yield endpoint

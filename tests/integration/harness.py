@@ -1,4 +1,5 @@
-"""Real processes for integration tests: the `sidecar run` daemon and aiohttp upstreams.
+"""Real processes for integration tests: the `sidecar run` daemon, aiohttp upstreams and
+gunicorn serving httpbin.
 
 Everything binds 127.0.0.1 on ephemeral ports and is stopped by the fixtures
 that start it.
@@ -12,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -67,6 +69,50 @@ async def poll_json(
         if done(*answer) or time.monotonic() > deadline:
             return answer
         await asyncio.sleep(0.01)
+
+
+async def settled_status(sidecar: Sidecar, upstream: str = "billing") -> dict[str, Any]:
+    """`upstream`'s entry in /v1/status once no request to it is in flight.
+
+    The sidecar settles an exchange (the endpoint's verdict, the breaker's) as it ends,
+    which can be just after the app has its answer; waiting for `in_flight` 0 makes
+    what is read final.
+    """
+    async with aiohttp.ClientSession() as session:
+        _, status = await poll_json(
+            session,
+            f"{sidecar.admin}/v1/status",
+            lambda _, status: status["upstreams"][upstream]["in_flight"] == 0,
+        )
+    entry: dict[str, Any] = status["upstreams"][upstream]
+    return entry
+
+
+def unblamed(entry: dict[str, Any]) -> bool:
+    """Whether an upstream's /v1/status entry holds nothing against it: circuit closed,
+    and no endpoint with a failure counted or ejected."""
+    return entry["circuit"] == "closed" and all(
+        e["consecutive_failures"] == 0 and not e["ejected"] for e in entry["endpoints"]
+    )
+
+
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+async def metric_samples(sidecar: Sidecar) -> dict[str, float]:
+    """The sidecar's /metrics as {'name{a="1",b="2"}': value}, labels sorted by name."""
+    async with aiohttp.ClientSession() as session, session.get(f"{sidecar.admin}/metrics") as resp:
+        text = await resp.text()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            name, brace, labels = series.partition("{")
+            if brace:
+                pairs = sorted(_LABEL.findall(labels))
+                name += "{" + ",".join(f'{k}="{v}"' for k, v in pairs) + "}"
+            samples[name] = float(value)
+    return samples
 
 
 async def raw_until_close(port: int, data: bytes) -> bytes:
@@ -148,6 +194,100 @@ async def raw_upstream(handler: RawHandler) -> AsyncIterator[str]:
             writer.transport.abort()
         await server.wait_closed()
         await asyncio.sleep(0)  # let the aborted transports run connection_lost
+
+
+class Gunicorn:
+    """gunicorn serving httpbin with sync workers: a real upstream nobody here wrote.
+
+    It runs in a session of its own, so `stop` ends the master and every worker it
+    forked: SIGTERM (workers get `--graceful-timeout 1`), then SIGKILL to the whole
+    group for whatever is left after 5 s, then the master is reaped.
+    """
+
+    def __init__(self, log_path: Path, workers: int = 2) -> None:
+        self.port = free_port()
+        self.workers = workers
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Gunicorn:
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "gunicorn",
+                    "--bind",
+                    self.endpoint,
+                    "--workers",
+                    str(self.workers),
+                    "--graceful-timeout",
+                    "1",
+                    "httpbin:app",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def logs(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    async def wait_answering(self, timeout: float = 30.0) -> None:
+        """Poll `GET /status/200` until 200; fail with gunicorn's log if it never comes."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"gunicorn exited {self.proc.returncode}:\n{self.logs()}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"http://{self.endpoint}/status/200") as resp:
+                        if resp.status == 200:
+                            return
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"gunicorn not answering after {timeout}s:\n{self.logs()}")
+
+    def _exited(self) -> bool:
+        """Whether the master exited, without reaping it: while it is not reaped its pid,
+        which is the group's id, cannot be reused, so the group can still be killed."""
+        assert self.proc is not None
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        return os.waitid(os.P_PID, self.proc.pid, flags) is not None
+
+    def _kill_group(self) -> None:
+        """SIGKILL whatever is left of the group (workers a master did not stop), then
+        reap the master."""
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.terminate()
+        deadline = time.monotonic() + 5
+        while not self._exited() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._kill_group()
+
+
+@contextlib.asynccontextmanager
+async def gunicorn_httpbin(log_path: Path, workers: int = 2) -> AsyncIterator[str]:
+    """gunicorn + httpbin on a free port, once it answers; yields its endpoint
+    ("127.0.0.1:port"). Stopped, workers included, and reaped on exit."""
+    server = Gunicorn(log_path, workers).start()
+    try:
+        await server.wait_answering()
+        yield server.endpoint
+    finally:
+        await server.stop()
 
 
 class Upstream:

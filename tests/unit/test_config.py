@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar import config as config_module
+from sidecar.cli import main
 from sidecar.config import (
     ENV_VARS,
     Address,
@@ -906,3 +907,61 @@ class TestLoadConfig:
         path.write_text("")
         environ = {"SIDECAR_SERVICE_NAME": "a", "SIDECAR_CONSUL_ENABLED": "0"}
         assert Address("127.0.0.1", 4001) == load_config(str(path), environ).listen
+
+
+class TestBodyTimeout:
+    """`app_connections.body_timeout`: how long the app may send no request-body bytes."""
+
+    def test_defaults_to_60s(self) -> None:
+        """Without the key, an app may pause its upload for up to a minute."""
+        assert 60.0 == build().app_connections.body_timeout
+
+    def test_is_read_as_a_duration(self) -> None:
+        """`30s` and `1500ms` are read as seconds."""
+        assert [30.0, 1.5] == [
+            build({"app_connections": {"body_timeout": text}}).app_connections.body_timeout
+            for text in ("30s", "1500ms")
+        ]
+
+    def test_problems_are_reported_with_their_path(self) -> None:
+        """A value that is no duration, and one that is not positive, name the key."""
+        assert [
+            "app_connections.body_timeout: invalid duration 'soon'",
+            "app_connections.body_timeout: must be greater than 0",
+        ] == [
+            *problems({"app_connections": {"body_timeout": "soon"}}),
+            *problems({"app_connections": {"body_timeout": "0s"}}),
+        ]
+
+    @staticmethod
+    def _file(tmp: Path, monkeypatch: pytest.MonkeyPatch, value: str) -> Path:
+        """A config file with this body_timeout; no SIDECAR_* variable from outside."""
+        for var in ENV_VARS:
+            monkeypatch.delenv(var.name, raising=False)
+        path = tmp / "sidecar.yaml"
+        path.write_text(
+            "service: {name: permits, address: 10.0.0.1}\nconsul: {enabled: false}\n"
+            f"app_connections: {{body_timeout: {value}}}\n"
+        )
+        return path
+
+    def test_check_config_accepts_a_duration(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """`sidecar check-config` with `app_connections.body_timeout: 30s`: OK, exit 0."""
+        path = self._file(tmp_path, monkeypatch, "30s")
+        assert 0 == main(["check-config", "-c", str(path)])
+        captured = capsys.readouterr()
+        assert (f"config OK: {path}", "") == (captured.out.splitlines()[0], captured.err)
+
+    def test_check_config_rejects_anything_else(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """`sidecar check-config` with `app_connections.body_timeout: soon`: exit 64, and
+        the one problem names the key and the value."""
+        path = self._file(tmp_path, monkeypatch, "soon")
+        assert 64 == main(["check-config", "-c", str(path)])
+        assert [
+            f"config error: 1 problem(s) in {path}",
+            "  app_connections.body_timeout: invalid duration 'soon'",
+        ] == capsys.readouterr().err.splitlines()
