@@ -130,18 +130,34 @@ def _split(rest: bytes, separators: bytes) -> tuple[bytes, bytes]:
     return head, tail if tail.startswith(b"/") else b"/" + tail
 
 
+def scheme_length(target: bytes) -> int:
+    """The length of an absolute-form target's `http://` or `ws://` prefix, else 0.
+
+    HTTP_PROXY clients send `http://billing/x`; a WebSocket client in proxy mode
+    (aiohttp's) sends its handshake as `ws://billing/x`.
+    """
+    start = target[:7].lower()
+    if start == b"http://":
+        return 7
+    if start[:5] == b"ws://":
+        return 5
+    return 0
+
+
 def route_target(target: bytes) -> tuple[bytes | None, bytes]:
     """Split a request-target into (upstream name or None, origin-form target to forward).
 
-    `/v1/invoke/billing/a/b?q` → (b"billing", b"/a/b?q"); `http://billing:80/a?q` →
-    (b"billing", b"/a?q"); any other origin-form target → (None, target), routed
-    by the Host header. A name is returned lower-cased; an empty name is `b""`.
+    `/v1/invoke/billing/a/b?q` → (b"billing", b"/a/b?q"); `http://billing:80/a?q` or
+    `ws://billing:80/a?q` → (b"billing", b"/a?q"); any other origin-form target →
+    (None, target), routed by the Host header. A name is returned lower-cased; an
+    empty name is `b""`.
     """
     if target.startswith(INVOKE_PREFIX):
         name, tail = _split(target[len(INVOKE_PREFIX) :], b"/?")
         return name.lower(), tail
-    if target[:7].lower() == b"http://":
-        authority, tail = _split(target[7:], b"/?#")
+    skip = scheme_length(target)
+    if skip:
+        authority, tail = _split(target[skip:], b"/?#")
         return host_name(authority), tail
     return None, target
 
@@ -153,8 +169,9 @@ def absolute_target(target: bytes) -> tuple[bytes, bytes]:
     `b""` when the target has neither path nor query (`http://billing`): RFC 9112
     §3.2.4 makes that `*` for OPTIONS and `/` for everything else.
     """
-    authority, tail = _split(target[7:], b"/?#")
-    if tail == b"/" and len(target) == 7 + len(authority):
+    skip = scheme_length(target)
+    authority, tail = _split(target[skip:], b"/?#")
+    if tail == b"/" and len(target) == skip + len(authority):
         tail = b""
     return authority.rpartition(b"@")[2], tail
 

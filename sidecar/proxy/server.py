@@ -40,6 +40,7 @@ from sidecar.proxy.headers import (
     request_headers,
     response_headers,
     route_target,
+    scheme_length,
     serialize,
     websocket_upgrade,
 )
@@ -524,7 +525,7 @@ class DownstreamProtocol(asyncio.Protocol):
                     message = f"no upstream named {shown!r} is configured"
                 return self.send_error(req, ProxyError(ErrorCode.NO_ROUTE, message, shown))
         host = None
-        if req.target[:1] != b"/" and req.target[:7].lower() == b"http://":
+        if req.target[:1] != b"/" and scheme_length(req.target):
             # Absolute-form (HTTP_PROXY clients): the target's authority is the Host the
             # upstream gets, whatever Host the app sent (RFC 9112 §3.2.2).
             host, target = absolute_target(req.target)

@@ -161,6 +161,8 @@ class TestAbsoluteForm:
             (b"http://billing/", (b"billing", b"/")),
             (b"http://billing", (b"billing", b"")),
             (b"http://[::1]:81", (b"[::1]:81", b"")),
+            (b"ws://billing/ws?x", (b"billing", b"/ws?x")),
+            (b"WS://billing", (b"billing", b"")),
         ],
     )
     def test_authority_and_origin_form(self, target: bytes, expected: tuple[bytes, bytes]) -> None:
@@ -257,6 +259,12 @@ class TestRouteTarget:
         """http://billing:8080/a?q → (billing, /a?q); no path → /."""
         assert (b"billing", b"/a?q") == route_target(b"http://billing:8080/a?q")
         assert (b"billing", b"/") == route_target(b"HTTP://BILLING")
+
+    def test_ws_absolute_form_names_upstream_by_host(self) -> None:
+        """A WebSocket client in proxy mode (aiohttp) sends `ws://billing/ws`: routed like
+        http://; other schemes are not absolute-form routes."""
+        assert (b"billing", b"/ws") == route_target(b"ws://billing/ws")
+        assert (None, b"wss://billing/ws") == route_target(b"wss://billing/ws")
 
     def test_origin_form_is_left_to_host_routing(self) -> None:
         """An ordinary path names no upstream."""
