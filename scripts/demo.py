@@ -84,18 +84,28 @@ class DemoFailed(Exception):
 
 
 def serve_billing(name: str, port: int) -> None:
-    """One billing instance: `GET /invoices/{id}` answers JSON naming this instance."""
+    """One billing instance: `GET /invoices/{id}` answers JSON naming this instance;
+    `/live` is a WebSocket that answers each text message with `<instance>: <text>`."""
     import asyncio  # noqa: PLC0415 - only the billing subprocesses run an event loop
 
-    from aiohttp import web  # noqa: PLC0415 - only the billing subprocesses need aiohttp
+    from aiohttp import WSMsgType, web  # noqa: PLC0415 - only the billing subprocesses need it
 
     async def invoice(request: web.Request) -> web.Response:
         await asyncio.sleep(WORK)
         invoice_id = request.match_info["id"]
         return web.json_response({"invoice": invoice_id, "instance": name, "port": port})
 
+    async def live(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type == WSMsgType.TEXT:
+                await ws.send_str(f"{name}: {message.data}")
+        return ws
+
     app = web.Application()
     app.router.add_get("/invoices/{id}", invoice)
+    app.router.add_get("/live", live)
     web.run_app(app, host=HOST, port=port, print=None, access_log=None)
 
 
@@ -442,6 +452,34 @@ def step_spread(sidecar: Sidecar, calls: int, clients: int) -> None:
     fact(f"-> {status} {body.decode().strip()}")
     if status != 200 or _instance(body) is None:
         raise DemoFailed("the HTTP_PROXY-style call was not answered by a billing instance")
+    step_websocket(sidecar)
+
+
+def step_websocket(sidecar: Sidecar) -> None:
+    """A WebSocket through the sidecar: the 101 relayed, bytes both ways, in flight."""
+    import asyncio  # noqa: PLC0415 - the one step that needs a client event loop
+
+    import aiohttp  # noqa: PLC0415 - installed with the sidecar; imported where it is used
+
+    url = f"ws://{HOST}:{sidecar.app_port}/v1/invoke/{UPSTREAM}/live"
+    fact(f"a WebSocket client (aiohttp) opens {url}:")
+
+    async def talk() -> tuple[list[str], int]:
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            answers = []
+            for text in ("hello", "still there?"):
+                await ws.send_str(text)
+                answers.append(str((await ws.receive(timeout=10)).data))
+            in_flight = int(sidecar.status()["in_flight"])
+            return answers, in_flight
+
+    try:
+        answers, in_flight = asyncio.run(talk())
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise DemoFailed(f"the WebSocket through the sidecar failed: {exc!r}") from exc
+    fact(f"-> 101 relayed, then echoes {answers}; in flight while open: {in_flight}")
+    if len(answers) != 2 or not all(a.endswith(("hello", "still there?")) for a in answers):
+        raise DemoFailed(f"the WebSocket tunnel did not carry the messages: {answers}")
 
 
 def step_one_down(sidecar: Sidecar, b: Billing, names: dict[str, str]) -> None:
