@@ -3,9 +3,12 @@ sidecar balances, retries, ejects a dead instance and opens the circuit when all
 
 Everything runs on this machine on embedded defaults (static upstreams, no Consul):
 two "billing" instances (small aiohttp apps, subprocesses of this script), and a
-`sidecar run` subprocess in front of them. Each step prints what was observed; when
-the story does not happen as it should, the demo says what went wrong and exits 1,
-so it doubles as an end-to-end check.
+`sidecar run` subprocess in front of them. When a `consul` binary is on PATH, the
+demo runs `consul agent -dev` instead of static endpoints: the sidecar registers
+the app "orders" with a TTL check it keeps passing from its probe of the app, and
+discovers the billing instances (registered in the agent) by blocking queries.
+Each step prints what was observed; when the story does not happen as it should,
+the demo says what went wrong and exits 1, so it doubles as an end-to-end check.
 
 Usage:  .venv/bin/python scripts/demo.py      (or `bash scripts/demo.sh`, which sets up .venv)
 """
@@ -50,21 +53,37 @@ RETRIES = 1
 WORK = 0.005  # seconds each billing call "works", so concurrent calls overlap
 
 
-def render_config(app_port: int, admin_port: int, port_a: int, port_b: int) -> str:
-    """The sidecar's YAML config for the demo: static endpoints, no Consul, quick limits."""
+def render_config(
+    app_port: int,
+    admin_port: int,
+    port_a: int,
+    port_b: int,
+    *,
+    consul: str | None = None,
+    orders_port: int = 0,
+) -> str:
+    """The sidecar's YAML config for the demo: quick limits; static endpoints, or with
+    `consul` (a dev agent's address) registration of "orders" and discovery of billing."""
+    if consul is None:
+        service = "  port: 8080\n"
+        registry = "consul:\n  enabled: false            # embedded defaults: static endpoints\n"
+        found = f"    endpoints: [{HOST}:{port_a}, {HOST}:{port_b}]"
+    else:
+        service = f"  port: {orders_port}          # the app; probed by TCP connect\n"
+        service += "  health: {interval: 1s, timeout: 500ms}\n"
+        registry = f"consul:\n  enabled: true\n  address: {consul}\n"
+        found = "    service: billing          # discovered from Consul (blocking queries)"
     return f"""\
 # Written by scripts/demo.py: the app "orders" calls one upstream, "billing".
 service:
   name: orders
   address: {HOST}
-listen: {HOST}:{app_port}
+{service}listen: {HOST}:{app_port}
 admin:
   listen: {HOST}:{admin_port}
-consul:
-  enabled: false            # this build routes to static endpoints only
-upstreams:
+{registry}upstreams:
   {UPSTREAM}:
-    endpoints: [{HOST}:{port_a}, {HOST}:{port_b}]
+{found}
     timeout: 5s
     per_try_timeout: 1s
     retries: {{max: {RETRIES}}}
@@ -594,24 +613,138 @@ def step_metrics(sidecar: Sidecar) -> None:
 # --- putting it together -----------------------------------------------------------------------
 
 
+class ConsulAgent:
+    """`consul agent -dev` on free ports, when a `consul` binary is on PATH."""
+
+    def __init__(self, binary: str, taken: set[int], logs: Path) -> None:
+        self.binary = binary
+        self.http_port = free_port(taken)
+        self.log_path = logs / "consul.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_ports = [free_port(taken) for _ in range(4)]
+
+    @property
+    def address(self) -> str:
+        return f"http://{HOST}:{self.http_port}"
+
+    def start(self) -> None:
+        serf_lan, serf_wan, server, grpc = self.extra_ports
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    self.binary,
+                    "agent",
+                    "-dev",
+                    "-bind",
+                    HOST,
+                    "-client",
+                    HOST,
+                    f"-http-port={self.http_port}",
+                    "-dns-port=-1",
+                    f"-grpc-port={grpc}",
+                    f"-serf-lan-port={serf_lan}",
+                    f"-serf-wan-port={serf_wan}",
+                    f"-server-port={server}",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=child_env(),
+                start_new_session=True,
+            )
+
+    def call(self, method: str, path: str, body: object = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.address + path, data=data, method=method)
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            text = resp.read()
+        return json.loads(text) if text else None
+
+    def wait_leader(self) -> None:
+        def elected() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise DemoFailed(f"consul agent exited; see {self.log_path}")
+            try:
+                return bool(self.call("GET", "/v1/status/leader"))
+            except (OSError, ValueError):
+                return False
+
+        wait_for(f"consul agent -dev answering on {self.address}", elected, 30, 0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # consul leaves gracefully on SIGINT
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def step_consul(sidecar: Sidecar, agent: ConsulAgent) -> None:
+    headline(0, "Consul: the app is registered, billing is discovered")
+    services = agent.call("GET", "/v1/agent/services")
+    orders = [s for s in services.values() if s["Service"] == "orders"]
+    if not orders:
+        raise DemoFailed(f"the sidecar did not register 'orders' in Consul: {services}")
+    checks = agent.call("GET", "/v1/agent/checks")
+    check = checks.get(f"service:{orders[0]['ID']}", {})
+    fact(f"registered in the local agent: {orders[0]['ID']} at {HOST}:{orders[0]['Port']}")
+    fact(f"its TTL check: {check.get('Status')} — {check.get('Output')}")
+    status = json.loads(sidecar.admin("/v1/status")[1])
+    found = [e["address"] for e in status["upstreams"][UPSTREAM]["endpoints"]]
+    fact(f"billing discovered by a blocking query: {', '.join(sorted(found))}")
+    if len(found) != 2:
+        raise DemoFailed(f"expected both billing instances from Consul, got {found}")
+
+
 @contextmanager
-def running(workdir: Path) -> Iterator[tuple[Sidecar, Billing, Billing]]:
-    """Start billing A and B and the sidecar; stop every process on the way out."""
+def running(workdir: Path) -> Iterator[tuple[Sidecar, Billing, Billing, ConsulAgent | None]]:
+    """Start billing A and B and the sidecar (and a Consul dev agent when `consul` is on
+    PATH); stop every process on the way out."""
     taken: set[int] = set()
     a = Billing("A", free_port(taken), workdir)
     b = Billing("B", free_port(taken), workdir)
     app_port, admin_port = free_port(taken), free_port(taken)
+    binary = shutil.which("consul")
+    agent = ConsulAgent(binary, taken, workdir) if binary else None
+    orders = Billing("orders", free_port(taken), workdir) if agent else None
     config = workdir / "sidecar.yaml"
-    config.write_text(render_config(app_port, admin_port, a.port, b.port))
+    config.write_text(
+        render_config(
+            app_port,
+            admin_port,
+            a.port,
+            b.port,
+            consul=agent.address if agent else None,
+            orders_port=orders.port if orders else 0,
+        )
+    )
     sidecar = Sidecar(config, app_port, admin_port, workdir)
     try:
         a.start()
         b.start()
+        if agent is not None and orders is not None:
+            orders.start()
+            agent.start()
+            agent.wait_leader()
+            for instance in (a, b):  # as their own sidecars would
+                agent.call(
+                    "PUT",
+                    "/v1/agent/service/register",
+                    {
+                        "ID": f"billing-{instance.name}",
+                        "Name": UPSTREAM,
+                        "Address": HOST,
+                        "Port": instance.port,
+                    },
+                )
         sidecar.start()
         a.wait_listening()
         b.wait_listening()
         sidecar.wait_ready()
-        yield sidecar, a, b
+        yield sidecar, a, b, agent
     except DemoFailed:
         print(f"\nlast lines of {sidecar.log_path}:\n{sidecar.log_tail()}", file=sys.stderr)
         raise
@@ -622,13 +755,17 @@ def running(workdir: Path) -> Iterator[tuple[Sidecar, Billing, Billing]]:
         a.kill()
         b.kill()
         code = sidecar.stop()
+        if orders is not None:
+            orders.kill()
+        if agent is not None:
+            agent.stop()
         if code not in (None, 0):
             print(f"\nthe sidecar exited with code {code}:\n{sidecar.log_tail()}", file=sys.stderr)
 
 
 def tell(workdir: Path) -> None:
     """The whole story, from start to stop."""
-    with running(workdir) as (sidecar, a, b):
+    with running(workdir) as (sidecar, a, b, agent):
         names = {f"{HOST}:{a.port}": "A", f"{HOST}:{b.port}": "B"}
         fact(f"billing A on {HOST}:{a.port}, billing B on {HOST}:{b.port}")
         fact(
@@ -636,9 +773,17 @@ def tell(workdir: Path) -> None:
             f"{HOST}:{sidecar.app_port}, admin on {HOST}:{sidecar.admin_port}"
         )
         config = sidecar.config_path.read_text().splitlines()
-        fact("its config, upstream part (no Consul, static endpoints):")
+        if agent is None:
+            fact("its config, upstream part (no Consul, static endpoints):")
+        else:
+            fact(f"its config, upstream part (Consul dev agent at {agent.address}):")
         for line in config[config.index("upstreams:") : config.index("shutdown:")]:
             fact(f"  {line}")
+        if agent is not None:
+            step_consul(sidecar, agent)
+        else:
+            fact("(no `consul` binary on PATH: static endpoints; with one, the demo also")
+            fact(" runs `consul agent -dev` and shows registration and discovery)")
         step_spread(sidecar, 16, 8)
         step_one_down(sidecar, b, names)
         step_all_down(sidecar, a, names)

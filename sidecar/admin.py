@@ -13,7 +13,7 @@ Endpoints:
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -42,6 +42,13 @@ def _is_loopback(remote: str | None) -> bool:
     return address.is_loopback
 
 
+def _registration_state(consul: Mapping[str, Any]) -> str:
+    if not consul.get("enabled"):
+        return "disabled"
+    registration = consul.get("registration")
+    return str(registration["state"]) if isinstance(registration, Mapping) else "pending"
+
+
 def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
@@ -66,10 +73,15 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
 def build_admin_app(
     config: Config,
     readiness: Readiness,
-    upstreams: Mapping[str, Upstream],
+    upstreams: Mapping[str, Upstream] | Callable[[], Mapping[str, Upstream]],
     metrics: Metrics,
+    consul_status: Callable[[], Mapping[str, Any]] | None = None,
 ) -> web.Application:
-    """The aiohttp application behind the admin listener."""
+    """The aiohttp application behind the admin listener.
+
+    `upstreams` may be a callable: the set grows when `allow_any_service` makes one.
+    """
+    current = upstreams if callable(upstreams) else (lambda: upstreams)
 
     async def live(_: web.Request) -> web.Response:
         return web.json_response({"live": True})
@@ -85,6 +97,7 @@ def build_admin_app(
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
     async def status(_: web.Request) -> web.Response:
+        consul = dict(consul_status()) if consul_status else {"enabled": config.consul.enabled}
         body: dict[str, Any] = {
             "version": __version__,
             "service": {
@@ -92,11 +105,12 @@ def build_admin_app(
                 "id": config.service.id,
                 "address": config.service.address,
                 "port": config.service.port,
-                "registration": "disabled" if not config.consul.enabled else "pending",
+                "registration": _registration_state(consul),
             },
+            "consul": consul,
             "ready": readiness.ready,
             "not_ready_reasons": readiness.reasons(),
-            "upstreams": {name: up.status() for name, up in upstreams.items()},
+            "upstreams": {name: up.status() for name, up in current().items()},
         }
         return web.json_response(body)
 
@@ -104,7 +118,7 @@ def build_admin_app(
         if not _is_loopback(request.remote):
             return _error(403, "FORBIDDEN", "breaker reset is allowed from loopback clients only")
         name = request.match_info["upstream"]
-        upstream = upstreams.get(name)
+        upstream = current().get(name)
         if upstream is None:
             return _error(404, "NO_ROUTE", f"no upstream named {name!r} is configured")
         before = upstream.breaker.state

@@ -1,14 +1,16 @@
 """Composition root: builds the sidecar from its config and owns start and stop order.
 
-Start: bind every listener → log each address → start discovery → ready.
-Stop (SIGTERM/SIGINT): not ready → keep serving for `shutdown.drain` → stop
-accepting → finish in-flight requests until `shutdown.grace` (counted from the
-signal) → close everything → exit 0.
+Start: bind every listener → log each address → start Consul registration and
+discovery → ready (once registered and every upstream has its first answer).
+Stop (SIGTERM/SIGINT): not ready → deregister from Consul → keep serving for
+`shutdown.drain` → stop accepting → finish in-flight requests until
+`shutdown.grace` (counted from the signal) → close everything → exit 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -18,9 +20,13 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from sidecar import __version__
 from sidecar.admin import build_admin_app
-from sidecar.config import Address, Config
+from sidecar.config import Address, Config, UpstreamConfig
 from sidecar.discovery.base import Endpoint, Listener, Resolver
+from sidecar.discovery.consul import ConsulResolver, DynamicServices
+from sidecar.discovery.consul_client import ConsulClient
+from sidecar.discovery.registration import Registrar
 from sidecar.discovery.static import StaticResolver
+from sidecar.errors import ConsulError, ErrorCode, ProxyError
 from sidecar.lifecycle import Lifecycle
 from sidecar.proxy.server import Proxy
 from sidecar.proxy.upstream import Upstream
@@ -37,10 +43,15 @@ class StartupError(Exception):
     """The sidecar could not start (a port in use, say); the message says what."""
 
 
-def build_resolver(config: Config, name: str) -> Resolver:
-    """The discovery source of one upstream (static lists only in this build)."""
+_DYNAMIC_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,251}[a-z0-9])?")
+
+
+def build_resolver(config: Config, name: str, client: ConsulClient | None) -> Resolver:
+    """The discovery source of one upstream: its static list, else a Consul watch."""
     upstream = config.upstreams[name]
-    return StaticResolver([Endpoint(a.host, a.port) for a in upstream.endpoints])
+    if upstream.endpoints or client is None:
+        return StaticResolver([Endpoint(a.host, a.port) for a in upstream.endpoints])
+    return ConsulResolver(client, upstream.service, upstream.tags, upstream=name)
 
 
 class Sidecar:
@@ -50,16 +61,62 @@ class Sidecar:
         self.config = config
         self.lifecycle = Lifecycle()
         self.metrics = Metrics()
+        self.consul: ConsulClient | None = None
+        if config.consul.enabled:
+            errors = self.metrics.consul_errors
+            self.consul = ConsulClient(config.consul, on_error=lambda op: errors.labels(op).inc())
         self.upstreams: dict[str, Upstream] = {
-            name: Upstream(cfg, build_resolver(config, name), self.metrics)
+            name: Upstream(cfg, build_resolver(config, name, self.consul), self.metrics)
             for name, cfg in config.upstreams.items()
         }
         self.proxy = Proxy(self.upstreams, self.metrics, config.app_connections)
+        self.registrar: Registrar | None = None
+        self.dynamic: DynamicServices | None = None
+        if self.consul is not None and config.discovery.allow_any_service:
+            self.dynamic = DynamicServices(
+                self.consul,
+                self._dynamic_upstream,
+                max_services=config.discovery.max_services,
+                idle_after=config.discovery.idle_after,
+            )
+            self.proxy.lookup = self._lookup
         self.metrics.add_live(self._live_gauges)
         self._servers: list[asyncio.Server] = []
         self._admin: web.AppRunner | None = None
         self.addresses: dict[str, str] = {}
         self.started = False
+
+    def all_upstreams(self) -> dict[str, Upstream]:
+        """Configured upstreams plus those `allow_any_service` made on demand."""
+        if self.dynamic is None:
+            return self.upstreams
+        made = {name: up for name, (up, _) in self.dynamic.watches.items()}
+        return {**made, **self.upstreams}
+
+    def _dynamic_upstream(self, name: str, resolver: ConsulResolver) -> Upstream:
+        upstream = Upstream(UpstreamConfig(name=name), resolver, self.metrics)
+        self.proxy.by_name[name.encode()] = upstream
+        original = upstream.retire
+
+        def retire() -> None:
+            self.proxy.by_name.pop(name.encode(), None)
+            original()
+
+        upstream.retire = retire  # type: ignore[method-assign]
+        return upstream
+
+    async def _lookup(self, name: str) -> Upstream | None:
+        if self.dynamic is None or not _DYNAMIC_NAME.fullmatch(name):
+            return None
+        try:
+            upstream: Upstream | None = await self.dynamic.lookup(name)
+        except ConsulError as exc:
+            raise ProxyError(
+                ErrorCode.NO_HEALTHY_ENDPOINTS,
+                f"cannot ask Consul whether service {name!r} exists: {exc.message}",
+                name,
+            ) from None
+        return upstream
 
     def _live_gauges(self) -> Iterator[Metric]:
         circuit = GaugeMetricFamily(
@@ -75,7 +132,13 @@ class Sidecar:
         in_flight = GaugeMetricFamily(
             "sidecar_upstream_in_flight", "Requests in flight per upstream.", labels=["upstream"]
         )
-        for name, up in self.upstreams.items():
+        registered = GaugeMetricFamily(
+            "sidecar_consul_registered",
+            "1 while this instance is registered in Consul, else 0.",
+        )
+        registered.add_metric([], 1.0 if self.registrar and self.registrar.registered else 0.0)
+        yield registered
+        for name, up in self.all_upstreams().items():
             circuit.add_metric([name], up.breaker.state_code())
             healthy, ejected = up.balancer.counts()
             endpoints.add_metric([name, "healthy"], healthy)
@@ -123,7 +186,9 @@ class Sidecar:
         for name, up in self.upstreams.items():
             if up.config.listen is not None:
                 await self._bind(f"upstream:{name}", up.config.listen, up)
-        app = build_admin_app(config, readiness, self.upstreams, self.metrics)
+        app = build_admin_app(
+            config, readiness, self.all_upstreams, self.metrics, self._consul_status
+        )
         self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._admin.setup()
         site = web.TCPSite(self._admin, config.admin.listen.host, config.admin.listen.port)
@@ -135,6 +200,18 @@ class Sidecar:
             ) from exc
         self._log_bound("admin", site._server)
         bound()
+        if self.consul is not None:
+            name = "consul:registration"
+            registered = readiness.require(
+                name, f"consul: {config.service.name!r} not registered yet"
+            )
+            self.registrar = Registrar(
+                config,
+                self.consul,
+                on_registered=registered,
+                explain=lambda reason: readiness.explain(name, reason),
+            )
+            self.registrar.start()
         for name, up in self.upstreams.items():
             up.resolver.subscribe(_once_answered(latches[name]))
             await up.resolver.start()
@@ -162,8 +239,13 @@ class Sidecar:
             grace_s=config.grace,
             in_flight=self.proxy.active,
         )
+        if self.registrar is not None:  # first, so callers stop choosing this instance
+            await self.registrar.deregister()
         if self.started:  # a failed start has nobody to keep serving
-            await lifecycle.sleep_unless_forced(min(config.drain, config.grace))
+            log.info("draining", drain_s=config.drain, in_flight=self.proxy.active)
+            await lifecycle.sleep_unless_forced(
+                min(config.drain, max(0.0, config.grace - (loop.time() - began)))
+            )
         for server in self._servers:
             server.close()
         self.proxy.start_closing()
@@ -183,6 +265,10 @@ class Sidecar:
         self.proxy.abort_all()
         for up in self.upstreams.values():
             await up.resolver.stop()
+        if self.dynamic is not None:
+            await self.dynamic.stop()
+        if self.consul is not None:
+            await self.consul.close()
         if self._admin is not None:
             await self._admin.cleanup()
         for server in self._servers:
@@ -204,6 +290,18 @@ class Sidecar:
             return EXIT_OK
         finally:
             self.lifecycle.remove_signal_handlers()
+
+    def _consul_status(self) -> dict[str, object]:
+        consul = self.consul
+        if consul is None:
+            return {"enabled": False}
+        return {
+            "enabled": True,
+            "address": consul.address,
+            "last_contact": consul.last_contact_iso(),
+            "registration": None if self.registrar is None else self.registrar.status(),
+            "dynamic_services": None if self.dynamic is None else sorted(self.dynamic.watches),
+        }
 
     def __repr__(self) -> str:
         return f"<Sidecar {self.config.service.name} upstreams={sorted(self.upstreams)}>"

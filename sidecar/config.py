@@ -77,6 +77,8 @@ ENV_ADMIN_LISTEN = "SIDECAR_ADMIN_LISTEN"
 ENV_LOG_FORMAT = "SIDECAR_LOG_FORMAT"
 ENV_LOG_LEVEL = "SIDECAR_LOG_LEVEL"
 ENV_CONSUL_ENABLED = "SIDECAR_CONSUL_ENABLED"
+ENV_CONSUL_MODE = "SIDECAR_CONSUL_MODE"
+ENV_CONSUL_NODE = "SIDECAR_CONSUL_NODE"
 ENV_CONSUL_ADDR = "CONSUL_HTTP_ADDR"
 ENV_CONSUL_TOKEN = "CONSUL_HTTP_TOKEN"
 ENV_CONSUL_TOKEN_FILE = "CONSUL_HTTP_TOKEN_FILE"
@@ -101,6 +103,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar(ENV_LOG_FORMAT, "telemetry.log_format", "json or console"),
     EnvVar(ENV_LOG_LEVEL, "telemetry.log_level", "debug, info, warning or error"),
     EnvVar(ENV_CONSUL_ENABLED, "consul.enabled", "true/false/1/0/yes/no"),
+    EnvVar(ENV_CONSUL_MODE, "consul.mode", "agent or catalog"),
+    EnvVar(ENV_CONSUL_NODE, "consul.node", "catalog mode: this sidecar's node name"),
     EnvVar(ENV_CONSUL_ADDR, "consul.address", "Consul HTTP API URL (scheme optional)"),
     EnvVar(ENV_CONSUL_TOKEN, "consul.token", "Consul ACL token; wins over the token file"),
     EnvVar(ENV_CONSUL_TOKEN_FILE, "consul.token_file", "file holding the Consul ACL token"),
@@ -175,6 +179,8 @@ class ConsulConfig:
     """Consul agent access; `token` comes from the environment or `token_file`, never the file."""
 
     enabled: bool = True
+    mode: str = "agent"  # agent: local agent + TTL check; catalog: the servers' catalog API
+    node: str = ""  # catalog mode: this sidecar's node name (default: the host or pod name)
     address: str = "http://127.0.0.1:8500"
     token: str | None = field(default=None, repr=False)
     token_file: str | None = None
@@ -245,7 +251,9 @@ class UpstreamConfig:
 
 @dataclass(frozen=True, slots=True)
 class DiscoveryConfig:
-    allow_any_service: bool = False
+    allow_any_service: bool = False  # any Consul service name is routable, not only upstreams
+    max_services: int = 64  # bound on the watches allow_any_service may start
+    idle_after: float = 600.0  # such a watch stops after this long without a request
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,7 +376,13 @@ def config_from_mapping(
     consul = _consul(root.section("consul"))
     upstreams = _upstreams(root.section("upstreams"), consul.enabled)
     discovery_section = root.section("discovery")
-    discovery = DiscoveryConfig(**discovery_section.take(allow_any_service=_boolean))
+    discovery = DiscoveryConfig(
+        **discovery_section.take(
+            allow_any_service=_boolean,
+            max_services=_integer(1, 10_000),
+            idle_after=_duration(),
+        )
+    )
     discovery_section.done()
     telemetry = _telemetry(root.section("telemetry"))
     shutdown_section = root.section("shutdown")
@@ -390,6 +404,14 @@ def config_from_mapping(
 
     if discovery.allow_any_service and not consul.enabled:
         ctx.problem("discovery.allow_any_service", "needs consul.enabled")
+    enabled_bad = any(
+        p.startswith(("consul.enabled:", f"{ENV_CONSUL_ENABLED}:")) for p in ctx.problems
+    )
+    if consul.enabled and service.port is None and service.name and not enabled_bad:
+        ctx.problem(
+            "service.port",
+            f"required when consul.enabled is true (registered and probed; {ENV_SERVICE_PORT})",
+        )
     _check_ports(ctx, listen, admin, upstreams)
 
     if ctx.problems:
@@ -750,6 +772,31 @@ def _service_name(value: object) -> str:
     return name
 
 
+_META_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _meta(s: _Section) -> dict[str, str]:
+    """`service.meta`, held to Consul's rules so a bad pair fails here, not at registration."""
+    meta = s.mapping("meta", _text)
+    if len(meta) > 64:
+        s.ctx.problem(s.at("meta"), f"at most 64 pairs (Consul's limit), got {len(meta)}")
+    for key, value in meta.items():
+        path = f"{s.at('meta')}.{key}"
+        if not key:
+            s.ctx.problem(path, "key cannot be blank")
+        elif not _META_KEY.fullmatch(key):
+            s.ctx.problem(
+                path, "key may only hold letters, digits, '_' and '-' (Consul rejects others)"
+            )
+        elif len(key) > 128:
+            s.ctx.problem(path, "key is too long (Consul's limit: 128 characters)")
+        elif key.startswith("consul-"):
+            s.ctx.problem(path, "key prefix 'consul-' is reserved for Consul's internal use")
+        if len(value) > 512:
+            s.ctx.problem(path, "value is too long (Consul's limit: 512 characters)")
+    return meta
+
+
 def _http_path(value: object) -> str:
     path = _string(value)
     if not path.startswith("/") or any(c.isspace() for c in path):
@@ -768,6 +815,18 @@ def _consul_url(value: object) -> str:
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"invalid URL {value!r} (expected http://host:port or https://host:port)")
     return url
+
+
+_NODE_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,62}[A-Za-z0-9])?")
+
+
+def _node_name(value: object) -> str:
+    name = _string(value)
+    if not _NODE_NAME.fullmatch(name):
+        raise ValueError(
+            f"invalid node name {name!r} (letters, digits, '.' and '-', at most 64 characters)"
+        )
+    return name
 
 
 def _secret_file(value: object) -> tuple[str, str]:
@@ -844,7 +903,7 @@ def _service(s: _Section) -> ServiceConfig:
     address = s.get("address", _host, "", env=ENV_SERVICE_ADDRESS) or _default_address()
     port = s.get("port", _port, None, env=ENV_SERVICE_PORT, env_parse=_port_text)
     tags = s.items("tags", _string) or ()
-    meta = s.mapping("meta", _text)
+    meta = _meta(s)
     health_section = s.section("health")
     health = HealthConfig(
         **health_section.take(
@@ -894,13 +953,9 @@ def _consul(s: _Section) -> ConsulConfig:
     enabled = s.get(
         "enabled", _boolean, defaults.enabled, env=ENV_CONSUL_ENABLED, env_parse=_env_boolean
     )
-    if enabled and len(s.ctx.problems) == known:  # not when `enabled` itself was invalid
-        s.ctx.problem(
-            s.at("enabled"),
-            "Consul registration and discovery are not available in this build yet; set "
-            f"consul.enabled: false (or {ENV_CONSUL_ENABLED}=false) and give each upstream "
-            "static endpoints",
-        )
+    del known
+    mode = s.get("mode", _choice("agent", "catalog"), defaults.mode, env=ENV_CONSUL_MODE)
+    node = s.get("node", _node_name, "", env=ENV_CONSUL_NODE) or _node_name(socket.gethostname())
     address = s.get("address", _consul_url, defaults.address, env=ENV_CONSUL_ADDR)
     secret = s.get("token_file", _secret_file, None, env=ENV_CONSUL_TOKEN_FILE)
     s.reject(
@@ -908,6 +963,8 @@ def _consul(s: _Section) -> ConsulConfig:
     )
     consul = ConsulConfig(
         enabled=enabled,
+        mode=mode,
+        node=node,
         address=address,
         token=s.ctx.env(ENV_CONSUL_TOKEN) or (secret[1] if secret else None),
         token_file=secret[0] if secret else None,

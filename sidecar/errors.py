@@ -80,3 +80,46 @@ class ProxyError(SidecarError):
 
     def __repr__(self) -> str:
         return f"ProxyError({self.code.value}, {self.message!r}, upstream={self.upstream!r})"
+
+
+class ConsulError(SidecarError):
+    """A Consul call failed; `operation` names the call (register, watch:billing, ...)."""
+
+    def __init__(self, operation: str, message: str) -> None:
+        super().__init__(f"{operation}: {message}")
+        self.operation = operation
+        self.message = message
+
+
+class ConsulUnreachable(ConsulError):
+    """No answer from Consul: connection refused, reset, TLS failure or the call's timeout."""
+
+
+class ConsulHTTPError(ConsulError):
+    """Consul answered with an error status; `status` and Consul's plain-text `reason`."""
+
+    def __init__(self, operation: str, status: int, reason: str) -> None:
+        reason = reason.strip() or "(empty body)"
+        super().__init__(operation, f"Consul answered {status}: {reason}")
+        self.status = status
+        self.reason = reason
+
+
+class ConsulBadRequest(ConsulHTTPError):
+    """400: Consul rejected what was sent (a validation error names the field)."""
+
+
+class ConsulPermissionDenied(ConsulHTTPError):
+    """403: the ACL token is unknown or lacks a permission."""
+
+
+class ConsulNotFound(ConsulHTTPError):
+    """404: an unknown check or service (the agent lost its state) or endpoint."""
+
+
+def consul_http_error(operation: str, status: int, reason: str) -> ConsulHTTPError:
+    """The most specific `ConsulHTTPError` for a status."""
+    kind = {400: ConsulBadRequest, 403: ConsulPermissionDenied, 404: ConsulNotFound}.get(
+        status, ConsulHTTPError
+    )
+    return kind(operation, status, reason)

@@ -33,6 +33,11 @@ class Readiness:
 
         return done
 
+    def explain(self, name: str, reason: str) -> None:
+        """Say why latch `name` is still unset (no effect once it is set)."""
+        if name in self._waiting:
+            self._waiting[name] = reason
+
     @property
     def ready(self) -> bool:
         return not self._waiting and not self.draining

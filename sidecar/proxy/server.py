@@ -16,7 +16,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from typing import cast
 
@@ -158,6 +158,9 @@ class Proxy:
         self._idle_waiter: asyncio.Future[None] | None = None
         self.no_route_errors = metrics.proxy_errors.labels("", ErrorCode.NO_ROUTE.value)
         self._sweeper: asyncio.TimerHandle | None = None
+        # discovery.allow_any_service: finds (or refuses) a name no upstream has; raises
+        # ProxyError when it cannot tell. Called only for names not in `by_name`.
+        self.lookup: Callable[[str], Awaitable[Upstream | None]] | None = None
 
     def protocol(self, fixed: Upstream | None = None) -> DownstreamProtocol:
         return DownstreamProtocol(self, fixed)
@@ -225,7 +228,7 @@ class Proxy:
             conn.abort()
         for tunnel in list(self.tunnels):
             tunnel.abort()
-        for upstream in self.upstreams.values():
+        for upstream in set(self.by_name.values()):  # on-demand upstreams too
             upstream.close_pools()
 
 
@@ -516,13 +519,20 @@ class DownstreamProtocol(asyncio.Protocol):
             else:
                 target = path
             upstream = self.proxy.by_name.get(name)
+            if upstream is None and self.proxy.lookup is not None and name:
+                try:
+                    upstream = await self.proxy.lookup(name.decode("latin-1"))
+                except ProxyError as exc:
+                    return self.send_error(req, exc)
             if upstream is None:
                 self.proxy.no_route_errors.inc()
                 shown = name.decode("latin-1") if name else None
                 if shown is None:
                     message = "no upstream named in the path (/v1/invoke/<upstream>/...) or Host"
                 else:
-                    message = f"no upstream named {shown!r} is configured"
+                    message = f"no upstream named {shown!r} is configured" + (
+                        " and Consul knows no such service" if self.proxy.lookup else ""
+                    )
                 return self.send_error(req, ProxyError(ErrorCode.NO_ROUTE, message, shown))
         host = None
         if req.target[:1] != b"/" and scheme_length(req.target):

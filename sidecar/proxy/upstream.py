@@ -40,6 +40,7 @@ class Upstream:
         "resolver",
         "retries",
         "retry_statuses",
+        "served",
     )
 
     def __init__(self, config: UpstreamConfig, resolver: Resolver, metrics: Metrics) -> None:
@@ -48,6 +49,7 @@ class Upstream:
         self.config = config
         self.resolver = resolver
         self.inflight = 0
+        self.served = 0  # finished requests; tells an idle on-demand upstream apart
         self._metrics = metrics
         outlier = config.outlier
         self.balancer = Balancer(
@@ -103,8 +105,13 @@ class Upstream:
         for stats in self.balancer.endpoints:
             _close_pool(stats)
 
+    def retire(self) -> None:
+        """Stop using this upstream (an idle on-demand one): close its pools as they idle."""
+        self.balancer.update(())
+
     def count(self, status: int) -> None:
         """Count one finished request by the status the app received."""
+        self.served += 1
         child = self._codes.get(status)
         if child is None:
             child = self._codes[status] = self._metrics.upstream_requests.labels(
@@ -122,6 +129,7 @@ class Upstream:
         return {
             "service": self.config.service,
             "discovery": "static" if self.config.endpoints else "consul",
+            **_discovery_status(self.resolver),
             "ready": self.resolver.ready,
             "circuit": self.breaker.state,
             "in_flight": self.inflight,
@@ -132,6 +140,11 @@ class Upstream:
 
     def __repr__(self) -> str:
         return f"<Upstream {self.name} circuit={self.breaker.state} in_flight={self.inflight}>"
+
+
+def _discovery_status(resolver: Resolver) -> dict[str, Any]:
+    status = getattr(resolver, "status", None)
+    return {"watch": status()} if callable(status) else {}
 
 
 def _close_pool(stats: EndpointStats) -> None:

@@ -68,6 +68,12 @@ class Metrics:
             ["upstream"],
             registry=self.registry,
         )
+        self.consul_errors = Counter(
+            "sidecar_consul_errors",
+            "Failed Consul calls by operation: register, check_update, deregister, watch, lookup.",
+            ["operation"],
+            registry=self.registry,
+        )
         build_info = GaugeMetricFamily(
             "sidecar_build_info", "The running sidecar's version.", labels=["version"]
         )

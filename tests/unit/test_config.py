@@ -27,10 +27,9 @@ from sidecar.config import (
 )
 from sidecar.errors import ConfigError
 
-CONSUL_MESSAGE = (
-    "consul.enabled: Consul registration and discovery are not available in this build yet; "
-    "set consul.enabled: false (or SIDECAR_CONSUL_ENABLED=false) and give each upstream "
-    "static endpoints"
+PORT_MESSAGE = (
+    "service.port: required when consul.enabled is true (registered and probed; "
+    "SIDECAR_SERVICE_PORT)"
 )
 
 
@@ -570,13 +569,84 @@ class TestAppConnections:
         )
 
 
-class TestCrossChecks:
-    def test_consul_enabled_is_not_available_yet(self) -> None:
-        """The spec default consul.enabled: true is reported until Consul support lands."""
-        assert [CONSUL_MESSAGE] == problems(base={"service": {"name": "permits"}})
+class TestConsulRegistrationKeys:
+    def test_defaults(self) -> None:
+        """Agent mode, the host name as node, the local agent's address."""
+        consul = build({"consul": {"enabled": True}, "service": {"port": 8080}}).consul
+        assert ("agent", "http://127.0.0.1:8500") == (consul.mode, consul.address)
+        assert consul.node
 
-    def test_consul_keys_are_still_validated(self, tmp_path: Path) -> None:
-        """address, token_file and ca_file are checked even while Consul is unavailable."""
+    def test_catalog_mode_and_node_from_file_and_env(self) -> None:
+        """mode and node come from the file; SIDECAR_CONSUL_MODE/NODE win over it."""
+        extra = {"consul": {"mode": "catalog", "node": "pod-a"}}
+        assert ("catalog", "pod-a") == (build(extra).consul.mode, build(extra).consul.node)
+        env = {"SIDECAR_CONSUL_MODE": "agent", "SIDECAR_CONSUL_NODE": "pod-b"}
+        assert ("agent", "pod-b") == (build(extra, env).consul.mode, build(extra, env).consul.node)
+
+    def test_bad_mode_and_node(self) -> None:
+        """An unknown mode and a node name Consul would not take are named."""
+        assert [
+            "consul.mode: expected agent or catalog, got 'mesh'",
+            "consul.node: invalid node name 'a b' (letters, digits, '.' and '-', at most 64 "
+            "characters)",
+        ] == problems({"consul": {"mode": "mesh", "node": "a b"}})
+
+    def test_https_address_without_scheme_and_with(self) -> None:
+        """CONSUL_HTTP_ADDR may be host:port or a full http(s) URL; it wins over the file."""
+        extra = {"consul": {"address": "http://file:8500"}}
+        assert (
+            "http://agent:8500" == build(extra, {"CONSUL_HTTP_ADDR": "agent:8500"}).consul.address
+        )
+        env = {"CONSUL_HTTP_ADDR": "https://consul.example:8501"}
+        assert "https://consul.example:8501" == build(extra, env).consul.address
+
+    @pytest.mark.parametrize(
+        ("meta", "reason"),
+        [
+            (
+                {"app.version": "1"},
+                "key may only hold letters, digits, '_' and '-' (Consul rejects others)",
+            ),
+            ({"consul-x": "1"}, "key prefix 'consul-' is reserved for Consul's internal use"),
+            ({"k" * 129: "1"}, "key is too long (Consul's limit: 128 characters)"),
+            ({"v": "x" * 513}, "value is too long (Consul's limit: 512 characters)"),
+        ],
+    )
+    def test_meta_is_held_to_consuls_rules(self, meta: dict[str, str], reason: str) -> None:
+        """A meta pair Consul would refuse with 400 at registration fails check-config."""
+        (key,) = meta
+        assert [f"service.meta.{key}: {reason}"] == problems({"service": {"meta": meta}})
+
+    def test_meta_pair_count_is_limited(self) -> None:
+        """More than 64 meta pairs: Consul's limit, reported once."""
+        meta = {f"k{i}": "v" for i in range(65)}
+        assert ["service.meta: at most 64 pairs (Consul's limit), got 65"] == problems(
+            {"service": {"meta": meta}}
+        )
+
+    def test_discovery_bounds(self) -> None:
+        """allow_any_service's watch bound and idle period are configurable."""
+        discovery = build(
+            {
+                "consul": {"enabled": True},
+                "service": {"port": 8080},
+                "discovery": {"allow_any_service": True, "max_services": 5, "idle_after": "1m"},
+            }
+        ).discovery
+        assert (True, 5, 60.0) == (
+            discovery.allow_any_service,
+            discovery.max_services,
+            discovery.idle_after,
+        )
+
+
+class TestCrossChecks:
+    def test_consul_registration_needs_the_app_port(self) -> None:
+        """With Consul on (the default) the app's port is required: it is registered and probed."""
+        assert [PORT_MESSAGE] == problems(base={"service": {"name": "permits"}})
+
+    def test_consul_keys_are_validated_even_when_disabled(self, tmp_path: Path) -> None:
+        """address, token_file and ca_file are checked whether Consul is on or off."""
         missing = tmp_path / "missing"
         assert [
             "consul.address: invalid URL 'ftp://consul' (expected http://host:port or "
@@ -732,7 +802,8 @@ class TestEnvironment:
         """SIDECAR_CONSUL_ENABLED takes true/false/1/0/yes/no in any case."""
         environ = {"SIDECAR_CONSUL_ENABLED": text}
         if expected:
-            assert [CONSUL_MESSAGE] == problems(environ=environ)
+            assert [PORT_MESSAGE] == problems(environ=environ)
+            assert True is build({"service": {"port": 8080}}, environ).consul.enabled
         else:
             assert False is build({"consul": {"enabled": True}}, environ).consul.enabled
 
