@@ -201,15 +201,15 @@ class Sidecar:
         self._log_bound("admin", site._server)
         bound()
         if self.consul is not None:
-            name = "consul:registration"
+            latch = "consul:registration"
             registered = readiness.require(
-                name, f"consul: {config.service.name!r} not registered yet"
+                latch, f"consul: {config.service.name!r} not registered yet"
             )
             self.registrar = Registrar(
                 config,
                 self.consul,
                 on_registered=registered,
-                explain=lambda reason: readiness.explain(name, reason),
+                explain=lambda reason: readiness.explain(latch, reason),
             )
             self.registrar.start()
         for name, up in self.upstreams.items():
