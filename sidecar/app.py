@@ -13,7 +13,7 @@ import asyncio
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -22,9 +22,6 @@ from sidecar import __version__
 from sidecar.admin import build_admin_app
 from sidecar.config import Address, Config, UpstreamConfig
 from sidecar.discovery.base import Endpoint, Listener, Resolver
-from sidecar.discovery.consul import ConsulResolver, DynamicServices
-from sidecar.discovery.consul_client import ConsulClient
-from sidecar.discovery.registration import Registrar
 from sidecar.discovery.static import StaticResolver
 from sidecar.errors import ConsulError, ErrorCode, ProxyError
 from sidecar.lifecycle import Lifecycle
@@ -32,6 +29,11 @@ from sidecar.proxy.server import Proxy
 from sidecar.proxy.upstream import Upstream
 from sidecar.telemetry.logging import get_logger
 from sidecar.telemetry.metrics import Metrics
+
+if TYPE_CHECKING:
+    from sidecar.discovery.consul import ConsulResolver, DynamicServices
+    from sidecar.discovery.consul_client import ConsulClient
+    from sidecar.discovery.registration import Registrar
 
 log = get_logger("sidecar.app")
 
@@ -51,6 +53,8 @@ def build_resolver(config: Config, name: str, client: ConsulClient | None) -> Re
     upstream = config.upstreams[name]
     if upstream.endpoints or client is None:
         return StaticResolver([Endpoint(a.host, a.port) for a in upstream.endpoints])
+    from sidecar.discovery.consul import ConsulResolver  # noqa: PLC0415 - Consul only
+
     return ConsulResolver(client, upstream.service, upstream.tags, upstream=name)
 
 
@@ -63,6 +67,10 @@ class Sidecar:
         self.metrics = Metrics()
         self.consul: ConsulClient | None = None
         if config.consul.enabled:
+            # Imported only with Consul on: without it the sidecar does not load the client.
+            from sidecar.discovery.consul import DynamicServices  # noqa: PLC0415
+            from sidecar.discovery.consul_client import ConsulClient  # noqa: PLC0415
+
             errors = self.metrics.consul_errors
             self.consul = ConsulClient(config.consul, on_error=lambda op: errors.labels(op).inc())
         self.upstreams: dict[str, Upstream] = {
@@ -201,6 +209,8 @@ class Sidecar:
         self._log_bound("admin", site._server)
         bound()
         if self.consul is not None:
+            from sidecar.discovery.registration import Registrar  # noqa: PLC0415 - Consul only
+
             latch = "consul:registration"
             registered = readiness.require(
                 latch, f"consul: {config.service.name!r} not registered yet"

@@ -9,6 +9,7 @@ full jitter on errors. Only a changed endpoint set is pushed to the balancer.
 During an outage the last known endpoints stay in service and the watch is
 `stale`. Instances registered in catalog mode carry a heartbeat; one older than
 three of its intervals is skipped even though the catalog still says passing.
+After a failed query the next one does not block, so recovery shows at once.
 
 `DynamicServices` serves `discovery.allow_any_service`: a watch per service
 name the app calls, started on first use (after asking the catalog whether the
@@ -38,7 +39,8 @@ WAIT = 300.0
 #: Minimum time between the starts of two queries of one watch.
 MIN_INTERVAL = 0.25
 BACKOFF_FIRST = 0.5
-BACKOFF_CAP = 30.0
+#: Longest pause between two failed queries: also the longest a recovered Consul waits.
+BACKOFF_CAP = 10.0
 
 
 def _endpoint(entry: dict[str, Any]) -> Endpoint | None:
@@ -64,6 +66,7 @@ class ConsulResolver:
         upstream: str | None = None,
         wait: float = WAIT,
         min_interval: float = MIN_INTERVAL,
+        backoff_cap: float = BACKOFF_CAP,
         rng: random.Random | None = None,
     ) -> None:
         self.client = client
@@ -72,6 +75,7 @@ class ConsulResolver:
         self.upstream = upstream or service
         self.wait = wait
         self.min_interval = min_interval
+        self.backoff_cap = backoff_cap
         self.index = 0
         self.last_success: float | None = None  # wall-clock time of the last good answer
         self.failing_since: float | None = None  # wall-clock time of the first failed query
@@ -133,9 +137,12 @@ class ConsulResolver:
             if pause > 0:
                 await asyncio.sleep(pause)
             last_start = loop.time()
+            # After a failure the next query does not block: Consul's answer says at once
+            # that it is back (and what changed meanwhile) instead of up to `wait` later.
+            since = 0 if self.failing_since is not None else self.index
             try:
                 index, entries = await self.client.health_service(
-                    self.service, index=self.index, wait=self.wait, tags=self.tags
+                    self.service, index=since, wait=self.wait, tags=self.tags
                 )
             except ConsulError as exc:
                 await self._failed(exc)
@@ -174,9 +181,8 @@ class ConsulResolver:
         if self.failing_since is None:
             self.failing_since = time.time()
         self.last_error = str(exc)
-        delay = self._rng.uniform(
-            BACKOFF_FIRST / 2, min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (self._failures - 1))
-        )
+        bound = min(self.backoff_cap, BACKOFF_FIRST * 2 ** (self._failures - 1))
+        delay = self._rng.uniform(bound / 2, bound)
         log.warning(
             "consul_watch_failed",
             upstream=self.upstream,

@@ -11,22 +11,51 @@ message; the token is sent in a header only and never appears in one.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 import ssl
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import consul.base
 
 from sidecar.config import ConsulConfig
 from sidecar.discovery.health import os_reason
 from sidecar.errors import ConsulError, ConsulUnreachable, consul_http_error
+
+
+def _load_consul_base() -> ModuleType:
+    """python-consul2's `consul/base.py` (every endpoint, path and parameter), loaded
+    without the package's `__init__`, which imports its blocking client and with it
+    `requests`: about 6 MB of resident memory the sidecar would never use."""
+    loaded = sys.modules.get("consul.base")
+    if loaded is not None:  # someone imported the package the usual way: reuse it
+        return loaded
+    package = importlib.util.find_spec("consul")  # locates the package, runs nothing
+    if package is None or package.origin is None:
+        raise ImportError("python-consul2 is not installed (pip install python-consul2)")
+    spec = importlib.util.spec_from_file_location(
+        "sidecar._consul_base", Path(package.origin).with_name("base.py")
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_consul: Any = _load_consul_base()
+_HTTPClientBase: Any = _consul.HTTPClient
+_ConsulBase: Any = _consul.Consul
 
 #: Bound on a call that is not a blocking query.
 CALL_TIMEOUT = 10.0
@@ -52,7 +81,7 @@ class _Answer:
         self.body = content.decode("utf-8", "replace")
 
 
-class _SessionTransport(consul.base.HTTPClient):  # type: ignore[misc]
+class _SessionTransport(_HTTPClientBase):  # type: ignore[misc]
     """python-consul2's HTTP seam, served by one shared aiohttp session."""
 
     def __init__(self, base_url: str, ssl_context: ssl.SSLContext | None, owner: ConsulClient):
@@ -103,7 +132,7 @@ class _SessionTransport(consul.base.HTTPClient):  # type: ignore[misc]
             raise consul_http_error(operation, answer.code, answer.body)
         try:
             return callback(answer)
-        except (ValueError, KeyError, consul.base.ConsulException) as exc:
+        except (ValueError, KeyError, _consul.ConsulException) as exc:
             raise ConsulError(operation, f"unreadable answer from Consul: {exc}") from None
 
     async def get(self, callback: Any, path: str, params: Any = None, headers: Any = None) -> Any:
@@ -125,7 +154,7 @@ class _SessionTransport(consul.base.HTTPClient):  # type: ignore[misc]
         return await self._request(callback, "POST", path, params, data=data, headers=headers)
 
 
-class _Consul(consul.base.Consul):  # type: ignore[misc]
+class _Consul(_ConsulBase):  # type: ignore[misc]
     """python-consul2's endpoint groups without its constructor, which reads the
     environment itself; the sidecar's config has already applied CONSUL_* there."""
 
@@ -135,10 +164,10 @@ class _Consul(consul.base.Consul):  # type: ignore[misc]
         self.dc = dc
         self.scheme = http.scheme
         self.consistency = "default"
-        self.agent = consul.base.Consul.Agent(self)
-        self.catalog = consul.base.Consul.Catalog(self)
-        self.health = consul.base.Consul.Health(self)
-        self.status = consul.base.Consul.Status(self)
+        self.agent = _consul.Consul.Agent(self)
+        self.catalog = _consul.Consul.Catalog(self)
+        self.health = _consul.Consul.Health(self)
+        self.status = _consul.Consul.Status(self)
 
 
 class ConsulClient:

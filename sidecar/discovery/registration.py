@@ -151,7 +151,7 @@ class Registrar:
                 else:
                     await self._report(result)
             except ConsulNotFound as exc:
-                if self.mode == "agent":
+                if self.mode == "agent" and self.registered:
                     log.warning(
                         "consul_registration_lost",
                         service_id=self.service.id,
@@ -273,15 +273,18 @@ class Registrar:
         now = time.time()
         limit = self.service.health.deregister_critical_after
         for entry in entries:
-            node = (entry.get("Node") or {}).get("Node")
+            node_info = entry.get("Node") or {}
+            node = node_info.get("Node")
             service_id = (entry.get("Service") or {}).get("ID")
             last_beat = heartbeat_time(entry)
             if last_beat is None or not node or node == self.node:
                 continue
             if now - last_beat < limit:
                 continue
+            # A node this sidecar kind made holds one instance: remove it whole.
+            ours = (node_info.get("Meta") or {}).get("external-source") == "hms-sidecar"
             try:
-                await self.client.catalog_deregister(node, service_id=service_id)
+                await self.client.catalog_deregister(node, None if ours else service_id)
             except ConsulError as exc:
                 log.warning("consul_reap_failed", node=node, service_id=service_id, error=str(exc))
                 continue

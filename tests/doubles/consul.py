@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import math
 import random
 import re
 import time
@@ -35,28 +36,55 @@ DEREGISTER_MIN = 60.0
 #: How often the double expires TTLs and reaps, in real time (real Consul's reaper: 30 s).
 TICK = 0.05
 
-_GO_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h))+")
-_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_META_KEY = re.compile(r"^[a-zA-Z0-9_-]+$")
+#: One element of a Go duration: digits, an optional fraction, then the unit (time.ParseDuration).
+_GO_ELEMENT = re.compile(r"([0-9]*)(\.[0-9]*)?([^0-9.]*)")
+_GO_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "\u00b5s": 1e-6,
+    "\u03bcs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_META_KEY = re.compile(r"[a-zA-Z0-9_-]+")  # fullmatch: Go's `$` never matches before "\n"
 _STATUSES = ("passing", "warning", "critical")
 _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 _FALSE = {"0", "f", "F", "FALSE", "false", "False"}
 
 
 def parse_go_duration(value: object) -> float:
-    """Seconds from a Go duration string, or from a JSON number of nanoseconds."""
+    """Seconds from a Go duration string (as `time.ParseDuration` reads it, errors worded
+    alike), or from a JSON number of nanoseconds."""
     if isinstance(value, bool):
         raise ValueError("bool")
     if isinstance(value, int | float):
         return float(value) / 1e9
-    if isinstance(value, str):
-        text = value.strip()
-        if text in ("0", ""):
-            return 0.0
-        if _GO_DURATION.fullmatch(text):
-            return sum(float(n) * _GO_UNITS[u] for n, u in _GO_PART.findall(text))
-    raise ValueError(f"time: invalid duration {value!r}")
+    if not isinstance(value, str):
+        raise ValueError(f"time: invalid duration {value!r}")
+    invalid = f'time: invalid duration "{value}"'
+    text, sign = value, 1.0
+    if text[:1] in ("-", "+"):
+        sign, text = (-1.0 if text[0] == "-" else 1.0), text[1:]
+    if text == "0":
+        return 0.0
+    if not text:
+        raise ValueError(invalid)
+    total = 0.0
+    while text:
+        match = _GO_ELEMENT.match(text)
+        assert match is not None  # every part of the pattern may be empty
+        whole, fraction, unit = match.groups()
+        if not whole and len(fraction or "") < 2:
+            raise ValueError(invalid)
+        if not unit:
+            raise ValueError(f'time: missing unit in duration "{value}"')
+        if unit not in _GO_UNITS:
+            raise ValueError(f'time: unknown unit "{unit}" in duration "{value}"')
+        total += float((whole or "0") + (fraction or "")) * _GO_UNITS[unit]
+        text = text[match.end() :]
+    return sign * total
 
 
 class ConsulFailure(Exception):
@@ -172,6 +200,7 @@ _CATALOG_SERVICE_FIELDS = [
 _DEREGISTER_FIELDS = ["Node", "Datacenter", "CheckID", "ServiceID", "Namespace", "Partition"]
 _UPDATE_FIELDS = ["Status", "Output"]
 _WEIGHT_FIELDS = ["Passing", "Warning"]
+_ADDRESS_FIELDS = ["Address", "Port"]
 
 
 def _fold(name: str) -> str:
@@ -332,7 +361,7 @@ def _validate_meta(meta: object, what: str = "Service") -> dict[str, str]:
         prefix = f"Invalid {what} Meta: Couldn't load metadata pair ('{key}', '{value}'): "
         if not key:
             raise ConsulFailure(400, prefix + "Key cannot be blank")
-        if not _META_KEY.match(key):
+        if not _META_KEY.fullmatch(key):
             raise ConsulFailure(400, prefix + "Key contains invalid characters")
         if len(key) > 128:
             raise ConsulFailure(400, prefix + "Key is too long (limit: 128 characters)")
@@ -340,7 +369,7 @@ def _validate_meta(meta: object, what: str = "Service") -> dict[str, str]:
             raise ConsulFailure(400, prefix + "Key prefix 'consul-' is reserved for internal use")
         if not isinstance(value, str):
             raise ConsulFailure(400, "Request decode failed: json: cannot unmarshal Meta value")
-        if len(value) > 512:
+        if len(value.encode()) > 512:  # Go's len(): bytes, not characters
             raise ConsulFailure(400, prefix + "Value is too long (limit: 512 characters)")
     return dict(meta)
 
@@ -425,13 +454,16 @@ class ConsulDouble:
 
     async def go_down(self) -> None:
         """Refuse connections: stop listening and cut every open request (state is kept)."""
-        if self._site is not None:
-            await self._site.stop()
-            self._site = None
+        site, self._site = self._site, None
+        if site is not None and site._server is not None:
+            site._server.close()  # no new connections; stop() would wait for the open ones
         for request in list(self._active.values()):
             if request.transport is not None:
                 request.transport.abort()
+        self._epoch += 1  # blocked queries return now (to a cut connection) instead of at `wait`
         self._wake()
+        if site is not None:
+            await site.stop()
 
     async def stop(self) -> None:
         if self._ticker is not None:
@@ -575,11 +607,15 @@ class ConsulDouble:
         touched: set[str] = set()
         for entry in list(self._nodes.values()):
             for check in list(entry.checks.values()):
-                if check.ttl and check.status != "critical" and now >= check.expires_at:
+                if check.ttl and now >= check.expires_at:
+                    # Consul's TTL timer fires once, whatever the status, until the next update.
+                    check.expires_at = math.inf
                     self._set_status(
                         check,
                         "critical",
-                        f"TTL expired (last output before timeout follows): {check.output}",
+                        f"TTL expired (last output before timeout follows): {check.output}"
+                        if check.output
+                        else "TTL expired",
                     )
                     touched.add(check.service_name)
             if entry is not self._agent:
@@ -629,7 +665,7 @@ class ConsulDouble:
     def _service_record(self, fields: Json) -> Json:
         address = fields.get("Address") or ""
         port = fields.get("Port") or 0
-        tagged = fields.get("TaggedAddresses") or _tagged(address, port)
+        tagged = {**_tagged(address, port), **(fields.get("TaggedAddresses") or {})}
         return {
             "ID": fields["ID"],
             "Service": fields["Service"],
@@ -710,6 +746,10 @@ class ConsulDouble:
         self._routes = [(re.compile(p), m, h) for p, m, h in table]
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        if self._site is None and request.transport is not None:
+            # Accepted just before go_down(): a Consul that is down answers nothing.
+            request.transport.abort()
+            return web.Response(status=503)
         body = await request.read()
         self.requests.append(
             RecordedRequest(
@@ -746,7 +786,7 @@ class ConsulDouble:
             match = pattern.fullmatch(request.path)
             if match is None:
                 continue
-            allow = ",".join(sorted({*methods, "OPTIONS"}))
+            allow = ",".join(("OPTIONS", *methods))
             if request.method == "OPTIONS":
                 return web.Response(headers={"Allow": allow})
             if request.method not in methods:
@@ -756,14 +796,25 @@ class ConsulDouble:
 
     # --- ACL -------------------------------------------------------------------------------------
 
+    def _token(self, request: web.Request) -> str:
+        token = request.query.get("token") or request.headers.get("X-Consul-Token") or ""
+        if not token:
+            scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+            if scheme == "Bearer" and value.strip():
+                token = value.split()[0]
+        return token
+
+    def _resolve_token(self, request: web.Request) -> None:
+        """Consul resolves the token first: an unknown one is a 403 on reads too (where a
+        known token that may not read only gets filtered answers)."""
+        token = self._token(request)
+        if self.acl_tokens is not None and token and token not in self.acl_tokens:
+            raise ConsulFailure(403, "ACL not found")
+
     def _authorize(self, request: web.Request, permission: str, name: str) -> None:
         if self.acl_tokens is None:
             return
-        token = request.query.get("token") or request.headers.get("X-Consul-Token", "")
-        if not token:
-            auth = request.headers.get("Authorization", "").split()
-            if len(auth) == 2 and auth[0] == "Bearer":
-                token = auth[1]
+        token = self._token(request)
         if not token:
             if self.default_policy == "allow":
                 return
@@ -811,6 +862,9 @@ class ConsulDouble:
             if weights["Passing"] > 65535 or weights["Warning"] > 65535:
                 raise ConsulFailure(400, "Invalid Weights: DNS Weight must be between 0 and 65535")
         meta = _validate_meta(raw.get("Meta"))
+        tagged = raw.get("TaggedAddresses")
+        if isinstance(tagged, dict):  # {name: {Address, Port}}, keys decoded like the rest
+            tagged = {k: _decode_object(v, _ADDRESS_FIELDS) for k, v in tagged.items()}
         self._authorize(request, "service:write", name)
         definitions = []
         single = raw.get("Check")
@@ -858,7 +912,7 @@ class ConsulDouble:
                 "Port": raw.get("Port") or 0,
                 "Weights": weights,
                 "EnableTagOverride": raw.get("EnableTagOverride"),
-                "TaggedAddresses": raw.get("TaggedAddresses"),
+                "TaggedAddresses": tagged,
             }
         )
         if previous is not None:
@@ -878,7 +932,7 @@ class ConsulDouble:
             d.get(k)
             for k in ("HTTP", "TCP", "UDP", "ScriptArgs", "Args", "GRPC", "H2PING", "OSService")
         )
-        if ttl is not None and interval:
+        if ttl is not None and ttl > 0 and interval > 0:
             raise ConsulFailure(400, "Invalid check: Interval and TTL cannot both be specified")
         if typed and interval <= 0:
             raise ConsulFailure(
@@ -890,7 +944,7 @@ class ConsulDouble:
         if untyped and (ttl is None or ttl <= 0):
             raise ConsulFailure(400, "Invalid check: TTL must be > 0 for TTL checks")
         warn, crit = d.get("FailuresBeforeWarning") or 0, d.get("FailuresBeforeCritical") or 0
-        if warn and crit and warn > crit:
+        if warn > crit:
             raise ConsulFailure(
                 400,
                 "Invalid check: FailuresBeforeWarning can't be higher than FailuresBeforeCritical",
@@ -913,7 +967,7 @@ class ConsulDouble:
 
     def _agent_check(self, check_id: str) -> _Check:
         check = self._agent.checks.get(check_id)
-        if check is None:
+        if check is None or check_id == "serfHealth":  # serfHealth is the servers', not local
             raise ConsulFailure(
                 404,
                 f'Unknown check ID "{check_id}". Ensure that the check ID is passed, not the '
@@ -951,6 +1005,8 @@ class ConsulDouble:
             raise self._unknown_service(id)
         self._authorize(request, "service:write", service["Service"])
         cid = f"_service_maintenance:{id}"
+        if enable and cid in self._agent.checks:
+            return web.Response()  # already on: Consul keeps the first reason
         if enable:
             reason = request.query.get("reason") or (
                 "Maintenance mode is enabled for this service, but no reason was provided. "
@@ -1031,23 +1087,28 @@ class ConsulDouble:
 
     def _health_answer(self, request: web.Request, status: str, body: object) -> web.Response:
         code = {"passing": 200, "warning": 429, "critical": 503}[status]
-        wants_text = request.query.get("format") == "text" or request.headers.get(
-            "Accept", ""
-        ).startswith("text/plain")
-        if wants_text:
+        if _wants_text(request):
             return web.Response(status=code, text=status, content_type="text/plain")
         return _json(request, body, status=code)
 
+    def _not_found(self, request: web.Request, reason: str, body: object) -> web.Response:
+        """Consul's 404 here is a payload: the reason as text, else a JSON body."""
+        if _wants_text(request):
+            return web.Response(status=404, text=reason, content_type="text/plain")
+        return _json(request, body, status=404)
+
     async def _agent_health_id(self, request: web.Request, id: str) -> web.Response:
         if id not in self._agent.services:
-            raise ConsulFailure(404, f"ServiceId {id} not found")
+            reason = f"ServiceId {id} not found"
+            unknown = {"AggregatedStatus": "critical", "Service": None, "Checks": None}
+            return self._not_found(request, reason, unknown)
         status, body = self._aggregate(id)
         return self._health_answer(request, status, body)
 
     async def _agent_health_name(self, request: web.Request, name: str) -> web.Response:
         ids = [sid for sid, s in self._agent.services.items() if s["Service"] == name]
         if not ids:
-            raise ConsulFailure(404, f"ServiceName {name} Not Found")
+            return self._not_found(request, f"ServiceName {name} Not Found", [])
         results = [self._aggregate(sid) for sid in ids]
         statuses = {s for s, _ in results}
         status = (
@@ -1076,11 +1137,12 @@ class ConsulDouble:
     async def _catalog_register(self, request: web.Request) -> web.Response:
         raw = _decode_object(await _body(request), _CATALOG_FIELDS)
         node_name = raw.get("Node")
+        # Catalog.Register's own checks come back over RPC as plain errors: a 500.
         if not node_name:
-            raise ConsulFailure(400, "Must provide node")
-        address = raw.get("Address")
-        if not address:
-            raise ConsulFailure(400, "Must provide address")
+            raise ConsulFailure(500, "Must provide node")
+        address = raw.get("Address") or ""
+        if not address and not raw.get("SkipNodeUpdate"):
+            raise ConsulFailure(500, "Must provide address if SkipNodeUpdate is not set")
         if raw.get("Datacenter") and raw["Datacenter"] != self.datacenter:
             raise ConsulFailure(500, "No path to datacenter")
         node_meta = _validate_meta(raw.get("NodeMeta"), "Node")
@@ -1153,7 +1215,7 @@ class ConsulDouble:
         raw = _decode_object(await _body(request), _DEREGISTER_FIELDS)
         node_name = raw.get("Node")
         if not node_name:
-            raise ConsulFailure(400, "Must provide node")
+            raise ConsulFailure(500, "Must provide node")  # Catalog.Deregister's, over RPC
         self._authorize(request, "node:write", node_name)
         entry = self._nodes.get(node_name)
         if entry is None:
@@ -1255,6 +1317,7 @@ class ConsulDouble:
         self, request: web.Request, index_of: Callable[[], int], body: Callable[[], object]
     ) -> web.Response:
         query = request.query
+        self._resolve_token(request)
         dc = query.get("dc")
         if dc and dc != self.datacenter:
             raise ConsulFailure(500, "No path to datacenter")
@@ -1263,13 +1326,13 @@ class ConsulDouble:
                 400, "Cannot specify ?stale with ?consistent, conflicting semantics."
             )
         min_index = 0
-        if "index" in query:
+        if query.get("index"):
             text = query["index"]
-            if not text.isdigit():
+            if not re.fullmatch(r"[0-9]+", text) or int(text) >= 2**64:
                 raise ConsulFailure(400, "Invalid index")
             min_index = int(text)
         wait = 300.0
-        if "wait" in query:
+        if query.get("wait"):
             try:
                 wait = parse_go_duration(query["wait"])
             except ValueError:
@@ -1300,7 +1363,14 @@ class ConsulDouble:
         )
 
 
+def _wants_text(request: web.Request) -> bool:
+    if request.headers.get("Accept", "").startswith("text/plain"):
+        return True
+    return request.query.get("format") == "text"
+
+
 def _json(request: web.Request, body: object, status: int = 200) -> web.Response:
     pretty = "pretty" in request.query
-    text = json.dumps(body, indent=4) + "\n" if pretty else json.dumps(body)
+    # Go's json.Marshal is compact: no spaces after separators.
+    text = json.dumps(body, indent=4) + "\n" if pretty else json.dumps(body, separators=(",", ":"))
     return web.Response(status=status, text=text, content_type="application/json")
