@@ -84,6 +84,7 @@ class Sidecar:
             self.dynamic = DynamicServices(
                 self.consul,
                 self._dynamic_upstream,
+                self._retire_dynamic,
                 max_services=config.discovery.max_services,
                 idle_after=config.discovery.idle_after,
             )
@@ -102,22 +103,19 @@ class Sidecar:
         return {**made, **self.upstreams}
 
     def _dynamic_upstream(self, name: str, resolver: ConsulResolver) -> Upstream:
-        upstream = Upstream(UpstreamConfig(name=name), resolver, self.metrics)
-        self.proxy.by_name[name.encode()] = upstream
-        original = upstream.retire
+        return Upstream(UpstreamConfig(name=name), resolver, self.metrics)
 
-        def retire() -> None:
-            self.proxy.by_name.pop(name.encode(), None)
-            original()
-
-        upstream.retire = retire  # type: ignore[method-assign]
-        return upstream
+    def _retire_dynamic(self, name: str, upstream: Upstream) -> None:
+        self.proxy.by_name.pop(name.encode(), None)
+        upstream.retire()
 
     async def _lookup(self, name: str) -> Upstream | None:
         if self.dynamic is None or not _DYNAMIC_NAME.fullmatch(name):
             return None
         try:
             upstream: Upstream | None = await self.dynamic.lookup(name)
+            if upstream is not None:  # later requests find it with a dict lookup
+                self.proxy.by_name[name.encode()] = upstream
         except ConsulError as exc:
             raise ProxyError(
                 ErrorCode.NO_HEALTHY_ENDPOINTS,

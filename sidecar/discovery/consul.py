@@ -267,6 +267,7 @@ class DynamicServices:
         self,
         client: ConsulClient,
         make: Callable[[str, ConsulResolver], Any],
+        retire: Callable[[str, Any], None],
         *,
         max_services: int,
         idle_after: float,
@@ -275,6 +276,7 @@ class DynamicServices:
     ) -> None:
         self.client = client
         self._make = make  # (name, resolver) -> an Upstream, whose `served` counts requests
+        self._retire = retire  # (name, upstream): out of routing, connections closed
         self.max_services = max_services
         self.idle_after = idle_after
         self.first_answer_timeout = first_answer_timeout
@@ -345,7 +347,7 @@ class DynamicServices:
                     del self.watches[name]
                     del self._last_seen[name]
                     await resolver.stop()
-                    upstream.retire()
+                    self._retire(name, upstream)
                     log.info("dynamic_service_watch_stopped", service=name, reason="idle")
 
     async def stop(self) -> None:

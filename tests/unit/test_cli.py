@@ -161,6 +161,22 @@ class TestCheckConfig:
         assert 0 == main(["check-config"])
         assert "config OK: (defaults)" == capsys.readouterr().out.splitlines()[0]
 
+    def test_a_meta_key_consul_would_refuse_is_exit_64(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A dotted meta key fails check-config, not a 400 from Consul at registration."""
+        path = tmp_path / "meta.yaml"
+        path.write_text(
+            "service: {name: permits, port: 8080, meta: {app.version: '1'}}\n"
+            "upstreams: {billing: {}}\n"
+        )
+        assert 64 == main(["check-config", "-c", str(path)])
+        assert [
+            f"config error: 1 problem(s) in {path}",
+            "  service.meta.app.version: key may only hold letters, digits, '_' and '-' "
+            "(Consul rejects others)",
+        ] == capsys.readouterr().err.splitlines()
+
     def test_missing_file_is_a_config_error(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

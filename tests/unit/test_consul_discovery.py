@@ -349,16 +349,36 @@ class TestDynamicServices:
             served = 0
             inflight = 0
 
-            def retire(self) -> None:
-                pass
-
         def make(name: str, resolver: ConsulResolver) -> Made:
             made[name] = resolver
             return Made()
 
-        dynamic = DynamicServices(client, make, max_services=1, idle_after=60)
+        dynamic = DynamicServices(client, make, lambda *_: None, max_services=1, idle_after=60)
         assert None is await dynamic.lookup("nosuch")
         assert isinstance(await dynamic.lookup("billing"), Made)
         assert made["billing"].ready
         assert None is await dynamic.lookup("ledger")  # the bound: one watch
+        await dynamic.stop()
+
+    async def test_an_idle_watch_stops_and_its_upstream_is_retired(
+        self, double: ConsulDouble, client: ConsulClient
+    ) -> None:
+        """No request for idle_after: the watch ends and the upstream leaves routing."""
+        double.register_instance("billing", id="b1", address="10.0.0.1", port=80)
+        retired: list[str] = []
+
+        class Made:
+            served = 0
+            inflight = 0
+
+        dynamic = DynamicServices(
+            client,
+            lambda name, resolver: Made(),
+            lambda name, upstream: retired.append(name),
+            max_services=4,
+            idle_after=0.2,
+        )
+        await dynamic.lookup("billing")
+        await until(lambda: ["billing"] == retired)
+        assert {} == dynamic.watches
         await dynamic.stop()
