@@ -75,7 +75,9 @@ def build_admin_app(
     readiness: Readiness,
     upstreams: Mapping[str, Upstream] | Callable[[], Mapping[str, Upstream]],
     metrics: Metrics,
+    *,
     consul_status: Callable[[], Mapping[str, Any]] | None = None,
+    events_status: Callable[[], Mapping[str, Any]] | None = None,
 ) -> web.Application:
     """The aiohttp application behind the admin listener.
 
@@ -108,6 +110,7 @@ def build_admin_app(
                 "registration": _registration_state(consul),
             },
             "consul": consul,
+            "events": dict(events_status()) if events_status else {"enabled": False},
             "ready": readiness.ready,
             "not_ready_reasons": readiness.reasons(),
             "upstreams": {name: up.status() for name, up in current().items()},

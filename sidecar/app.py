@@ -24,6 +24,7 @@ from sidecar.config import Address, Config, UpstreamConfig
 from sidecar.discovery.base import Endpoint, Listener, Resolver
 from sidecar.discovery.static import StaticResolver
 from sidecar.errors import ConsulError, ErrorCode, ProxyError
+from sidecar.events.spool import SpoolError
 from sidecar.lifecycle import Lifecycle
 from sidecar.proxy.server import Proxy
 from sidecar.proxy.upstream import Upstream
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from sidecar.discovery.consul import ConsulResolver, DynamicServices
     from sidecar.discovery.consul_client import ConsulClient
     from sidecar.discovery.registration import Registrar
+    from sidecar.events.publisher import EventRelay
 
 log = get_logger("sidecar.app")
 
@@ -89,6 +91,12 @@ class Sidecar:
                 idle_after=config.discovery.idle_after,
             )
             self.proxy.lookup = self._lookup
+        self.events: EventRelay | None = None
+        if config.events.enabled:
+            from sidecar.events.publisher import EventRelay  # noqa: PLC0415 - events only
+
+            self.events = EventRelay(config, self.metrics)
+            self.proxy.events = self.events
         self.metrics.add_live(self._live_gauges)
         self._servers: list[asyncio.Server] = []
         self._admin: web.AppRunner | None = None
@@ -144,6 +152,17 @@ class Sidecar:
         )
         registered.add_metric([], 1.0 if self.registrar and self.registrar.registered else 0.0)
         yield registered
+        if self.events is not None:
+            depth = GaugeMetricFamily(
+                "sidecar_events_spool_depth", "Events in the local spool, not yet confirmed."
+            )
+            depth.add_metric([], float(self.events.spool.depth))
+            yield depth
+            connected = GaugeMetricFamily(
+                "sidecar_events_broker_connected", "1 while the publisher is connected to RabbitMQ."
+            )
+            connected.add_metric([], 1.0 if self.events.state == "connected" else 0.0)
+            yield connected
         for name, up in self.all_upstreams().items():
             circuit.add_metric([name], up.breaker.state_code())
             healthy, ejected = up.balancer.counts()
@@ -193,7 +212,12 @@ class Sidecar:
             if up.config.listen is not None:
                 await self._bind(f"upstream:{name}", up.config.listen, up)
         app = build_admin_app(
-            config, readiness, self.all_upstreams, self.metrics, self._consul_status
+            config,
+            readiness,
+            self.all_upstreams,
+            self.metrics,
+            consul_status=self._consul_status,
+            events_status=self._events_status,
         )
         self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._admin.setup()
@@ -206,6 +230,19 @@ class Sidecar:
             ) from exc
         self._log_bound("admin", site._server)
         bound()
+        if self.events is not None:
+            events = self.events
+            try:
+                await events.start()
+            except SpoolError as exc:
+                raise StartupError(f"events: {exc}") from exc
+            readiness.watch(
+                lambda: (
+                    None
+                    if events.spool.writable
+                    else f"events: spool not writable: {events.spool.error}"
+                )
+            )
         if self.consul is not None:
             from sidecar.discovery.registration import Registrar  # noqa: PLC0415 - Consul only
 
@@ -273,6 +310,8 @@ class Sidecar:
         self.proxy.abort_all()
         for up in self.upstreams.values():
             await up.resolver.stop()
+        if self.events is not None:  # after the last publish: the spool keeps the rest
+            await self.events.stop()
         if self.dynamic is not None:
             await self.dynamic.stop()
         if self.consul is not None:
@@ -298,6 +337,11 @@ class Sidecar:
             return EXIT_OK
         finally:
             self.lifecycle.remove_signal_handlers()
+
+    def _events_status(self) -> dict[str, object]:
+        if self.events is None:
+            return {"enabled": False}
+        return {"enabled": True, **self.events.status()}
 
     def _consul_status(self) -> dict[str, object]:
         consul = self.consul

@@ -51,12 +51,15 @@ __all__ = [
     "ConsulConfig",
     "DiscoveryConfig",
     "EnvVar",
+    "EventsConfig",
     "FallbackConfig",
     "HealthConfig",
     "OutlierConfig",
     "RetryConfig",
     "ServiceConfig",
     "ShutdownConfig",
+    "SpoolConfig",
+    "SubscriptionConfig",
     "TelemetryConfig",
     "UpstreamConfig",
     "config_from_mapping",
@@ -83,6 +86,9 @@ ENV_CONSUL_ADDR = "CONSUL_HTTP_ADDR"
 ENV_CONSUL_TOKEN = "CONSUL_HTTP_TOKEN"
 ENV_CONSUL_TOKEN_FILE = "CONSUL_HTTP_TOKEN_FILE"
 ENV_CONSUL_CACERT = "CONSUL_CACERT"
+ENV_AMQP_URL = "SIDECAR_AMQP_URL"
+ENV_AMQP_URL_FILE = "SIDECAR_AMQP_URL_FILE"
+ENV_SPOOL_PATH = "SIDECAR_SPOOL_PATH"
 
 
 class EnvVar(NamedTuple):
@@ -109,6 +115,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar(ENV_CONSUL_TOKEN, "consul.token", "Consul ACL token; wins over the token file"),
     EnvVar(ENV_CONSUL_TOKEN_FILE, "consul.token_file", "file holding the Consul ACL token"),
     EnvVar(ENV_CONSUL_CACERT, "consul.ca_file", "CA bundle for a TLS Consul address"),
+    EnvVar(ENV_AMQP_URL, "events.amqp_url", "RabbitMQ URL (a secret: prefer the _FILE form)"),
+    EnvVar(ENV_AMQP_URL_FILE, "events.amqp_url", "file holding the RabbitMQ URL"),
+    EnvVar(ENV_SPOOL_PATH, "events.spool.path", "SQLite spool file (the container sets it)"),
 )
 
 
@@ -250,6 +259,39 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SubscriptionConfig:
+    """Events on `topic` (an AMQP pattern) POSTed to the app at `path`."""
+
+    name: str
+    topic: str
+    path: str
+    max_attempts: int = 5
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    prefetch: int = 32
+    timeout: float = 30.0  # one POST to the app
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    path: str = ""  # "" until resolved: see `default_spool_path`
+    max_bytes: int = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class EventsConfig:
+    """The event relay; `enabled` when an `events` section or SIDECAR_AMQP_URL(_FILE) is set."""
+
+    enabled: bool = False
+    amqp_url: str = field(default="amqp://guest:guest@127.0.0.1:5672/", repr=False)
+    exchange: str = "events"
+    spool: SpoolConfig = SpoolConfig()
+    max_event_bytes: int = 1024 * 1024
+    confirm_timeout: float = 5.0  # no confirm within this: the event is spooled instead
+    subscriptions: tuple[SubscriptionConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class DiscoveryConfig:
     allow_any_service: bool = False  # any Consul service name is routable, not only upstreams
     max_services: int = 64  # bound on the watches allow_any_service may start
@@ -291,6 +333,7 @@ class Config:
     telemetry: TelemetryConfig = TelemetryConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     app_connections: AppConnectionsConfig = AppConnectionsConfig()
+    events: EventsConfig = EventsConfig()
 
 
 # --- public helpers ------------------------------------------------------------------------
@@ -400,7 +443,8 @@ def config_from_mapping(
         )
     )
     connections_section.done()
-    root.done(unsupported={"events", "alerts"})
+    events = _events(root.section("events"), service, ctx)
+    root.done(unsupported={"alerts"})
 
     if discovery.allow_any_service and not consul.enabled:
         ctx.problem("discovery.allow_any_service", "needs consul.enabled")
@@ -426,6 +470,7 @@ def config_from_mapping(
         telemetry=telemetry,
         shutdown=shutdown,
         app_connections=app_connections,
+        events=events,
     )
 
 
@@ -1104,6 +1149,117 @@ def _telemetry(s: _Section) -> TelemetryConfig:
     )
     s.done(unsupported={"tracing"})
     return telemetry
+
+
+_TOPIC_PATTERN = re.compile(r"(?:[A-Za-z0-9_-]+|\*|#)(?:\.(?:[A-Za-z0-9_-]+|\*|#))*")
+_SUBSCRIPTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+_EXCHANGE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
+
+
+def default_spool_path(service_id: str) -> str:
+    """Where the spool lives when neither the file nor SIDECAR_SPOOL_PATH says: the user's
+    state directory, so a laptop run works without root (the image sets /var/lib/sidecar)."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", service_id) or "sidecar"
+    return os.path.join(state, "hms-sidecar", f"{safe}.spool.db")
+
+
+def _amqp_url(value: object) -> str:
+    text = _string(value).strip()
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        raise ValueError("invalid URL (expected amqp://user:password@host:port/vhost)")
+    return text
+
+
+def _topic_pattern(value: object) -> str:
+    text = _string(value).strip()
+    if len(text) > 255 or not _TOPIC_PATTERN.fullmatch(text):
+        raise ValueError(
+            f"invalid topic pattern {text!r} (dot-separated words of letters, digits, '_' or "
+            "'-', or '*' for one word and '#' for any number)"
+        )
+    return text
+
+
+def _events(s: _Section, service: ServiceConfig, ctx: _Context) -> EventsConfig:
+    defaults = EventsConfig()
+    secret = s.get("amqp_url_file", _secret_file, None, env=ENV_AMQP_URL_FILE)
+    enabled = bool(s.data) or bool(ctx.env(ENV_AMQP_URL)) or secret is not None
+    url = s.get("amqp_url", _amqp_url, defaults.amqp_url, env=ENV_AMQP_URL)
+    if secret is not None and ctx.env(ENV_AMQP_URL) is None:
+        parsed = ctx.parse(ENV_AMQP_URL_FILE, _amqp_url, secret[1])
+        url = parsed or url
+    spool_section = s.section("spool")
+    spool = SpoolConfig(
+        path=spool_section.get("path", _string, "", env=ENV_SPOOL_PATH)
+        or default_spool_path(service.id or service.name or "sidecar"),
+        max_bytes=spool_section.get(
+            "max_bytes", _size(64 * 1024, 1 << 40), SpoolConfig().max_bytes
+        ),
+    )
+    spool_section.done()
+    max_event_bytes = s.get(
+        "max_event_bytes", _size(1, 128 * 1024 * 1024), defaults.max_event_bytes
+    )
+    if max_event_bytes > spool.max_bytes:
+        ctx.problem(s.at("max_event_bytes"), "must not exceed spool.max_bytes")
+    subscriptions: list[SubscriptionConfig] = []
+    raw = s.data.get("subscriptions")
+    s.seen.add("subscriptions")
+    if raw is not None and not isinstance(raw, list):
+        ctx.problem(s.at("subscriptions"), f"expected a list, got {_kind(raw)}")
+        raw = []
+    names: set[str] = set()
+    for i, item in enumerate(raw or ()):
+        sub = _Section(item, f"{s.at('subscriptions')}[{i}]", ctx)
+        name = sub.require("name", _string, "")
+        if name and not _SUBSCRIPTION_NAME.fullmatch(name):
+            ctx.problem(sub.at("name"), "letters, digits, '_', '.' or '-', at most 100")
+        elif name in names:
+            ctx.problem(sub.at("name"), f"duplicates subscription {name!r}")
+        names.add(name)
+        backoff = sub.section("backoff")
+        initial = backoff.get("initial", _duration(), 1.0)
+        most = backoff.get("max", _duration(), max(60.0, initial))
+        if most < initial:
+            ctx.problem(backoff.at("max"), "must not be less than backoff.initial")
+        backoff.done()
+        subscriptions.append(
+            SubscriptionConfig(
+                name=name,
+                topic=sub.require("topic", _topic_pattern, "#"),
+                path=sub.require("path", _http_path, "/"),
+                max_attempts=sub.get("max_attempts", _integer(1, 1000), 5),
+                backoff_initial=initial,
+                backoff_max=most,
+                prefetch=sub.get("prefetch", _integer(1, 2000), 32),
+                timeout=sub.get("timeout", _duration(), 30.0),
+            )
+        )
+        sub.done()
+    if subscriptions and service.port is None and service.name:
+        ctx.problem(s.at("subscriptions"), "need service.port: events are POSTed to the app")
+    exchange = s.get("exchange", _string, defaults.exchange)
+    if not _EXCHANGE_NAME.fullmatch(exchange):
+        ctx.problem(s.at("exchange"), "letters, digits, '_', '.', ':' or '-', at most 255")
+    events = EventsConfig(
+        enabled=enabled,
+        amqp_url=url,
+        exchange=exchange,
+        spool=spool,
+        max_event_bytes=max_event_bytes,
+        confirm_timeout=s.get("confirm_timeout", _duration(), defaults.confirm_timeout),
+        subscriptions=tuple(subscriptions),
+    )
+    s.done()
+    return events
 
 
 def _check_ports(

@@ -21,6 +21,7 @@ _STATUS: dict[str, int] = {
     "BAD_REQUEST": 400,
     "NOT_IMPLEMENTED": 501,
     "SPOOL_FULL": 507,
+    "EVENTS_UNAVAILABLE": 503,
 }
 
 
@@ -38,6 +39,7 @@ class ErrorCode(StrEnum):
     BAD_REQUEST = "BAD_REQUEST"
     NOT_IMPLEMENTED = "NOT_IMPLEMENTED"  # a well-formed request with a method the proxy can't parse
     SPOOL_FULL = "SPOOL_FULL"
+    EVENTS_UNAVAILABLE = "EVENTS_UNAVAILABLE"  # neither the broker nor the spool took it
 
     @property
     def status(self) -> int:

@@ -22,6 +22,7 @@ class Readiness:
 
     def __init__(self) -> None:
         self._waiting: dict[str, str] = {}
+        self._checks: list[Callable[[], str | None]] = []
         self.draining = False
 
     def require(self, name: str, reason: str) -> Callable[[], None]:
@@ -33,6 +34,10 @@ class Readiness:
 
         return done
 
+    def watch(self, check: Callable[[], str | None]) -> None:
+        """A condition asked on every /ready: None when fine, else why not ready."""
+        self._checks.append(check)
+
     def explain(self, name: str, reason: str) -> None:
         """Say why latch `name` is still unset (no effect once it is set)."""
         if name in self._waiting:
@@ -40,12 +45,15 @@ class Readiness:
 
     @property
     def ready(self) -> bool:
-        return not self._waiting and not self.draining
+        return not self._waiting and not self.draining and not self._failing()
+
+    def _failing(self) -> list[str]:
+        return [reason for check in self._checks if (reason := check()) is not None]
 
     def reasons(self) -> list[str]:
         """Why the sidecar is not ready (empty when it is)."""
         reasons = ["shutting down"] if self.draining else []
-        return reasons + sorted(self._waiting.values())
+        return reasons + sorted(self._waiting.values()) + self._failing()
 
     def __repr__(self) -> str:
         return f"<Readiness ready={self.ready} waiting={sorted(self._waiting)}>"

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
-from typing import cast
+from typing import Protocol, cast
 
 import httptools
 
@@ -136,6 +136,16 @@ class Request:
         self.conn: UpstreamConnection | None = None
 
 
+class EventSink(Protocol):
+    """What the proxy needs from the event relay (`sidecar.events`): nothing about AMQP."""
+
+    max_event_bytes: int
+
+    async def publish(
+        self, topic: str, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> bytes: ...
+
+
 class Proxy:
     """The routing table and shared state of every app-facing listener."""
 
@@ -161,6 +171,8 @@ class Proxy:
         # discovery.allow_any_service: finds (or refuses) a name no upstream has; raises
         # ProxyError when it cannot tell. Called only for names not in `by_name`.
         self.lookup: Callable[[str], Awaitable[Upstream | None]] | None = None
+        # The event relay behind POST /v1/publish/{topic}; None without an events section.
+        self.events: EventSink | None = None
 
     def protocol(self, fixed: Upstream | None = None) -> DownstreamProtocol:
         return DownstreamProtocol(self, fixed)
@@ -245,6 +257,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.queue: deque[Request] = deque()
         self.task: asyncio.Task[None] | None = None
         self.exchange: Exchange | None = None
+        self.body_waiter: asyncio.Future[None] | None = None  # a publish reading its body
         self.paused = 0
         self.closed = False
         self.last_active = time.monotonic()  # when the connection last became idle
@@ -435,6 +448,9 @@ class DownstreamProtocol(asyncio.Protocol):
             req.replayable = False
         if req.body_size > BUFFER_LIMIT:
             self._pause(_PAUSE_BUFFER)
+        waiter = self.body_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _body_after_upgrade(self, req: Request) -> None:
         """Parse the body of an upgrade request whose upgrade is ignored (`Upgrade: h2c`
@@ -458,6 +474,9 @@ class DownstreamProtocol(asyncio.Protocol):
         req.body_done = True
         self.in_head = True
         self.head_bytes = 0
+        waiter = self.body_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         if req.conn is not None and req.chunked:
             req.conn.write(_CHUNK_END)
         ex = self.exchange
@@ -502,6 +521,8 @@ class DownstreamProtocol(asyncio.Protocol):
 
     async def _handle(self, req: Request) -> bool:
         """Serve one request; return whether the connection may carry another."""
+        if req.target[:12] == b"/v1/publish/" and self.fixed is None:
+            return await self._publish(req)
         if req.method in _MAX_FORWARDS_METHODS:
             answered = self._max_forwards(req)
             if answered is not None:
@@ -542,6 +563,62 @@ class DownstreamProtocol(asyncio.Protocol):
             if not target:
                 target = b"*" if req.method == b"OPTIONS" else b"/"
         return await Exchange(self, req, upstream, target, host).run()
+
+    async def _publish(self, req: Request) -> bool:
+        """POST /v1/publish/{topic}: hand the event to the relay; 202 once it is durable."""
+        events = self.proxy.events
+        if events is None:
+            return self.send_error(
+                req,
+                ProxyError(
+                    ErrorCode.NO_ROUTE,
+                    "event publishing is not configured: add an events section (or set "
+                    "SIDECAR_AMQP_URL)",
+                ),
+            )
+        topic = req.target[12:].split(b"?", 1)[0].decode("latin-1")
+        if req.method != b"POST":
+            shown = req.method.decode("latin-1")
+            err = ProxyError(ErrorCode.BAD_REQUEST, f"{shown} /v1/publish/{{topic}}: use POST")
+            return self.send_error(req, err)
+        limit = events.max_event_bytes
+        for name, value in req.headers:
+            length = value.strip()
+            if name.lower() == b"content-length" and length.isdigit() and int(length) > limit:
+                return self.send_error(req, _too_large(int(value), limit))
+        try:
+            body = await self._read_body(req, limit)
+        except TimeoutError:
+            stalled = f"no request-body bytes for {self.proxy.limits.body_timeout:g}s"
+            return self.send_error(req, ProxyError(ErrorCode.REQUEST_TIMEOUT, stalled))
+        if body is None:
+            return self.send_error(req, _too_large(req.body_size, limit))
+        try:
+            answer = await events.publish(topic, req.headers, body)
+        except ProxyError as exc:
+            return self.send_error(req, exc)
+        return self.send_response(req, 202, b"content-type: application/json\r\n", answer)
+
+    async def _read_body(self, req: Request, limit: int) -> bytes | None:
+        """The whole request body, or None as soon as it passes `limit` (read no further)."""
+        if req.expect_continue and not req.body_done:
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        timeout = self.proxy.limits.body_timeout
+        while not req.body_done:
+            if req.body_size > limit:
+                return None
+            self._resume(_PAUSE_BUFFER)  # the body is ours to take, not an upstream's
+            waiter = self.body_waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await waiter
+            finally:
+                self.body_waiter = None
+        if req.body_size > limit:
+            return None
+        body = b"".join(req.body)
+        req.body = []
+        return body
 
     def _max_forwards(self, req: Request) -> bool | None:
         """Apply `Max-Forwards` to a TRACE or OPTIONS (RFC 9110 §7.6.2): at 0 answer as
@@ -1352,6 +1429,13 @@ class _BodyAfterUpgrade:
 
 
 _REASONS: dict[int, bytes] = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
+def _too_large(size: int, limit: int) -> ProxyError:
+    return ProxyError(
+        ErrorCode.BODY_TOO_LARGE,
+        f"event body of {size} bytes is over events.max_event_bytes ({limit})",
+    )
 
 
 def _connection_field(req: Request, keep: bool) -> bytes:

@@ -74,6 +74,31 @@ class Metrics:
             ["operation"],
             registry=self.registry,
         )
+        self.events_published = Counter(
+            "sidecar_events_published",
+            "Events the app published, by outcome: confirmed (broker ack), spooled (kept in the "
+            "local spool for the relay), rejected (refused: bad topic, too large, spool full).",
+            ["topic", "outcome"],
+            registry=self.registry,
+        )
+        self.events_relayed = Counter(
+            "sidecar_events_relayed",
+            "Spooled events the relay published and deleted after the broker's confirm.",
+            [],
+            registry=self.registry,
+        )
+        self.events_unroutable = Counter(
+            "sidecar_events_unroutable",
+            "Publishes the broker returned because no queue was bound; the event stays spooled.",
+            ["topic"],
+            registry=self.registry,
+        )
+        self.events_delivered = Counter(
+            "sidecar_events_delivered",
+            "Subscription deliveries to the app, by outcome: ack, retry, dead.",
+            ["subscription", "outcome"],
+            registry=self.registry,
+        )
         build_info = GaugeMetricFamily(
             "sidecar_build_info", "The running sidecar's version.", labels=["version"]
         )

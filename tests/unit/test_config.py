@@ -640,6 +640,96 @@ class TestConsulRegistrationKeys:
         )
 
 
+class TestEvents:
+    def test_off_without_a_section_on_with_one(self) -> None:
+        """No events section: no relay. An empty one turns it on with the defaults."""
+        assert False is build().events.enabled
+        events = build({"events": {"exchange": "events"}}).events
+        assert (True, "events", 1024 * 1024, 512 * 1024 * 1024) == (
+            events.enabled,
+            events.exchange,
+            events.max_event_bytes,
+            events.spool.max_bytes,
+        )
+
+    def test_default_spool_path_is_the_users_state_directory(self) -> None:
+        """Without a path, the spool lives under XDG_STATE_HOME (a laptop needs no root)."""
+        path = build({"events": {"exchange": "events"}}).events.spool.path
+        assert path.endswith(".spool.db")
+        assert "hms-sidecar" in path
+
+    def test_env_wins_for_url_and_spool_path(self, tmp_path: Path) -> None:
+        """SIDECAR_AMQP_URL turns events on; SIDECAR_SPOOL_PATH sets the spool."""
+        env = {
+            "SIDECAR_AMQP_URL": "amqp://u:p@rabbit:5672/vh",
+            "SIDECAR_SPOOL_PATH": str(tmp_path / "s.db"),
+        }
+        events = build(environ=env).events
+        assert (True, "amqp://u:p@rabbit:5672/vh", str(tmp_path / "s.db")) == (
+            events.enabled,
+            events.amqp_url,
+            events.spool.path,
+        )
+        assert "u:p@" not in repr(events)
+
+    def test_url_from_a_secret_file(self, tmp_path: Path) -> None:
+        """SIDECAR_AMQP_URL_FILE holds the URL (a Kubernetes Secret mounted as a file)."""
+        secret = tmp_path / "amqp"
+        secret.write_text("amqp://svc:s3cret@rabbit:5672/\n")
+        events = build(environ={"SIDECAR_AMQP_URL_FILE": str(secret)}).events
+        assert "amqp://svc:s3cret@rabbit:5672/" == events.amqp_url
+
+    def test_subscriptions_are_validated(self) -> None:
+        """Names, topic patterns, paths and limits are checked; a port is required."""
+        assert [
+            "events.subscriptions[0].topic: invalid topic pattern 'permit..*' (dot-separated "
+            "words of letters, digits, '_' or '-', or '*' for one word and '#' for any number)",
+            "events.subscriptions[0].path: invalid path 'events' (expected an absolute path "
+            "like /healthz)",
+            "events.subscriptions[0].prefetch: must be between 1 and 2000, got 5000",
+            "events.subscriptions[1].name: duplicates subscription 'a'",
+            "events.subscriptions: need service.port: events are POSTed to the app",
+        ] == problems(
+            {
+                "events": {
+                    "subscriptions": [
+                        {"name": "a", "topic": "permit..*", "path": "events", "prefetch": 5000},
+                        {"name": "a", "topic": "permit.#", "path": "/e"},
+                    ]
+                }
+            }
+        )
+
+    def test_a_good_subscription(self) -> None:
+        """Every key of SPEC §6's example."""
+        (sub,) = build(
+            {
+                "service": {"port": 8080},
+                "events": {
+                    "subscriptions": [
+                        {
+                            "name": "permit-updates",
+                            "topic": "permit.*",
+                            "path": "/events/permits",
+                            "max_attempts": 5,
+                            "backoff": {"initial": "1s", "max": "60s"},
+                            "prefetch": 32,
+                        }
+                    ]
+                },
+            }
+        ).events.subscriptions
+        assert ("permit-updates", "permit.*", "/events/permits", 5, 1.0, 60.0, 32) == (
+            sub.name,
+            sub.topic,
+            sub.path,
+            sub.max_attempts,
+            sub.backoff_initial,
+            sub.backoff_max,
+            sub.prefetch,
+        )
+
+
 class TestCrossChecks:
     def test_consul_registration_needs_the_app_port(self) -> None:
         """With Consul on (the default) the app's port is required: it is registered and probed."""
@@ -713,10 +803,9 @@ class TestUnknownAndUnsupportedKeys:
         ] == problems({"discovery": {"allow_any": True}, "shutdown": {"grace_period": "30s"}})
 
     def test_later_sections_are_reported_as_not_supported(self) -> None:
-        """events, alerts and telemetry.tracing are documented but not in this build."""
+        """alerts and telemetry.tracing are documented but not in this build."""
         assert [
             "telemetry.tracing: not supported in this build yet",
-            "events: not supported in this build yet",
             "alerts: not supported in this build yet",
             "surprise: unknown key",
         ] == problems({"events": {}, "alerts": {}, "telemetry": {"tracing": {}}, "surprise": 1})
