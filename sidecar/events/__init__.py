@@ -1,0 +1,1 @@
+"""The event relay: publishing to RabbitMQ through a durable spool, and subscriptions."""
