@@ -101,8 +101,12 @@ class EventRelay:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # a bug in a background task must not break the shutdown
+                log.exception("events_task_failed", task=task.get_name())
         self._tasks = []
         self.state = "closed"
         await self._close_connection()
@@ -177,8 +181,10 @@ class EventRelay:
         except aiormq.exceptions.DeliveryError:  # basic.nack: the broker refused it
             self.last_error = "the broker nacked an event"
             return _FAILED
-        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:
-            self.last_error = f"publish failed: {type(exc).__name__}: {exc}"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a dead connection surfaces in many types
+            self.last_error = f"publish failed: {_describe(exc)}"
             self._lost.set()
             return _FAILED
         if isinstance(result, Basic.Ack):
@@ -249,7 +255,9 @@ class EventRelay:
                     exchange = await channel.declare_exchange(
                         self.config.exchange, aio_pika.ExchangeType.TOPIC, durable=True
                     )
-            except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, OSError) as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # aiormq raises anything from a dead socket
                 failures += 1
                 bound = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (failures - 1))
                 delay = self._rng.uniform(bound / 2, bound)
