@@ -16,6 +16,8 @@ Usage:  .venv/bin/python scripts/demo.py      (or `bash scripts/demo.sh`, which 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import http.client
 import importlib.util
 import json
@@ -28,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -50,6 +53,7 @@ BASE_EJECTION = 5.0  # seconds
 FAILURE_THRESHOLD = 3  # circuit breaker: failed requests in a row that open it
 OPEN_FOR = 2.0  # seconds the circuit stays open before a half-open probe
 RETRIES = 1
+EXCHANGE = f"demo-events-{os.getpid()}"  # deleted at the end, with the subscription's queues
 WORK = 0.005  # seconds each billing call "works", so concurrent calls overlap
 
 
@@ -61,11 +65,13 @@ def render_config(
     *,
     consul: str | None = None,
     orders_port: int = 0,
+    amqp_port: int = 5672,
+    spool: str = "spool.db",
 ) -> str:
     """The sidecar's YAML config for the demo: quick limits; static endpoints, or with
     `consul` (a dev agent's address) registration of "orders" and discovery of billing."""
     if consul is None:
-        service = "  port: 8080\n"
+        service = f"  port: {orders_port}          # the app (receives subscribed events)\n"
         registry = "consul:\n  enabled: false            # embedded defaults: static endpoints\n"
         found = f"    endpoints: [{HOST}:{port_a}, {HOST}:{port_b}]"
     else:
@@ -89,6 +95,14 @@ admin:
     retries: {{max: {RETRIES}}}
     outlier: {{consecutive_failures: {CONSECUTIVE_FAILURES}, base_ejection: {BASE_EJECTION:g}s, max_ejection_percent: 50}}
     circuit_breaker: {{failure_threshold: {FAILURE_THRESHOLD}, open_for: {OPEN_FOR:g}s, half_open_probes: 1}}
+events:
+  amqp_url: amqp://guest:guest@{HOST}:{amqp_port}/   # through the demo's cuttable relay
+  exchange: {EXCHANGE}
+  confirm_timeout: 1s
+  spool: {{path: {spool}}}
+  subscriptions:
+    - {{name: receipts, topic: "invoice.*", path: /events/invoice, max_attempts: 3,
+       backoff: {{initial: 200ms, max: 1s}}}}
 shutdown:
   drain: 0s                 # no app to drain for in a demo: stop at once
   grace: 3s
@@ -122,9 +136,27 @@ def serve_billing(name: str, port: int) -> None:
                 await ws.send_str(f"{name}: {message.data}")
         return ws
 
+    received: list[dict[str, str]] = []
+
+    async def event_in(request: web.Request) -> web.Response:
+        """A subscription's delivery (the sidecar POSTs each event here)."""
+        received.append(
+            {
+                "id": request.headers.get("ce-id", ""),
+                "type": request.headers.get("ce-type", ""),
+                "body": (await request.read()).decode(errors="replace"),
+            }
+        )
+        return web.Response(status=204)
+
+    async def events_seen(_: web.Request) -> web.Response:
+        return web.json_response(received)
+
     app = web.Application()
     app.router.add_get("/invoices/{id}", invoice)
     app.router.add_get("/live", live)
+    app.router.add_post("/events/{kind}", event_in)
+    app.router.add_get("/events", events_seen)
     web.run_app(app, host=HOST, port=port, print=None, access_log=None)
 
 
@@ -592,25 +624,169 @@ def step_recovery(sidecar: Sidecar, a: Billing, names: dict[str, str]) -> None:
     show_endpoints(sidecar, names)
 
 
+def publish(sidecar: Sidecar, topic: str, event_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    conn = http.client.HTTPConnection(HOST, sidecar.app_port, timeout=10)
+    try:
+        conn.request(
+            "POST",
+            f"/v1/publish/{topic}",
+            json.dumps(body).encode(),
+            {"content-type": "application/json", "ce-id": event_id},
+        )
+        response = conn.getresponse()
+        answer: dict[str, Any] = json.loads(response.read())
+    finally:
+        conn.close()
+    if response.status != 202:
+        raise DemoFailed(f"publish answered {response.status}: {answer}")
+    return answer
+
+
+def events_status(sidecar: Sidecar) -> dict[str, Any]:
+    status: dict[str, Any] = json.loads(sidecar.admin("/v1/status")[1])["events"]
+    return status
+
+
+def received(orders: Billing) -> list[dict[str, str]]:
+    with urllib.request.urlopen(f"http://{HOST}:{orders.port}/events", timeout=5) as resp:
+        answer: list[dict[str, str]] = json.loads(resp.read())
+    return answer
+
+
+def step_events(sidecar: Sidecar, relay: TcpRelay, orders: Billing, broker: bool) -> None:
+    headline(5, "Events: published without loss, delivered to a subscription")
+    if not broker:
+        for n in (1, 2, 3):
+            answer = publish(sidecar, "invoice.paid", f"invoice-{n}-paid", {"invoice": n})
+            fact(f"POST /v1/publish/invoice.paid (ce-id {answer['id']}) -> 202 {answer['status']}")
+        depth = events_status(sidecar)["spool"]["depth"]
+        fact(f"no RabbitMQ on {HOST}:5672: the events wait in the local spool (depth {depth})")
+        fact("with `apt-get install rabbitmq-server` running, the demo also shows them")
+        fact("confirmed, delivered to the app's subscription, and the spool draining")
+        return
+    wait_for(
+        "the publisher connected to RabbitMQ",
+        lambda: events_status(sidecar)["broker"]["state"] == "connected",
+        15,
+    )
+    for n in (1, 2, 3):
+        answer = publish(sidecar, "invoice.paid", f"invoice-{n}-paid", {"invoice": n})
+        fact(f"POST /v1/publish/invoice.paid (ce-id {answer['id']}) -> 202 {answer['status']}")
+    wait_for("3 deliveries to the app", lambda: len(received(orders)) >= 3, 15)
+    fact(
+        "subscription 'receipts' (invoice.*) POSTed them to the app: "
+        + ", ".join(e["id"] for e in received(orders)[:3])
+    )
+    relay.cut()
+    fact("RabbitMQ becomes unreachable (the demo cuts the connection):")
+    wait_for(
+        "the publisher noticed",
+        lambda: events_status(sidecar)["broker"]["state"] != "connected",
+        15,
+    )
+    for n in range(4, 9):
+        answer = publish(sidecar, "invoice.paid", f"invoice-{n}-paid", {"invoice": n})
+        fact(f"  ce-id {answer['id']} -> 202 {answer['status']}")
+    spool = events_status(sidecar)["spool"]
+    fact(f"the spool holds {spool['depth']} events ({spool['bytes']} bytes, SQLite, fsynced)")
+    relay.restore()
+    began = time.monotonic()
+    wait_for("the spool to drain", lambda: events_status(sidecar)["spool"]["depth"] == 0, 30)
+    fact(f"RabbitMQ is back: the spool drained in {time.monotonic() - began:.1f}s, in order")
+    wait_for("8 deliveries to the app", lambda: len(received(orders)) >= 8, 30)
+    ids = [e["id"] for e in received(orders)]
+    fact(f"the app received all {len(set(ids))} events: {', '.join(ids[3:8])} ...")
+
+
+async def _delete_demo_topology(port: int) -> None:
+    import aio_pika  # noqa: PLC0415 - only when a broker was used
+
+    connection = await aio_pika.connect(f"amqp://guest:guest@{HOST}:{port}/", timeout=5)
+    async with connection:
+        channel = await connection.channel()
+        for queue in ("orders.receipts", "orders.receipts.dlq"):
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(queue)
+        with contextlib.suppress(Exception):
+            await channel.exchange_delete(EXCHANGE)
+
+
 def step_metrics(sidecar: Sidecar) -> None:
-    headline(5, "Everything above is in the metrics")
+    headline(6, "Everything above is in the metrics")
     fact(f"Prometheus metrics: http://{HOST}:{sidecar.admin_port}/metrics (while the demo runs)")
     fact(f"status JSON:        http://{HOST}:{sidecar.admin_port}/v1/status")
     wanted = (
         "sidecar_upstream_requests_total{",
         "sidecar_circuit_state{",
         "sidecar_retries_total{",
+        "sidecar_events_published_total{",
+        "sidecar_events_delivered_total{",
     )
     metrics = sidecar.metrics().splitlines()
-    lines = [line for prefix in wanted for line in metrics if line.startswith(prefix)]
+    lines = [
+        next(x for x in metrics if x.startswith(p))
+        for p in wanted
+        if any(x.startswith(p) for x in metrics)
+    ]
     fact("excerpt:")
-    for line in lines[:5]:
+    for line in lines[:7]:
         fact(f"  {line}")
     if not any(line.startswith(wanted[0]) for line in lines):
         raise DemoFailed("/metrics has no sidecar_upstream_requests_total")
 
 
 # --- putting it together -----------------------------------------------------------------------
+
+
+class TcpRelay:
+    """A TCP forwarder to RabbitMQ that the demo can cut and restore (threads, no asyncio)."""
+
+    def __init__(self, port: int, target: tuple[str, int]) -> None:
+        self.port = port
+        self.target = target
+        self._listener: socket.socket | None = None
+        self._sockets: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def restore(self) -> None:
+        listener = socket.create_server((HOST, self.port), reuse_port=False)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        """Refuse new connections and reset the open ones: RabbitMQ 'vanishes'."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes the pipe threads; the peer sees it
+                    sock.close()
+            self._sockets.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
 
 
 class ConsulAgent:
@@ -699,8 +875,15 @@ def step_consul(sidecar: Sidecar, agent: ConsulAgent) -> None:
         raise DemoFailed(f"expected both billing instances from Consul, got {found}")
 
 
+@dataclass
+class Demo:
+    relay: TcpRelay
+    orders: Billing
+    broker: bool  # RabbitMQ answers on 127.0.0.1:5672
+
+
 @contextmanager
-def running(workdir: Path) -> Iterator[tuple[Sidecar, Billing, Billing, ConsulAgent | None]]:
+def running(workdir: Path) -> Iterator[tuple[Sidecar, Billing, Billing, ConsulAgent | None, Demo]]:
     """Start billing A and B and the sidecar (and a Consul dev agent when `consul` is on
     PATH); stop every process on the way out."""
     taken: set[int] = set()
@@ -709,7 +892,10 @@ def running(workdir: Path) -> Iterator[tuple[Sidecar, Billing, Billing, ConsulAg
     app_port, admin_port = free_port(taken), free_port(taken)
     binary = shutil.which("consul")
     agent = ConsulAgent(binary, taken, workdir) if binary else None
-    orders = Billing("orders", free_port(taken), workdir) if agent else None
+    orders = Billing("orders", free_port(taken), workdir)
+    amqp = int(os.environ.get("DEMO_AMQP_PORT", "5672"))  # a closed port shows the no-broker story
+    relay = TcpRelay(free_port(taken), (HOST, amqp))
+    broker = listening(amqp)
     config = workdir / "sidecar.yaml"
     config.write_text(
         render_config(
@@ -718,15 +904,18 @@ def running(workdir: Path) -> Iterator[tuple[Sidecar, Billing, Billing, ConsulAg
             a.port,
             b.port,
             consul=agent.address if agent else None,
-            orders_port=orders.port if orders else 0,
+            orders_port=orders.port,
+            amqp_port=relay.port,
+            spool=str(workdir / "spool.db"),
         )
     )
     sidecar = Sidecar(config, app_port, admin_port, workdir)
     try:
         a.start()
         b.start()
-        if agent is not None and orders is not None:
-            orders.start()
+        orders.start()
+        relay.restore()
+        if agent is not None:
             agent.start()
             agent.wait_leader()
             for instance in (a, b):  # as their own sidecars would
@@ -743,8 +932,9 @@ def running(workdir: Path) -> Iterator[tuple[Sidecar, Billing, Billing, ConsulAg
         sidecar.start()
         a.wait_listening()
         b.wait_listening()
+        orders.wait_listening()
         sidecar.wait_ready()
-        yield sidecar, a, b, agent
+        yield sidecar, a, b, agent, Demo(relay, orders, broker)
     except DemoFailed:
         print(f"\nlast lines of {sidecar.log_path}:\n{sidecar.log_tail()}", file=sys.stderr)
         raise
@@ -755,17 +945,20 @@ def running(workdir: Path) -> Iterator[tuple[Sidecar, Billing, Billing, ConsulAg
         a.kill()
         b.kill()
         code = sidecar.stop()
-        if orders is not None:
-            orders.kill()
+        orders.kill()
+        relay.cut()
         if agent is not None:
             agent.stop()
+        if broker:
+            with contextlib.suppress(Exception):
+                asyncio.run(_delete_demo_topology(5672))
         if code not in (None, 0):
             print(f"\nthe sidecar exited with code {code}:\n{sidecar.log_tail()}", file=sys.stderr)
 
 
 def tell(workdir: Path) -> None:
     """The whole story, from start to stop."""
-    with running(workdir) as (sidecar, a, b, agent):
+    with running(workdir) as (sidecar, a, b, agent, demo):
         names = {f"{HOST}:{a.port}": "A", f"{HOST}:{b.port}": "B"}
         fact(f"billing A on {HOST}:{a.port}, billing B on {HOST}:{b.port}")
         fact(
@@ -774,9 +967,9 @@ def tell(workdir: Path) -> None:
         )
         config = sidecar.config_path.read_text().splitlines()
         if agent is None:
-            fact("its config, upstream part (no Consul, static endpoints):")
+            fact("its config, upstreams and events (no Consul, static endpoints):")
         else:
-            fact(f"its config, upstream part (Consul dev agent at {agent.address}):")
+            fact(f"its config, upstreams and events (Consul dev agent at {agent.address}):")
         for line in config[config.index("upstreams:") : config.index("shutdown:")]:
             fact(f"  {line}")
         if agent is not None:
@@ -788,6 +981,7 @@ def tell(workdir: Path) -> None:
         step_one_down(sidecar, b, names)
         step_all_down(sidecar, a, names)
         step_recovery(sidecar, a, names)
+        step_events(sidecar, demo.relay, demo.orders, demo.broker)
         step_metrics(sidecar)
         began = time.monotonic()
         code = sidecar.stop()

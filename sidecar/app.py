@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from sidecar.discovery.consul_client import ConsulClient
     from sidecar.discovery.registration import Registrar
     from sidecar.events.publisher import EventRelay
+    from sidecar.events.subscriber import Subscriptions
 
 log = get_logger("sidecar.app")
 
@@ -97,6 +98,11 @@ class Sidecar:
 
             self.events = EventRelay(config, self.metrics)
             self.proxy.events = self.events
+        self.subscriptions: Subscriptions | None = None
+        if config.events.enabled and config.events.subscriptions:
+            from sidecar.events.subscriber import Subscriptions  # noqa: PLC0415 - events only
+
+            self.subscriptions = Subscriptions(config, self.metrics)
         self.metrics.add_live(self._live_gauges)
         self._servers: list[asyncio.Server] = []
         self._admin: web.AppRunner | None = None
@@ -243,6 +249,8 @@ class Sidecar:
                     else f"events: spool not writable: {events.spool.error}"
                 )
             )
+        if self.subscriptions is not None:
+            await self.subscriptions.start()
         if self.consul is not None:
             from sidecar.discovery.registration import Registrar  # noqa: PLC0415 - Consul only
 
@@ -284,6 +292,9 @@ class Sidecar:
             grace_s=config.grace,
             in_flight=self.proxy.active,
         )
+        deliveries = None
+        if self.subscriptions is not None:  # no new deliveries; those in flight get `grace`
+            deliveries = asyncio.ensure_future(self.subscriptions.stop(config.grace))
         if self.registrar is not None:  # first, so callers stop choosing this instance
             await self.registrar.deregister()
         if self.started:  # a failed start has nobody to keep serving
@@ -310,6 +321,8 @@ class Sidecar:
         self.proxy.abort_all()
         for up in self.upstreams.values():
             await up.resolver.stop()
+        if deliveries is not None:
+            await deliveries
         if self.events is not None:  # after the last publish: the spool keeps the rest
             await self.events.stop()
         if self.dynamic is not None:
@@ -341,7 +354,12 @@ class Sidecar:
     def _events_status(self) -> dict[str, object]:
         if self.events is None:
             return {"enabled": False}
-        return {"enabled": True, **self.events.status()}
+        status: dict[str, object] = {"enabled": True, **self.events.status()}
+        if self.subscriptions is not None:
+            deliveries = self.subscriptions.status()
+            status["subscriber"] = deliveries["broker"]
+            status["subscriptions"] = deliveries["subscriptions"]
+        return status
 
     def _consul_status(self) -> dict[str, object]:
         consul = self.consul

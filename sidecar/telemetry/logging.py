@@ -113,6 +113,9 @@ def configure_logging(log_format: str, log_level: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(max(logging.WARNING, level))
+    # aiormq logs an ERROR with a traceback on every lost broker connection; the relay and
+    # the subscriptions report those themselves (broker_connection_lost, with the reason).
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
 
 
 def get_logger(name: str) -> FilteringBoundLogger:

@@ -108,6 +108,20 @@ class TestReadiness:
         found()
         assert (True, []) == (readiness.ready, readiness.reasons())
 
+    def test_a_watched_condition_is_asked_each_time(self) -> None:
+        """A watch (the spool's writability) turns readiness off while it has a reason."""
+        readiness = Readiness()
+        problem: list[str] = []
+        readiness.watch(lambda: problem[0] if problem else None)
+        assert (True, []) == (readiness.ready, readiness.reasons())
+        problem.append("events: spool not writable: disk full")
+        assert (False, ["events: spool not writable: disk full"]) == (
+            readiness.ready,
+            readiness.reasons(),
+        )
+        problem.clear()
+        assert readiness.ready
+
     def test_draining_is_never_ready(self) -> None:
         """Once draining, readiness stays off with the reason 'shutting down'."""
         readiness = Readiness()
