@@ -70,7 +70,7 @@ class Spool:
         self.depth = 0
         self.bytes = 0
         self.topics: Counter[str] = Counter()  # spooled events per topic
-        self.unroutable = 0
+        self._unroutable: set[int] = set()  # seqs of spooled events the broker returned
         self.last_seq = 0
         self.error: str | None = None  # the last write error, None once a write succeeds
         self._oldest: float | None = None
@@ -118,14 +118,15 @@ class Spool:
             db.execute(_SCHEMA)
             row = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(LENGTH(body) + LENGTH(headers)), 0), "
-                "COALESCE(MAX(seq), 0), MIN(spooled_at), COALESCE(SUM(unroutable), 0) "
-                "FROM events"
+                "COALESCE(MAX(seq), 0), MIN(spooled_at) FROM events"
             ).fetchone()
             topics = db.execute("SELECT topic, COUNT(*) FROM events GROUP BY topic").fetchall()
+            returned = db.execute("SELECT seq FROM events WHERE unroutable = 1").fetchall()
         except sqlite3.Error as exc:
             raise SpoolError(f"cannot open the spool {self.path}: {exc}") from None
         self._db = db
-        self.depth, raw_bytes, self.last_seq, self._oldest, self.unroutable = row
+        self.depth, raw_bytes, self.last_seq, self._oldest = row
+        self._unroutable = {seq for (seq,) in returned}
         self.bytes = raw_bytes + ROW_OVERHEAD * self.depth
         self.topics = Counter(dict(topics))
 
@@ -218,6 +219,7 @@ class Spool:
 
     def _forget(self, events: Iterable[Event]) -> None:
         for event in events:
+            self._unroutable.discard(event.seq)
             self.bytes -= event_size(event)
             self.depth -= 1
             self.topics[event.topic] -= 1
@@ -274,18 +276,21 @@ class Spool:
         row = self._require().execute("SELECT MIN(spooled_at) FROM events").fetchone()
         return None if row is None else row[0]
 
+    @property
+    def unroutable(self) -> int:
+        """Spooled events whose last publish the broker returned (no queue bound)."""
+        return len(self._unroutable)
+
     async def mark_unroutable(self, event: Event) -> None:
+        if event.seq in self._unroutable:
+            return
         await self._run(self._mark, event.seq)
-        self.unroutable += 1
+        self._unroutable.add(event.seq)
 
     def _mark(self, seq: int) -> None:
         db = self._require()
         with _transaction(db):
             db.execute("UPDATE events SET unroutable = 1 WHERE seq = ? AND unroutable = 0", (seq,))
-
-    async def routed(self, event: Event) -> None:
-        """An event that was unroutable reached a queue after all."""
-        self.unroutable = max(0, self.unroutable - 1)
 
     # --- state ------------------------------------------------------------------------
 
