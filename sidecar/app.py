@@ -213,6 +213,21 @@ class Sidecar:
             for name in self.upstreams
         }
         self.proxy.start_sweeping()
+        if self.events is not None:
+            # Before the app listener: a publish must find the spool open (its sequence
+            # numbers continue the file's) or it could overwrite a spooled event.
+            events = self.events
+            try:
+                await events.start()
+            except SpoolError as exc:
+                raise StartupError(f"events: {exc}") from exc
+            readiness.watch(
+                lambda: (
+                    None
+                    if events.spool.writable
+                    else f"events: spool not writable: {events.spool.error}"
+                )
+            )
         await self._bind("app", config.listen, None)
         for name, up in self.upstreams.items():
             if up.config.listen is not None:
@@ -236,19 +251,6 @@ class Sidecar:
             ) from exc
         self._log_bound("admin", site._server)
         bound()
-        if self.events is not None:
-            events = self.events
-            try:
-                await events.start()
-            except SpoolError as exc:
-                raise StartupError(f"events: {exc}") from exc
-            readiness.watch(
-                lambda: (
-                    None
-                    if events.spool.writable
-                    else f"events: spool not writable: {events.spool.error}"
-                )
-            )
         if self.subscriptions is not None:
             await self.subscriptions.start()
         if self.consul is not None:

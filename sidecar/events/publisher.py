@@ -83,6 +83,7 @@ class EventRelay:
         self._blocked: dict[str, float] = {}  # unroutable topic -> retry time (monotonic)
         self._tasks: list[asyncio.Task[None]] = []
         self._rng = random.Random()
+        self._relay_failures = 0  # rounds in a row that did not confirm everything
 
     # --- life -------------------------------------------------------------------------
 
@@ -220,6 +221,11 @@ class EventRelay:
                 while self.state == "connected" and self.spool.depth:
                     if not await self._relay_batch():
                         break
+                if self._relay_failures:
+                    # A broker that takes events without confirming them: back off, and
+                    # the next round sends one event, so copies cannot pile up.
+                    bound = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (self._relay_failures - 1))
+                    await asyncio.sleep(self._rng.uniform(bound / 2, bound))
             except SpoolError as exc:
                 log.error("spool_relay_failed", error=str(exc))
                 await asyncio.sleep(1.0)
@@ -228,10 +234,13 @@ class EventRelay:
         """Publish the oldest spooled events; whether the round made progress."""
         now = time.monotonic()
         self._blocked = {t: until for t, until in self._blocked.items() if until > now}
-        batch = await self.spool.head(RELAY_BATCH, self._blocked)
+        size = 1 if self._relay_failures else RELAY_BATCH
+        batch = await self.spool.head(size, self._blocked)
         if not batch:
             return False
         outcomes = await asyncio.gather(*(self._publish_one(e) for e in batch))
+        failed = _FAILED in outcomes
+        self._relay_failures = self._relay_failures + 1 if failed else 0
         done = [e for e, o in zip(batch, outcomes, strict=True) if o == _CONFIRMED]
         await self.spool.delete(done)
         if done:

@@ -209,7 +209,7 @@ class Spool:
         try:
             with _transaction(db):
                 db.executemany(
-                    "INSERT OR REPLACE INTO events "
+                    "INSERT INTO events "
                     "(seq, topic, id, content_type, headers, body, time, spooled_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
