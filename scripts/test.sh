@@ -2,7 +2,7 @@
 # The whole test run: installs what it needs, then lint, types and the test suite.
 #   bash scripts/test.sh [extra pytest args]
 # Needs Python >= 3.11. Installs RabbitMQ from Debian when missing and starts it when
-# it is not running (later issues' tests use the real broker at 127.0.0.1:5672).
+# it is not running (the event tests use the real broker at 127.0.0.1:5672).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,10 +20,10 @@ ensure_rabbitmq() {
         return
     fi
     if ! have_root; then
-        echo "!! RabbitMQ is not running on 127.0.0.1:5672 and installing or starting it needs root or sudo:" >&2
-        echo "!!   sudo apt-get install -y rabbitmq-server && sudo rabbitmq-server -detached" >&2
-        echo "!! going on: no test in this build uses the broker yet" >&2
-        return
+        echo "RabbitMQ is not running on 127.0.0.1:5672 and installing or starting it needs root or sudo:" >&2
+        echo "  sudo apt-get install -y rabbitmq-server && sudo rabbitmq-server -detached" >&2
+        echo "(the event tests publish to and consume from the real broker)" >&2
+        exit 1
     fi
     if [ -z "$(rabbitmq_bin)" ]; then
         echo "== installing rabbitmq-server"

@@ -24,7 +24,6 @@ from sidecar.config import Address, Config, UpstreamConfig
 from sidecar.discovery.base import Endpoint, Listener, Resolver
 from sidecar.discovery.static import StaticResolver
 from sidecar.errors import ConsulError, ErrorCode, ProxyError
-from sidecar.events.spool import SpoolError
 from sidecar.lifecycle import Lifecycle
 from sidecar.proxy.server import Proxy
 from sidecar.proxy.upstream import Upstream
@@ -216,6 +215,8 @@ class Sidecar:
         if self.events is not None:
             # Before the app listener: a publish must find the spool open (its sequence
             # numbers continue the file's) or it could overwrite a spooled event.
+            from sidecar.events.spool import SpoolError  # noqa: PLC0415 - events only
+
             events = self.events
             try:
                 await events.start()
