@@ -1175,6 +1175,11 @@ def _amqp_url(value: object) -> str:
         parts = None
     if parts is None or parts.scheme not in ("amqp", "amqps") or not parts.hostname:
         raise ValueError("invalid URL (expected amqp://user:password@host:port/vhost)")
+    if "@" in parts.path + parts.query + parts.fragment:
+        # `amqp://app:4321/pw@host/` parses as host "app": the password would be shown.
+        raise ValueError(
+            "invalid URL: percent-encode '/', '?', '#' and '@' in the user name and password"
+        )
     return text
 
 

@@ -136,12 +136,26 @@ def _event(
     attributes.setdefault("source", source)
     attributes.setdefault("type", topic)
     attributes["specversion"] = "1.0"
+    # AMQP short strings (message_id, content_type) hold at most 255 bytes.
+    if len(attributes["id"].encode()) > 255:
+        raise bad_request("the event id (ce-id or Idempotency-Key) is longer than 255 bytes")
+    if len(content_type.encode()) > 255:
+        raise bad_request("Content-Type is longer than 255 bytes")
     when = now
     if "time" in attributes:
+        text = attributes["time"]
         try:
-            when = datetime.fromisoformat(attributes["time"]).timestamp()
+            stamp = datetime.fromisoformat(text)
         except ValueError:
-            raise bad_request(f"ce-time {attributes['time']!r} is not an RFC 3339 time") from None
+            stamp = None
+        if stamp is None or stamp.tzinfo is None or "T" not in text.upper():
+            raise bad_request(
+                f"ce-time {text[:80]!r} is not an RFC 3339 time (date, time and zone, "
+                "e.g. 2026-12-05T17:00:00Z)"
+            )
+        when = stamp.timestamp()
+        if when < 0:
+            raise bad_request(f"ce-time {text[:80]!r} is before 1970 (AMQP timestamps)")
     else:
         attributes["time"] = (
             datetime.fromtimestamp(now, UTC)

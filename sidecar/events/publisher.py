@@ -21,10 +21,10 @@ import asyncio
 import contextlib
 import json
 import random
+import struct
 import time
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
@@ -53,11 +53,12 @@ _CONFIRMED, _UNROUTABLE, _FAILED = "confirmed", "unroutable", "failed"
 
 def masked_url(url: str) -> str:
     """The AMQP URL with its password replaced, for logs and /v1/status."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
         return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    userinfo, _, host = rest.rpartition("@")  # the last @: a raw @ in a password stays hidden
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
 
 
 class EventRelay:
@@ -184,6 +185,11 @@ class EventRelay:
             return _FAILED
         except asyncio.CancelledError:
             raise
+        except (TypeError, ValueError, OverflowError, struct.error) as exc:
+            # The event cannot be encoded (validated at publish time; an older spool may
+            # hold one): keep it aside like an unroutable one, never block the others.
+            log.error("event_unpublishable", topic=event.topic, id=event.id, error=str(exc))
+            return _UNROUTABLE
         except Exception as exc:  # a dead connection surfaces in many types
             self.last_error = f"publish failed: {_describe(exc)}"
             self._lost.set()

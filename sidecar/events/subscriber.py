@@ -285,8 +285,9 @@ class _Subscription:
 
 
 def _masked_url(url: str) -> str:
-    parsed = URL(url)
-    return str(parsed.with_password("******")) if parsed.password else url
+    from sidecar.events.publisher import masked_url  # noqa: PLC0415 - one masking rule
+
+    return masked_url(url)
 
 
 class Subscriptions:

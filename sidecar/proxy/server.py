@@ -592,7 +592,7 @@ class DownstreamProtocol(asyncio.Protocol):
             stalled = f"no request-body bytes for {self.proxy.limits.body_timeout:g}s"
             return self.send_error(req, ProxyError(ErrorCode.REQUEST_TIMEOUT, stalled))
         if body is None:
-            return self.send_error(req, _too_large(req.body_size, limit))
+            return self.send_error(req, _too_large(None, limit))
         try:
             answer = await events.publish(topic, req.headers, body)
         except ProxyError as exc:
@@ -1431,10 +1431,10 @@ class _BodyAfterUpgrade:
 _REASONS: dict[int, bytes] = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
-def _too_large(size: int, limit: int) -> ProxyError:
+def _too_large(size: int | None, limit: int) -> ProxyError:
+    shown = f"of {size} bytes" if size is not None else f"of more than {limit} bytes"
     return ProxyError(
-        ErrorCode.BODY_TOO_LARGE,
-        f"event body of {size} bytes is over events.max_event_bytes ({limit})",
+        ErrorCode.BODY_TOO_LARGE, f"event body {shown} is over events.max_event_bytes ({limit})"
     )
 
 

@@ -203,7 +203,7 @@ class TestDelivery:
         status = subscriptions.status()
 
         assert "connected" == status["broker"]["state"]
-        assert "amqp://guest:******@127.0.0.1:5672/" == status["broker"]["url"]
+        assert "amqp://guest:***@127.0.0.1:5672/" == status["broker"]["url"]
         orders = status["subscriptions"]["orders"]
         expected = {"queue": setup.queue(), "dlq": setup.dlq(), "consuming": True}
         assert expected == {key: orders[key] for key in expected}

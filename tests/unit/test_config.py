@@ -672,6 +672,13 @@ class TestEvents:
         )
         assert "u:p@" not in repr(events)
 
+    def test_a_raw_slash_in_the_password_is_refused(self) -> None:
+        """`amqp://app:4321/pw@host/` would parse as host `app` and show the password."""
+        assert [
+            "events.amqp_url: invalid URL: percent-encode '/', '?', '#' and '@' in the user "
+            "name and password"
+        ] == problems({"events": {"amqp_url": "amqp://app:4321/Secr3t@127.0.0.1:5672/"}})
+
     def test_url_from_a_secret_file(self, tmp_path: Path) -> None:
         """SIDECAR_AMQP_URL_FILE holds the URL (a Kubernetes Secret mounted as a file)."""
         secret = tmp_path / "amqp"

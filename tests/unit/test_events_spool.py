@@ -12,6 +12,7 @@ import pytest
 
 from sidecar.errors import ProxyError
 from sidecar.events.cloudevents import Event, from_http
+from sidecar.events.publisher import masked_url
 from sidecar.events.spool import Spool, SpoolError, SpoolFull, event_size
 
 
@@ -124,6 +125,21 @@ def headers(**fields: str) -> list[tuple[bytes, bytes]]:
     return [(k.replace("_", "-").encode(), v.encode()) for k, v in fields.items()]
 
 
+class TestMaskedUrl:
+    @pytest.mark.parametrize(
+        ("url", "shown"),
+        [
+            ("amqp://guest:guest@127.0.0.1:5672/", "amqp://guest:***@127.0.0.1:5672/"),
+            ("amqp://u:p%40ss@rabbit/vh", "amqp://u:***@rabbit/vh"),
+            ("amqp://u:a@b@rabbit/", "amqp://u:***@rabbit/"),
+            ("amqp://rabbit:5672/", "amqp://rabbit:5672/"),
+        ],
+    )
+    def test_the_password_never_shows(self, url: str, shown: str) -> None:
+        """Everything between the user name and the last @ is hidden."""
+        assert shown == masked_url(url)
+
+
 class TestCloudEvents:
     def test_binary_mode_defaults(self) -> None:
         """type = topic, source = the service, time = now, a generated id."""
@@ -197,6 +213,11 @@ class TestCloudEvents:
             ("bad topic", {}, b"", "invalid topic"),
             ("t", {"ce_time": "yesterday"}, b"", "is not an RFC 3339 time"),
             ("t", {"ce_specversion": "0.3"}, b"", "only 1.0 is supported"),
+            ("t", {"ce_id": "a" * 256}, b"", "longer than 255 bytes"),
+            ("t", {"content_type": "text/" + "a" * 300}, b"", "Content-Type is longer"),
+            ("t", {"ce_time": "1960-01-01T00:00:00Z"}, b"", "before 1970"),
+            ("t", {"ce_time": "2024-01-01T00:00:00"}, b"", "not an RFC 3339 time"),
+            ("t", {"ce_time": "2024-01-01"}, b"", "not an RFC 3339 time"),
             ("t", {"content_type": "application/cloudevents+json"}, b"[1]", "JSON object"),
             (
                 "t",
