@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from sidecar.backoff import backoff_delay
 from sidecar.discovery.base import Endpoint, Listener
 from sidecar.discovery.consul_client import ConsulClient
 from sidecar.discovery.heartbeat import heartbeat_deadline
@@ -181,8 +182,7 @@ class ConsulResolver:
         if self.failing_since is None:
             self.failing_since = time.time()
         self.last_error = str(exc)
-        bound = min(self.backoff_cap, BACKOFF_FIRST * 2 ** (self._failures - 1))
-        delay = self._rng.uniform(bound / 2, bound)
+        delay = backoff_delay(self._failures, BACKOFF_FIRST, self.backoff_cap, self._rng)
         log.warning(
             "consul_watch_failed",
             upstream=self.upstream,

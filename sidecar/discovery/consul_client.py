@@ -185,7 +185,6 @@ class ConsulClient:
         self._api = _Consul(_SessionTransport(config.address, self._ssl, self), config.token, None)
         self._on_error = on_error
         self.last_contact: float | None = None  # wall-clock time of the last answer
-        self.last_contact_monotonic: float | None = None
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -198,7 +197,6 @@ class ConsulClient:
 
     def contacted(self) -> None:
         self.last_contact = time.time()
-        self.last_contact_monotonic = time.monotonic()
 
     def last_contact_iso(self) -> str | None:
         if self.last_contact is None:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from sidecar.backoff import backoff_delay
 from sidecar.config import Config
 from sidecar.discovery.consul_client import ConsulClient
 from sidecar.discovery.health import AppProbe, ProbeResult
@@ -174,9 +175,7 @@ class Registrar:
 
     async def _failed(self, exc: ConsulError) -> None:
         self._failures += 1
-        delay = self._rng.uniform(
-            BACKOFF_FIRST / 2, min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (self._failures - 1))
-        )
+        delay = backoff_delay(self._failures, BACKOFF_FIRST, BACKOFF_CAP, self._rng)
         self.last_error = str(exc)
         hint = (
             "check the ACL token (CONSUL_HTTP_TOKEN or consul.token_file): it needs "

@@ -31,6 +31,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from pamqp.commands import Basic
 
+from sidecar.backoff import backoff_delay
 from sidecar.config import Config
 from sidecar.errors import ErrorCode, ProxyError
 from sidecar.events.cloudevents import Event, from_http
@@ -230,8 +231,9 @@ class EventRelay:
                 if self._relay_failures:
                     # A broker that takes events without confirming them: back off, and
                     # the next round sends one event, so copies cannot pile up.
-                    bound = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (self._relay_failures - 1))
-                    await asyncio.sleep(self._rng.uniform(bound / 2, bound))
+                    await asyncio.sleep(
+                        backoff_delay(self._relay_failures, BACKOFF_FIRST, BACKOFF_CAP, self._rng)
+                    )
             except SpoolError as exc:
                 log.error("spool_relay_failed", error=str(exc))
                 await asyncio.sleep(1.0)
@@ -274,8 +276,7 @@ class EventRelay:
                 raise
             except Exception as exc:  # aiormq raises anything from a dead socket
                 failures += 1
-                bound = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (failures - 1))
-                delay = self._rng.uniform(bound / 2, bound)
+                delay = backoff_delay(failures, BACKOFF_FIRST, BACKOFF_CAP, self._rng)
                 self.state = "disconnected"
                 self.last_error = f"cannot connect to {masked_url(url)}: {_describe(exc)}"
                 log.warning(

@@ -55,14 +55,15 @@ from aio_pika.abc import (
 )
 from yarl import URL
 
+from sidecar.backoff import backoff_delay
 from sidecar.config import Config, SubscriptionConfig
+from sidecar.events.publisher import masked_url
 from sidecar.telemetry.logging import get_logger
 from sidecar.telemetry.metrics import Metrics
 
 __all__ = [
     "Outcome",
     "Subscriptions",
-    "backoff_delay",
     "classify",
     "http_headers",
     "previous_attempts",
@@ -112,13 +113,6 @@ def classify(status: int) -> Outcome:
     if 400 <= status < 500 and status not in (408, 429):
         return Outcome.DEAD
     return Outcome.RETRY
-
-
-def backoff_delay(failed: int, initial: float, cap: float, rng: random.Random) -> float:
-    """The wait after `failed` failed attempts (1 = the first): `initial` doubling up to
-    `cap`, then a random half of it taken off, so retries of many events spread out."""
-    base = min(cap, initial * 2.0 ** min(max(failed - 1, 0), 62))
-    return base * (0.5 + 0.5 * rng.random())
 
 
 def retry_after(value: str | None, now: float) -> float | None:
@@ -284,12 +278,6 @@ class _Subscription:
         }
 
 
-def _masked_url(url: str) -> str:
-    from sidecar.events.publisher import masked_url  # noqa: PLC0415 - one masking rule
-
-    return masked_url(url)
-
-
 class Subscriptions:
     """Consumes every configured subscription and delivers its events to the app.
 
@@ -306,7 +294,7 @@ class Subscriptions:
             raise ValueError("subscriptions need service.port: events are POSTed to the app")
         self._url = events.amqp_url
         self._password = URL(events.amqp_url).password or ""
-        self.broker = _masked_url(events.amqp_url)
+        self.broker = masked_url(events.amqp_url)
         self.exchange = events.exchange
         self.service = config.service.name
         self._subs = [_Subscription(s, self.service, port or 0) for s in events.subscriptions]

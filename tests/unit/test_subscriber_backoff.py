@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sidecar.backoff import backoff_delay
 from sidecar.events.subscriber import (
     Outcome,
-    backoff_delay,
     classify,
     http_headers,
     previous_attempts,
