@@ -14,16 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 from aiohttp import web
 
 from tests.doubles.consul import ConsulDouble, RecordedRequest
@@ -89,24 +85,6 @@ class ConsulSidecar(Sidecar):
     @property
     def service_id(self) -> str:
         return str(self.config["service"]["id"])
-
-    def start(self, write_config: bool = True) -> ConsulSidecar:
-        if write_config:
-            self.path.write_text(yaml.safe_dump(self.config))
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("SIDECAR_", "HTTP_PROXY", "CONSUL_"))
-        }
-        env.update(self.env)
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sidecar", "run", "-c", str(self.path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        return self
 
     async def status(self) -> dict[str, Any]:
         async with aiohttp.ClientSession() as session, session.get(f"{self.admin}/v1/status") as r:

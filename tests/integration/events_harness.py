@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import os
-import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,12 +35,12 @@ from sidecar.config import (
     ServiceConfig,
     SubscriptionConfig,
 )
+from tests.integration.amqp_harness import wait_broker
 
 AMQP_HOST = "127.0.0.1"
 AMQP_PORT = 5672
 AMQP_URL = f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/"
 #: The lock every suite sharing this broker takes: shared to keep it up, exclusive to stop it.
-STOP_LOCK = "/tmp/hms-rabbit-stop.lock"
 
 
 def unique(prefix: str) -> str:
@@ -92,66 +89,6 @@ def events_config(
 
 
 # --- the broker -------------------------------------------------------------------------
-
-
-async def rabbitmqctl(*args: str) -> str:
-    """Run `rabbitmqctl args`; its output. AssertionError if it fails."""
-    process = await asyncio.create_subprocess_exec(
-        "rabbitmqctl",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await process.communicate()
-    text = output.decode(errors="replace")
-    assert process.returncode == 0, f"rabbitmqctl {' '.join(args)}: {text}"
-    return text
-
-
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex((host, port)) == 0
-
-
-async def wait_for_broker(timeout: float = 30.0) -> None:
-    """Until the broker accepts an AMQP connection (an open port is not enough: the
-    listener comes up before the vhost is ready)."""
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        if await asyncio.to_thread(_port_open, AMQP_HOST, AMQP_PORT):
-            try:
-                connection = await aio_pika.connect(AMQP_URL, timeout=2)
-            except Exception as exc:  # not ready yet: refused, reset, vhost down
-                last = exc
-            else:
-                await connection.close()
-                return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"RabbitMQ not answering within {timeout}s: {last!r}")
-
-
-@contextlib.asynccontextmanager
-async def broker_lock(*, exclusive: bool, timeout: float = 90.0) -> AsyncIterator[None]:
-    """Hold `STOP_LOCK` (polled, so the event loop never blocks on `flock`); then wait
-    until the broker answers, since an exclusive holder may just have started it."""
-    fd = os.open(STOP_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-    mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, mode)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{STOP_LOCK} not free within {timeout}s") from None
-                await asyncio.sleep(0.05)
-        await wait_for_broker()
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 class Broker:
@@ -251,7 +188,7 @@ class Broker:
     async def cleanup(self) -> None:
         """Delete what the test declared, then close the connection."""
         with contextlib.suppress(Exception):
-            await wait_for_broker()
+            await wait_broker()
         channel = await self.channel()
         for queue in sorted(self.queues):
             await channel.queue_delete(queue)

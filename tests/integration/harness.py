@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import yaml
@@ -433,6 +433,7 @@ class Sidecar:
         }
         self.path = tmp / "sidecar.yaml"
         self.log_path = tmp / "sidecar.log"
+        self.env: dict[str, str] = {}  # added to the process's environment
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -443,11 +444,13 @@ class Sidecar:
     def admin(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
 
-    def start(self, write_config: bool = True) -> Sidecar:
+    def start(self, write_config: bool = True) -> Self:
         """Start the process; with `write_config` False, the test provides `self.path`."""
         if write_config:
             self.path.write_text(yaml.safe_dump(self.config))
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SIDECAR_", "HTTP_PROXY"))}
+        # The runner's own SIDECAR_*/CONSUL_* variables would win over the test's file.
+        prefixes = ("SIDECAR_", "HTTP_PROXY", "CONSUL_")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)} | self.env
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "sidecar", "run", "-c", str(self.path)],

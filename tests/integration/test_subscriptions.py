@@ -23,19 +23,17 @@ from aiohttp import web
 from sidecar.config import SubscriptionConfig
 from sidecar.events.subscriber import Subscriptions
 from sidecar.telemetry.metrics import Metrics
+from tests.integration.amqp_harness import broker_lock, rabbitmqctl, wait_broker
 from tests.integration.events_harness import (
     AMQP_URL,
     Broker,
     EventApp,
     Received,
     TcpCut,
-    broker_lock,
     events_config,
     eventually,
     eventually_equal,
-    rabbitmqctl,
     unique,
-    wait_for_broker,
 )
 
 
@@ -402,7 +400,7 @@ class TestRecovery:
             release.set()
         finally:
             await rabbitmqctl("start_app")
-            await wait_for_broker()
+            await wait_broker()
         await eventually("consuming again", lambda: subscriptions.consuming, timeout=20)
         after = [f"after-{i}" for i in range(5)]
         for ce_id in after:
