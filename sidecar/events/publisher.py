@@ -30,6 +30,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from pamqp.commands import Basic
+from pamqp.common import FieldTable
 
 from sidecar.backoff import backoff_delay
 from sidecar.config import Config
@@ -78,6 +79,7 @@ class EventRelay:
         self._published: dict[tuple[str, str], Any] = {}
         self._seq = 0
         self._exchange: AbstractExchange | None = None
+        self._underlay: aiormq.abc.AbstractChannel | None = None
         self._channel: AbstractChannel | None = None
         self._connection: AbstractConnection | None = None
         self._lost = asyncio.Event()
@@ -163,21 +165,30 @@ class EventRelay:
         child.inc()
 
     async def _publish_one(self, event: Event) -> str:
-        exchange = self._exchange
-        if exchange is None:
+        channel = self._underlay
+        if channel is None:
             return _FAILED
-        message = aio_pika.Message(
-            event.body,
-            headers=dict(event.headers),
+        # aiormq directly, with the properties built once: aio-pika's Message and
+        # Exchange.publish cost about a fifth of a confirmed publish and add nothing here.
+        headers: FieldTable = dict(event.headers)
+        properties = Basic.Properties(
+            headers=headers,
             content_type=event.content_type,
             message_id=event.id,
-            timestamp=datetime.fromtimestamp(event.time, UTC),
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            timestamp=datetime.fromtimestamp(int(event.time), UTC),
+            delivery_mode=2,  # persistent
             app_id="hms-sidecar",
         )
         try:
-            async with asyncio.timeout(self.config.confirm_timeout):
-                result = await exchange.publish(message, routing_key=event.topic, mandatory=True)
+            # basic_publish's timeout covers the send and the wait for the confirm.
+            result = await channel.basic_publish(
+                event.body,
+                exchange=self.config.exchange,
+                routing_key=event.topic,
+                properties=properties,
+                mandatory=True,
+                timeout=self.config.confirm_timeout,
+            )
         except TimeoutError:
             self.last_error = f"no confirm within {self.config.confirm_timeout:g}s"
             return _FAILED
@@ -272,6 +283,7 @@ class EventRelay:
                     exchange = await channel.declare_exchange(
                         self.config.exchange, aio_pika.ExchangeType.TOPIC, durable=True
                     )
+                    underlay = await channel.get_underlay_channel()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # aiormq raises anything from a dead socket
@@ -290,6 +302,7 @@ class EventRelay:
                 continue
             failures = 0
             self._connection, self._channel, self._exchange = connection, channel, exchange
+            self._underlay = underlay
             self._lost.clear()
             connection.close_callbacks.add(self._on_close)
             channel.close_callbacks.add(self._on_close)
@@ -305,7 +318,7 @@ class EventRelay:
             self._wake.set()
             await self._lost.wait()
             self.state = "disconnected"
-            self._exchange = None
+            self._exchange = self._underlay = None
             log.warning("broker_connection_lost", error=self.last_error, spooled=self.spool.depth)
             await self._close_connection()
 
@@ -316,7 +329,7 @@ class EventRelay:
 
     async def _close_connection(self) -> None:
         connection, self._connection = self._connection, None
-        self._channel = self._exchange = None
+        self._channel = self._exchange = self._underlay = None
         if connection is not None and not connection.is_closed:
             with contextlib.suppress(Exception):
                 await connection.close()

@@ -6,17 +6,21 @@ quorum queue bound to an exchange of the run's own:
 1. **direct**: one aio-pika connection with publisher confirms, `--in-flight` (256)
    publishes awaiting their confirm at a time (mandatory, persistent);
 2. **relay**: the sidecar (`python -m sidecar run`) with `--publishers` (64)
-   concurrent HTTP clients (aiohttp, keep-alive) POSTing to /v1/publish/{topic},
-   each waiting for its 202 before sending the next;
+   concurrent keep-alive HTTP clients POSTing to /v1/publish/{topic}, each waiting
+   for its 202 before sending the next: wrk (`-t1 -c64`, a Lua script giving each
+   event its own `ce-id`) for the target ratio, so the clients' own CPU is not
+   charged to the sidecar (as in bench_proxy.py); and aiohttp clients in this
+   process, as a Python app would publish, for context;
 3. **spool drain**: the sidecar's broker URL points at a TCP proxy that refuses
    connections while `--spool-events` (10,000) events are published (all 202
    `spooled`); then the proxy lets connections through, and the drain is timed from
    the sidecar's connection reaching the proxy (its reconnect back-off left out)
    until /v1/status shows an empty spool.
 
-Direct and relay alternate for `--rounds` rounds and the medians are compared, so a
+Direct and both relays alternate for `--rounds` rounds and the medians are compared, so a
 drift in the machine's speed hits both alike. Events are `--size` (1 KiB) bytes.
-Prints one JSON object to stdout (`ratio_vs_direct`, `spool_drain_events_per_s`, the
+Prints one JSON object to stdout (`ratio_vs_direct` with wrk clients,
+`ratio_vs_direct_aiohttp_clients`, `spool_drain_events_per_s`, the
 rounds, CPU cores each process kept busy); progress goes to stderr. The exchange and
 queue are deleted at the end.
 
@@ -34,6 +38,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import sys
@@ -59,6 +64,17 @@ from tests.integration.amqp_harness import (
 )
 from tests.integration.harness import Sidecar
 
+WRK = shutil.which("wrk") or "/usr/bin/wrk"
+#: wrk's Lua: 1 KiB-ish JSON events (the size is substituted), each with its own ce-id.
+WRK_SCRIPT = """
+local n = 0
+local body = '{"n":0,"pad":"' .. string.rep("x", %d) .. '"}'
+request = function()
+  n = n + 1
+  return wrk.format("POST", nil, {["Content-Type"] = "application/json",
+    ["ce-id"] = "wrk-" .. n}, body)
+end
+"""
 TARGETS_SPEC = {"ratio_vs_direct_min": 0.5, "spool_drain_events_per_s_min": 2000}
 WARMUP_EVENTS = 500
 DRAIN_TIMEOUT_S = 120.0
@@ -197,6 +213,47 @@ async def http_publish(
     return count / elapsed, outcomes
 
 
+async def wrk_publish(
+    url: str, workdir: Path, *, seconds: float, publishers: int, size: int, topic: str
+) -> tuple[float, int]:
+    """Events/s for wrk with `publishers` keep-alive connections; non-2xx answers."""
+    script = workdir / "publish.lua"
+    script.write_text(WRK_SCRIPT % max(0, size - 15))
+    proc = await asyncio.create_subprocess_exec(
+        WRK,
+        "-t1",
+        f"-c{publishers}",
+        f"-d{seconds:g}s",
+        "-s",
+        str(script),
+        f"{url}/v1/publish/{topic}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    text = out.decode()
+    if proc.returncode != 0 or "Requests/sec:" not in text:
+        raise BenchError(f"wrk failed ({proc.returncode}): {text}{err.decode()}")
+    rate = float(text.split("Requests/sec:", 1)[1].split()[0])
+    bad = 0
+    if "Non-2xx or 3xx responses:" in text:
+        bad = int(text.split("Non-2xx or 3xx responses:", 1)[1].split()[0])
+    return rate, bad
+
+
+async def published(session: aiohttp.ClientSession, sidecar: Sidecar, topic: str) -> Counter[str]:
+    """The sidecar's sidecar_events_published_total for `topic`, by outcome."""
+    async with session.get(f"{sidecar.admin}/metrics") as resp:
+        text = await resp.text()
+    counts = Counter[str]()
+    for line in text.splitlines():
+        if line.startswith("sidecar_events_published_total{") and f'topic="{topic}"' in line:
+            labels, _, value = line.partition("} ")
+            outcome = labels.split('outcome="', 1)[1].split('"', 1)[0]
+            counts[outcome] = int(float(value))
+    return counts
+
+
 async def status(session: aiohttp.ClientSession, sidecar: Sidecar) -> dict[str, Any]:
     async with session.get(f"{sidecar.admin}/v1/status") as resp:
         events: dict[str, Any] = (await resp.json())["events"]
@@ -244,6 +301,17 @@ async def phase_throughput(
     )
     rounds = []
     outcomes = Counter[str]()
+
+    async def drained(sidecar: Sidecar) -> None:
+        async with aiohttp.ClientSession() as session:
+            await wait_for(
+                session,
+                sidecar,
+                "an empty spool",
+                lambda s: s["spool"]["depth"] == 0,
+                DRAIN_TIMEOUT_S,
+            )
+
     cores: dict[str, dict[str, float]] = {}
     try:
         async with aiohttp.ClientSession() as session:
@@ -266,30 +334,44 @@ async def phase_throughput(
             direct_same = await bench_direct(exchange, args.events, args.publishers, args.size)
             await queue.purge()
             meter, began = CpuMeter(sidecar.proc.pid), time.perf_counter()
-            relay, got = await http_publish(
+            relay_aiohttp, got = await http_publish(
                 sidecar.url, args.events, args.publishers, args.size, "bench.relay"
             )
-            cores["relay"] = meter.used(time.perf_counter() - began)
+            cores["relay_aiohttp"] = meter.used(time.perf_counter() - began)
             outcomes.update(got)
+            await drained(sidecar)
+            await queue.purge()
+            topic = f"bench.wrk{i}"
+            meter, began = CpuMeter(sidecar.proc.pid), time.perf_counter()
+            relay, bad = await wrk_publish(
+                sidecar.url,
+                workdir,
+                seconds=args.wrk_seconds,
+                publishers=args.publishers,
+                size=args.size,
+                topic=topic,
+            )
+            cores["relay_wrk"] = meter.used(time.perf_counter() - began)
             async with aiohttp.ClientSession() as session:
-                await wait_for(
-                    session,
-                    sidecar,
-                    "an empty spool",
-                    lambda s: s["spool"]["depth"] == 0,
-                    DRAIN_TIMEOUT_S,
-                )
+                got_wrk = await published(session, sidecar, topic)
+            if bad:
+                got_wrk["http_error"] = bad
+            outcomes.update(got_wrk)
+            await drained(sidecar)
             await queue.purge()
             log(
-                f"round {i + 1}/{args.rounds}: direct {direct:,.0f} events/s, relay "
-                f"{relay:,.0f} events/s ({relay / direct:.2f}) {dict(got)}; direct with "
-                f"{args.publishers} in flight {direct_same:,.0f} events/s"
+                f"round {i + 1}/{args.rounds}: direct {direct:,.0f} events/s; relay with wrk "
+                f"{relay:,.0f} events/s ({relay / direct:.2f}) {dict(got_wrk)}; relay with "
+                f"aiohttp {relay_aiohttp:,.0f} events/s ({relay_aiohttp / direct:.2f}) "
+                f"{dict(got)}; direct with {args.publishers} in flight {direct_same:,.0f}/s"
             )
             rounds.append(
                 {
                     "direct": round(direct),
                     "relay": round(relay),
                     "ratio": round(relay / direct, 3),
+                    "relay_aiohttp": round(relay_aiohttp),
+                    "ratio_aiohttp": round(relay_aiohttp / direct, 3),
                     "direct_at_relay_concurrency": round(direct_same),
                 }
             )
@@ -297,10 +379,13 @@ async def phase_throughput(
         sidecar.kill()
     direct_median = statistics.median(r["direct"] for r in rounds)
     relay_median = statistics.median(r["relay"] for r in rounds)
+    aiohttp_median = statistics.median(r["relay_aiohttp"] for r in rounds)
     return {
         "direct_events_per_s": round(direct_median),
         "relay_events_per_s": round(relay_median),
         "ratio_vs_direct": round(relay_median / direct_median, 3),
+        "relay_aiohttp_clients_events_per_s": round(aiohttp_median),
+        "ratio_vs_direct_aiohttp_clients": round(aiohttp_median / direct_median, 3),
         "direct_at_relay_concurrency_events_per_s": round(
             statistics.median(r["direct_at_relay_concurrency"] for r in rounds)
         ),
@@ -405,6 +490,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "size": args.size,
         "in_flight": args.in_flight,
         "publishers": args.publishers,
+        "wrk_seconds": args.wrk_seconds,
         "queue": "quorum, durable",
     }
     results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
@@ -429,10 +515,11 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=1024, help="bytes per event")
     parser.add_argument("--in-flight", type=int, default=256, help="direct: unconfirmed at most")
     parser.add_argument("--publishers", type=int, default=64, help="relay: concurrent clients")
+    parser.add_argument("--wrk-seconds", type=float, default=4.0, help="relay with wrk: seconds")
     parser.add_argument("--quick", action="store_true", help="one round of 5,120 events")
     args = parser.parse_args()
     if args.quick:
-        args.events, args.rounds, args.spool_events = 5120, 1, 5120
+        args.events, args.rounds, args.spool_events, args.wrk_seconds = 5120, 1, 5120, 2.0
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         import uvloop  # noqa: PLC0415 - optional, as for the sidecar
