@@ -448,8 +448,8 @@ class Sidecar:
         """Start the process; with `write_config` False, the test provides `self.path`."""
         if write_config:
             self.path.write_text(yaml.safe_dump(self.config))
-        # The runner's own SIDECAR_*/CONSUL_* variables would win over the test's file.
-        prefixes = ("SIDECAR_", "HTTP_PROXY", "CONSUL_")
+        # The runner's own SIDECAR_*/CONSUL_*/OTEL_* variables would win over the test's file.
+        prefixes = ("SIDECAR_", "HTTP_PROXY", "CONSUL_", "OTEL_")
         env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)} | self.env
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
