@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from sidecar.discovery.registration import Registrar
     from sidecar.events.publisher import EventRelay
     from sidecar.events.subscriber import Subscriptions
+    from sidecar.telemetry.tracing import Tracer
 
 log = get_logger("sidecar.app")
 
@@ -102,6 +103,18 @@ class Sidecar:
             from sidecar.events.subscriber import Subscriptions  # noqa: PLC0415 - events only
 
             self.subscriptions = Subscriptions(config, self.metrics)
+        self.tracer: Tracer | None = None
+        if config.telemetry.tracing.enabled:
+            # Imported only with tracing on: the SDK and exporters cost startup time.
+            from sidecar.telemetry.tracing import Tracer  # noqa: PLC0415
+
+            self.tracer = Tracer(config)
+            self.proxy.tracer = self.tracer
+            if self.events is not None:
+                self.events.tracer = self.tracer
+            if self.subscriptions is not None:
+                self.subscriptions.tracer = self.tracer
+            self.metrics.add_live(self.tracer.collect)
         self.metrics.add_live(self._live_gauges)
         self._servers: list[asyncio.Server] = []
         self._admin: web.AppRunner | None = None
@@ -252,6 +265,18 @@ class Sidecar:
             ) from exc
         self._log_bound("admin", site._server)
         bound()
+        if self.tracer is not None:
+            self.tracer.start()
+            tracing = config.telemetry.tracing
+            log.info(
+                "tracing_started",
+                exporter=tracing.exporter,
+                endpoint=tracing.endpoint,
+                protocol=tracing.protocol,
+                sampler=tracing.sampler,
+                ratio=tracing.sampler_ratio,
+                service_name=tracing.service_name,
+            )
         if self.subscriptions is not None:
             await self.subscriptions.start()
         if self.consul is not None:
@@ -336,6 +361,10 @@ class Sidecar:
             await self._admin.cleanup()
         for server in self._servers:
             await server.wait_closed()
+        if self.tracer is not None:  # last: the spans of everything above are in
+            # Within what is left of the grace (a moment at least, to hand over a batch).
+            left = max(0.1, config.grace - (loop.time() - began))
+            await asyncio.to_thread(self.tracer.shutdown, left)
         log.info("shutdown_complete", took_s=round(loop.time() - began, 3))
 
     async def run(self) -> int:

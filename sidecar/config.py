@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, NamedTuple, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
@@ -61,6 +61,7 @@ __all__ = [
     "SpoolConfig",
     "SubscriptionConfig",
     "TelemetryConfig",
+    "TracingConfig",
     "UpstreamConfig",
     "config_from_mapping",
     "load_config",
@@ -89,6 +90,26 @@ ENV_CONSUL_CACERT = "CONSUL_CACERT"
 ENV_AMQP_URL = "SIDECAR_AMQP_URL"
 ENV_AMQP_URL_FILE = "SIDECAR_AMQP_URL_FILE"
 ENV_SPOOL_PATH = "SIDECAR_SPOOL_PATH"
+# OpenTelemetry's own names (the SDK's environment specification); they win over the file.
+ENV_OTEL_SDK_DISABLED = "OTEL_SDK_DISABLED"
+ENV_OTEL_SERVICE_NAME = "OTEL_SERVICE_NAME"
+ENV_OTEL_RESOURCE_ATTRIBUTES = "OTEL_RESOURCE_ATTRIBUTES"
+ENV_OTEL_TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"
+ENV_OTEL_TRACES_SAMPLER = "OTEL_TRACES_SAMPLER"
+ENV_OTEL_TRACES_SAMPLER_ARG = "OTEL_TRACES_SAMPLER_ARG"
+ENV_OTEL_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
+ENV_OTEL_TRACES_ENDPOINT = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+ENV_OTEL_PROTOCOL = "OTEL_EXPORTER_OTLP_PROTOCOL"
+ENV_OTEL_TRACES_PROTOCOL = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+ENV_OTEL_HEADERS = "OTEL_EXPORTER_OTLP_HEADERS"
+ENV_OTEL_TRACES_HEADERS = "OTEL_EXPORTER_OTLP_TRACES_HEADERS"
+ENV_OTEL_COMPRESSION = "OTEL_EXPORTER_OTLP_COMPRESSION"
+ENV_OTEL_TRACES_COMPRESSION = "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"
+ENV_OTEL_TIMEOUT = "OTEL_EXPORTER_OTLP_TIMEOUT"
+ENV_OTEL_TRACES_TIMEOUT = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"
+ENV_OTEL_BSP_MAX_QUEUE = "OTEL_BSP_MAX_QUEUE_SIZE"
+ENV_OTEL_BSP_BATCH = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"
+ENV_OTEL_BSP_DELAY = "OTEL_BSP_SCHEDULE_DELAY"
 
 
 class EnvVar(NamedTuple):
@@ -118,6 +139,25 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar(ENV_AMQP_URL, "events.amqp_url", "RabbitMQ URL (a secret: prefer the _FILE form)"),
     EnvVar(ENV_AMQP_URL_FILE, "events.amqp_url", "file holding the RabbitMQ URL"),
     EnvVar(ENV_SPOOL_PATH, "events.spool.path", "SQLite spool file (the container sets it)"),
+    EnvVar(ENV_OTEL_SDK_DISABLED, "telemetry.tracing", "true: tracing off"),
+    EnvVar(ENV_OTEL_SERVICE_NAME, "-", "service.name of the traces' resource (else service.name)"),
+    EnvVar(ENV_OTEL_RESOURCE_ATTRIBUTES, "-", "more resource attributes, key=value,..."),
+    EnvVar(ENV_OTEL_TRACES_EXPORTER, "telemetry.tracing.exporter", "otlp, console or none"),
+    EnvVar(ENV_OTEL_TRACES_SAMPLER, "telemetry.tracing.sampler", "the sampler's name"),
+    EnvVar(ENV_OTEL_TRACES_SAMPLER_ARG, "telemetry.tracing.sampler_ratio", "0.0 to 1.0"),
+    EnvVar(ENV_OTEL_ENDPOINT, "telemetry.tracing.otlp_endpoint", "OTLP base URL"),
+    EnvVar(ENV_OTEL_TRACES_ENDPOINT, "telemetry.tracing.otlp_endpoint", "OTLP traces URL, as is"),
+    EnvVar(ENV_OTEL_PROTOCOL, "telemetry.tracing.protocol", "http/protobuf or grpc"),
+    EnvVar(ENV_OTEL_TRACES_PROTOCOL, "telemetry.tracing.protocol", "http/protobuf or grpc"),
+    EnvVar(ENV_OTEL_HEADERS, "telemetry.tracing.headers", "key=value,... sent on each export"),
+    EnvVar(ENV_OTEL_TRACES_HEADERS, "telemetry.tracing.headers", "as above, traces only"),
+    EnvVar(ENV_OTEL_COMPRESSION, "telemetry.tracing.compression", "gzip or none"),
+    EnvVar(ENV_OTEL_TRACES_COMPRESSION, "telemetry.tracing.compression", "gzip or none"),
+    EnvVar(ENV_OTEL_TIMEOUT, "telemetry.tracing.export_timeout", "milliseconds"),
+    EnvVar(ENV_OTEL_TRACES_TIMEOUT, "telemetry.tracing.export_timeout", "milliseconds"),
+    EnvVar(ENV_OTEL_BSP_MAX_QUEUE, "telemetry.tracing.max_queue_size", "spans held for export"),
+    EnvVar(ENV_OTEL_BSP_BATCH, "telemetry.tracing.max_export_batch_size", "spans per export"),
+    EnvVar(ENV_OTEL_BSP_DELAY, "telemetry.tracing.schedule_delay", "milliseconds"),
 )
 
 
@@ -298,10 +338,42 @@ class DiscoveryConfig:
     idle_after: float = 600.0  # such a watch stops after this long without a request
 
 
+#: OTEL_TRACES_SAMPLER values the sidecar implements (the SDK's built-in samplers).
+SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """OpenTelemetry tracing; `enabled` when the console exporter or an OTLP endpoint is set."""
+
+    enabled: bool = False
+    exporter: str = "otlp"  # otlp | console | none
+    endpoint: str | None = None  # the full traces URL (http) or target (grpc)
+    protocol: str = "http/protobuf"  # or grpc
+    sampler: str = "parentbased_traceidratio"
+    sampler_ratio: float = 1.0
+    service_name: str = ""  # OTEL_SERVICE_NAME, else service.name
+    resource_attributes: tuple[tuple[str, str], ...] = ()  # OTEL_RESOURCE_ATTRIBUTES
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may hold a token
+    compression: str = "none"  # or gzip
+    export_timeout: float = 10.0
+    max_queue_size: int = 2048
+    max_export_batch_size: int = 512
+    schedule_delay: float = 1.0
+
+
 @dataclass(frozen=True, slots=True)
 class TelemetryConfig:
     log_format: str = "json"
     log_level: str = "info"
+    tracing: TracingConfig = TracingConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,7 +499,7 @@ def config_from_mapping(
         )
     )
     discovery_section.done()
-    telemetry = _telemetry(root.section("telemetry"))
+    telemetry = _telemetry(root.section("telemetry"), service)
     shutdown_section = root.section("shutdown")
     shutdown = ShutdownConfig(
         **shutdown_section.take(drain=_duration(allow_zero=True), grace=_duration())
@@ -1134,7 +1206,7 @@ def _fallback(s: _Section) -> FallbackConfig:
     return FallbackConfig(status, payload, content_type, tuple(headers.items()))
 
 
-def _telemetry(s: _Section) -> TelemetryConfig:
+def _telemetry(s: _Section, service: ServiceConfig) -> TelemetryConfig:
     defaults = TelemetryConfig()
     telemetry = TelemetryConfig(
         log_format=s.get(
@@ -1146,9 +1218,158 @@ def _telemetry(s: _Section) -> TelemetryConfig:
             defaults.log_level,
             env=ENV_LOG_LEVEL,
         ),
+        tracing=_tracing(s.section("tracing"), service),
     )
-    s.done(unsupported={"tracing"})
+    s.done()
     return telemetry
+
+
+def _tracing(s: _Section, service: ServiceConfig) -> TracingConfig:
+    """`telemetry.tracing`, with OpenTelemetry's standard variables winning over the file.
+
+    `otlp_endpoint` and OTEL_EXPORTER_OTLP_ENDPOINT are base URLs: for http/protobuf
+    `/v1/traces` is appended (the SDK's rule); OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is used
+    as it is. Durations from OTEL_* variables are milliseconds, as the specification says.
+    """
+    d = TracingConfig()
+    ctx = s.ctx
+    exporter = s.get(
+        "exporter", _choice("otlp", "console", "none"), d.exporter, env=ENV_OTEL_TRACES_EXPORTER
+    )
+    protocol = s.get("protocol", _choice("http/protobuf", "grpc"), d.protocol)
+    for name in (ENV_OTEL_PROTOCOL, ENV_OTEL_TRACES_PROTOCOL):  # the specific one last: it wins
+        if (text := ctx.env(name)) is not None:
+            protocol = ctx.parse(name, _choice("http/protobuf", "grpc"), text) or protocol
+    base = s.get("otlp_endpoint", _otlp_url, None, env=ENV_OTEL_ENDPOINT)
+    endpoint = None
+    if base is not None:
+        endpoint = base
+        if protocol == "http/protobuf" and not base.endswith("/v1/traces"):
+            endpoint = base.rstrip("/") + "/v1/traces"
+    if (text := ctx.env(ENV_OTEL_TRACES_ENDPOINT)) is not None:
+        endpoint = ctx.parse(ENV_OTEL_TRACES_ENDPOINT, _otlp_url, text) or endpoint
+    sampler = s.get("sampler", _choice(*SAMPLERS), d.sampler, env=ENV_OTEL_TRACES_SAMPLER)
+    ratio = s.get(
+        "sampler_ratio",
+        _number(0.0, 1.0),
+        d.sampler_ratio,
+        env=ENV_OTEL_TRACES_SAMPLER_ARG,
+        env_parse=lambda text: _number(0.0, 1.0)(_float_text(text)),
+    )
+    headers = tuple(s.mapping("headers", _text).items())
+    for name in (ENV_OTEL_HEADERS, ENV_OTEL_TRACES_HEADERS):
+        if (text := ctx.env(name)) is not None:
+            headers = ctx.parse(name, _key_values, text) or headers
+    compression = s.get("compression", _choice("gzip", "none"), d.compression)
+    for name in (ENV_OTEL_COMPRESSION, ENV_OTEL_TRACES_COMPRESSION):
+        if (text := ctx.env(name)) is not None:
+            compression = ctx.parse(name, _choice("gzip", "none"), text) or compression
+    timeout = s.get("export_timeout", _duration(), d.export_timeout)
+    for name in (ENV_OTEL_TIMEOUT, ENV_OTEL_TRACES_TIMEOUT):
+        if (text := ctx.env(name)) is not None:
+            timeout = ctx.parse(name, _milliseconds, text) or timeout
+    queue = s.get(
+        "max_queue_size",
+        _integer(1, 1_000_000),
+        d.max_queue_size,
+        env=ENV_OTEL_BSP_MAX_QUEUE,
+        env_parse=lambda text: _integer(1, 1_000_000)(_int_text(text)),
+    )
+    batch = s.get(
+        "max_export_batch_size",
+        _integer(1, 100_000),
+        d.max_export_batch_size,
+        env=ENV_OTEL_BSP_BATCH,
+        env_parse=lambda text: _integer(1, 100_000)(_int_text(text)),
+    )
+    if batch > queue:
+        ctx.problem(s.at("max_export_batch_size"), f"must not exceed max_queue_size ({queue})")
+    delay = s.get(
+        "schedule_delay",
+        _duration(),
+        d.schedule_delay,
+        env=ENV_OTEL_BSP_DELAY,
+        env_parse=_milliseconds,
+    )
+    s.done()
+    disabled = ctx.env(ENV_OTEL_SDK_DISABLED)
+    off = disabled is not None and disabled.strip().lower() == "true"
+    resource: tuple[tuple[str, str], ...] = ()
+    if (text := ctx.env(ENV_OTEL_RESOURCE_ATTRIBUTES)) is not None:
+        resource = ctx.parse(ENV_OTEL_RESOURCE_ATTRIBUTES, _key_values, text) or ()
+    service_name = ctx.env(ENV_OTEL_SERVICE_NAME) or dict(resource).get("service.name")
+    enabled = not off and (exporter == "console" or (exporter == "otlp" and endpoint is not None))
+    return TracingConfig(
+        enabled=enabled,
+        exporter=exporter,
+        endpoint=endpoint,
+        protocol=protocol,
+        sampler=sampler,
+        sampler_ratio=ratio,
+        service_name=service_name or service.name,
+        resource_attributes=resource,
+        headers=headers,
+        compression=compression,
+        export_timeout=timeout,
+        max_queue_size=queue,
+        max_export_batch_size=batch,
+        schedule_delay=delay,
+    )
+
+
+def _otlp_url(value: object) -> str:
+    text = _string(value).strip()
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"invalid OTLP endpoint {_shown(value)} (expected http(s)://host:port, e.g. "
+            "http://jaeger-collector:4318)"
+        )
+    return text
+
+
+def _float_text(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
+
+
+def _int_text(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
+
+
+def _milliseconds(text: object) -> float:
+    if isinstance(text, str):
+        number = _float_text(text)
+    elif isinstance(text, int | float) and not isinstance(text, bool):
+        number = float(text)
+    else:
+        raise ValueError(f"expected milliseconds, got {_kind(text)}")
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"must be a positive number of milliseconds, got {_shown(text)}")
+    return number / 1000
+
+
+def _key_values(text: str) -> tuple[tuple[str, str], ...]:
+    """`key=value,key2=value2` (W3C Baggage-like, values percent-decoded), as the OTel
+    specification defines OTEL_RESOURCE_ATTRIBUTES and OTEL_EXPORTER_OTLP_HEADERS."""
+    pairs = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected key=value pairs separated by commas, got {item.strip()!r}")
+        pairs.append((key.strip(), unquote(value.strip())))
+    return tuple(pairs)
 
 
 _TOPIC_PATTERN = re.compile(r"(?:[A-Za-z0-9_-]+|\*|#)(?:\.(?:[A-Za-z0-9_-]+|\*|#))*")

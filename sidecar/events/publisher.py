@@ -39,6 +39,7 @@ from sidecar.events.cloudevents import Event, from_http
 from sidecar.events.spool import Spool, SpoolError, SpoolFull
 from sidecar.telemetry.logging import get_logger
 from sidecar.telemetry.metrics import Metrics
+from sidecar.telemetry.tracing import PRODUCER, TraceContext, Tracer
 
 log = get_logger("sidecar.events")
 
@@ -88,6 +89,8 @@ class EventRelay:
         self._tasks: list[asyncio.Task[None]] = []
         self._rng = random.Random()
         self._relay_failures = 0  # rounds in a row that did not confirm everything
+        self.tracer: Tracer | None = None  # a PRODUCER span per sampled publish
+        self._last_outcome = ""  # of the last publish: read right after it returns
 
     # --- life -------------------------------------------------------------------------
 
@@ -120,19 +123,74 @@ class EventRelay:
 
     # --- publishing -------------------------------------------------------------------
 
-    async def publish(self, topic: str, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
-        """Make the app's event durable; the JSON of the 202 answer. ProxyError otherwise."""
+    async def publish(
+        self,
+        topic: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        trace: TraceContext | None = None,
+    ) -> bytes:
+        """Make the app's event durable; the JSON of the 202 answer. ProxyError otherwise.
+
+        With `trace` (tracing on) the event carries that context on in its
+        `traceparent` header, spooled or not; a sampled one gets a PRODUCER span
+        whose context the event carries, so its consumers join the trace.
+        """
         try:
             event = from_http(topic, headers, body, source=self.source, now=time.time())
         except ProxyError:
             self._count(topic if len(topic) <= 255 else "", "rejected")
             raise
+        tracer = self.tracer
+        if trace is None or tracer is None:
+            return await self._publish(event)
+        producer = None
+        if trace.span is not None:
+            destination = f"{self.config.exchange}:{event.topic}"
+            producer = tracer.child(
+                trace,
+                f"publish {destination}",
+                PRODUCER,
+                {
+                    "messaging.system": "rabbitmq",
+                    "messaging.operation.name": "publish",
+                    "messaging.operation.type": "send",
+                    "messaging.destination.name": destination,
+                    "messaging.rabbitmq.destination.routing_key": event.topic,
+                    "messaging.message.id": event.id,
+                    "messaging.message.body.size": len(event.body),
+                },
+            )
+            trace = producer
+        event.headers["traceparent"] = trace.header.decode("latin-1")
+        if trace.tracestate:
+            event.headers["tracestate"] = trace.tracestate
+        else:
+            event.headers.pop("tracestate", None)
+        if producer is None:
+            return await self._publish(event)
+        assert producer.span is not None
+        try:
+            answer = await self._publish(event)
+        except ProxyError as exc:
+            producer.span.attributes["error.type"] = exc.code.value
+            tracer.end(producer, exc.code.value)
+            raise
+        except BaseException as exc:
+            tracer.end(producer, type(exc).__name__)
+            raise
+        producer.span.attributes["sidecar.event.outcome"] = self._last_outcome
+        tracer.end(producer)
+        return answer
+
+    async def _publish(self, event: Event) -> bytes:
         self._seq += 1
         event.seq = self._seq
         if self.state == "connected" and event.topic not in self.spool.topics:
             outcome = await self._publish_one(event)
             if outcome == _CONFIRMED:
                 self._count(event.topic, "confirmed")
+                self._last_outcome = "confirmed"
                 return _answer(event, "confirmed")
         else:
             outcome = _FAILED
@@ -154,6 +212,7 @@ class EventRelay:
             await self._unroutable(event)
         self._count(event.topic, "spooled")
         self._wake.set()
+        self._last_outcome = "spooled"
         return _answer(event, "spooled")
 
     def _count(self, topic: str, outcome: str) -> None:

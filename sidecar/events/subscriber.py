@@ -47,6 +47,7 @@ from urllib.parse import quote
 import aio_pika
 import aiohttp
 import aiormq
+import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
@@ -60,6 +61,7 @@ from sidecar.config import Config, SubscriptionConfig
 from sidecar.events.publisher import masked_url
 from sidecar.telemetry.logging import get_logger
 from sidecar.telemetry.metrics import Metrics
+from sidecar.telemetry.tracing import CLIENT, CONSUMER, TraceContext, Tracer
 
 __all__ = [
     "Outcome",
@@ -195,6 +197,7 @@ class _Answer(NamedTuple):
     reason: str  # "status 503", "timeout", "connection error"
     detail: str = ""  # the error's own words, for the log
     wait: float | None = None  # Retry-After, in seconds
+    status: int = 0  # the app's HTTP status; 0 when it gave none
 
 
 @dataclass(eq=False)
@@ -239,6 +242,8 @@ class _Delivery:
     link: _Link
     phase: str = "received"  # posting, backoff, dead-lettering, settling
     attempt: int = 0
+    trace: TraceContext | None = None  # the CONSUMER span's context, when tracing is on
+    outcome: str = ""  # ack, retry, dead: for the span
 
 
 class _Subscription:
@@ -250,6 +255,7 @@ class _Subscription:
         self.queue = f"{service}.{config.name}"
         self.dlq = f"{self.queue}.dlq"
         self.url = f"http://127.0.0.1:{app_port}{config.path}"
+        self.port = app_port
         self.timeout = aiohttp.ClientTimeout(total=config.timeout)
         self.link: _Link | None = None
         self.consuming = False
@@ -310,6 +316,7 @@ class Subscriptions:
         self._supervisor: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closing: set[asyncio.Task[None]] = set()  # channel closes started from callbacks
+        self.tracer: Tracer | None = None  # a CONSUMER span per sampled delivery
 
     # --- life ---------------------------------------------------------------------------
 
@@ -602,13 +609,73 @@ class Subscriptions:
     # --- one delivery -------------------------------------------------------------------
 
     async def _deliver(self, sub: _Subscription, delivery: _Delivery) -> None:
+        tracer = self.tracer
+        trace = None if tracer is None else self._consumer_span(tracer, sub, delivery)
+        tokens = {} if trace is None else structlog.contextvars.bind_contextvars(**trace.log_ids())
+        error: str | None = None
         try:
             await self._attempt(sub, delivery)
         except asyncio.CancelledError:
+            error = "cancelled"
             raise
         except Exception:  # a bug must not keep the message's prefetch slot
+            error = "internal_error"
             log.exception("delivery_failed", subscription=sub.name, ce_id=_ce_id(delivery))
             await self._settle(sub, delivery, requeue=True)
+        finally:
+            if trace is not None and tracer is not None:
+                structlog.contextvars.reset_contextvars(**tokens)
+                self._end_consumer_span(tracer, trace, delivery, error)
+
+    def _consumer_span(
+        self, tracer: Tracer, sub: _Subscription, delivery: _Delivery
+    ) -> TraceContext | None:
+        """The CONSUMER `process` span of a delivery: a child of, and linked to, the
+        producer's context that the message carries (W3C `traceparent` header)."""
+        message = delivery.message
+        headers = message.headers or {}
+        parent = _header_value(headers.get("traceparent"))
+        state = _header_value(headers.get("tracestate"))
+        destination = f"{self.exchange}:{message.routing_key}:{sub.queue}"
+        attributes: dict[str, Any] = {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.name": "process",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": destination,
+            "messaging.destination.subscription.name": sub.name,
+            "messaging.rabbitmq.destination.routing_key": message.routing_key or "",
+            "messaging.rabbitmq.message.delivery_tag": message.delivery_tag or 0,
+            "messaging.message.body.size": len(message.body),
+        }
+        if message.message_id:
+            attributes["messaging.message.id"] = message.message_id
+        trace = tracer.begin(
+            f"process {destination}",
+            CONSUMER,
+            parent.encode("latin-1") if parent else None,
+            state.encode("latin-1") if state else None,
+            attributes,
+        )
+        if trace.span is None:
+            return None
+        if trace.span.parent_id:  # the creation context: also a link, per the conventions
+            trace.span.links = ((trace.trace_id, trace.span.parent_id, True),)
+        delivery.trace = trace
+        return trace
+
+    def _end_consumer_span(
+        self, tracer: Tracer, trace: TraceContext, delivery: _Delivery, error: str | None
+    ) -> None:
+        assert trace.span is not None
+        attributes = trace.span.attributes
+        attributes["sidecar.delivery.attempt"] = delivery.attempt
+        if delivery.outcome:
+            attributes["sidecar.delivery.outcome"] = delivery.outcome
+        if error is None and delivery.outcome in ("retry", "dead"):
+            error = delivery.outcome
+        if error is not None:
+            attributes["error.type"] = error
+        tracer.end(trace, error)
 
     async def _attempt(self, sub: _Subscription, delivery: _Delivery) -> None:
         config = sub.config
@@ -625,11 +692,15 @@ class Subscriptions:
             self._dropped(sub, delivery, answer.outcome.value)
             return
         if answer.outcome is Outcome.ACK:
+            delivery.outcome = "ack"
             if await self._settle(sub, delivery):
                 sub.delivered += 1
                 self._metrics.events_delivered.labels(sub.name, "ack").inc()
             return
         sub.last_error = answer.reason
+        delivery.outcome = "retry"
+        if answer.outcome is Outcome.DEAD or attempt >= config.max_attempts:
+            delivery.outcome = "dead"
         if answer.outcome is Outcome.DEAD:
             await self._dead_letter(sub, delivery, answer.reason, attempt)
             return
@@ -662,9 +733,45 @@ class Subscriptions:
         await self._settle(sub, delivery, requeue=True)
 
     async def _post(self, sub: _Subscription, delivery: _Delivery) -> _Answer:
+        trace, tracer = delivery.trace, self.tracer
+        if trace is None or tracer is None:
+            return await self._post_once(sub, delivery, None)
+        client = tracer.child(
+            trace,
+            "POST",
+            CLIENT,
+            {
+                "http.request.method": "POST",
+                "url.full": sub.url,
+                "server.address": "127.0.0.1",
+                "server.port": sub.port,
+                "sidecar.delivery.attempt": delivery.attempt,
+            },
+        )
+        assert client.span is not None
+        answer = await self._post_once(sub, delivery, client)
+        error = None
+        if answer.status:
+            client.span.attributes["http.response.status_code"] = answer.status
+            if answer.status >= 400:
+                error = str(answer.status)
+        else:
+            error = answer.reason.replace(" ", "_")
+        if error is not None:
+            client.span.attributes["error.type"] = error
+        tracer.end(client, error)
+        return answer
+
+    async def _post_once(
+        self, sub: _Subscription, delivery: _Delivery, client: TraceContext | None
+    ) -> _Answer:
         assert self._session is not None
         message = delivery.message
         headers = http_headers(message.headers or {}, message.content_type)
+        if client is not None:
+            headers["traceparent"] = client.header.decode("latin-1")
+            if client.tracestate:
+                headers["tracestate"] = client.tracestate
         try:
             async with self._session.post(
                 sub.url,
@@ -682,7 +789,12 @@ class Subscriptions:
         except (aiohttp.ClientError, OSError) as exc:
             return _Answer(Outcome.RETRY, "connection error", str(exc) or type(exc).__name__)
         outcome = classify(status)
-        return _Answer(outcome, f"status {status}", wait=wait if outcome is Outcome.RETRY else None)
+        return _Answer(
+            outcome,
+            f"status {status}",
+            wait=wait if outcome is Outcome.RETRY else None,
+            status=status,
+        )
 
     async def _dead_letter(
         self, sub: _Subscription, delivery: _Delivery, reason: str, attempts: int

@@ -58,8 +58,17 @@ def _strip(headers: Headers, drop: frozenset[bytes]) -> Headers:
     return out
 
 
+_TRACE_CONTEXT = frozenset((b"traceparent", b"tracestate"))
+
+
 def request_headers(
-    headers: Headers, client_ip: bytes, host: bytes | None = None, replace_host: bool = False
+    headers: Headers,
+    client_ip: bytes,
+    host: bytes | None = None,
+    replace_host: bool = False,
+    *,
+    traceparent: bytes | None = None,
+    tracestate: str = "",
 ) -> Headers:
     """Headers to send upstream: hop-by-hop removed, `X-Forwarded-For` appended.
 
@@ -69,6 +78,8 @@ def request_headers(
     or a bare `/v1/invoke/...` call), `host` is added first: HTTP/1.1 requires one,
     and upstreams answer 400 without it. With `replace_host` (an absolute-form
     target, RFC 9112 §3.2.2) the app's `Host` is dropped and `host` takes its place.
+    With `traceparent` (tracing on), the app's trace context fields are replaced by
+    that one and `tracestate` (empty: none).
     """
     out: Headers = []
     xff = b""
@@ -86,6 +97,11 @@ def request_headers(
     if host is not None and not has_host:
         out.insert(0, (b"Host", host))
     out.append((b"X-Forwarded-For", xff + client_ip))
+    if traceparent is not None:
+        out = [(n, v) for n, v in out if n.lower() not in _TRACE_CONTEXT]
+        out.append((b"traceparent", traceparent))
+        if tracestate:
+            out.append((b"tracestate", tracestate.encode("latin-1")))
     return out
 
 

@@ -21,6 +21,7 @@ from http import HTTPStatus
 from typing import Protocol, cast
 
 import httptools
+import structlog
 
 from sidecar.config import AppConnectionsConfig
 from sidecar.errors import ErrorCode, ProxyError
@@ -49,6 +50,7 @@ from sidecar.proxy.tunnel import Tunnel
 from sidecar.proxy.upstream import Upstream
 from sidecar.telemetry.logging import get_logger
 from sidecar.telemetry.metrics import Metrics
+from sidecar.telemetry.tracing import CLIENT, SERVER, TraceContext, Tracer
 
 log = get_logger("sidecar.proxy")
 
@@ -113,7 +115,12 @@ class Request:
         "keep_alive",
         "method",
         "replayable",
+        "route",
+        "status",
         "target",
+        "trace",
+        "traceparent",
+        "tracestate",
         "upgrade",
         "version",
     )
@@ -134,6 +141,11 @@ class Request:
         self.replayable = True
         self.upgrade = False  # a WebSocket handshake: tunnelled if the upstream answers 101
         self.conn: UpstreamConnection | None = None
+        self.traceparent: bytes | None = None  # the app's trace context, if it sent one
+        self.tracestate: bytes | None = None
+        self.trace: TraceContext | None = None  # set while tracing is on
+        self.route = ""  # http.route of a traced request, once routed
+        self.status = 0  # the status the app received (relayed or made by the sidecar)
 
 
 class EventSink(Protocol):
@@ -142,7 +154,11 @@ class EventSink(Protocol):
     max_event_bytes: int
 
     async def publish(
-        self, topic: str, headers: list[tuple[bytes, bytes]], body: bytes
+        self,
+        topic: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        trace: TraceContext | None = None,
     ) -> bytes: ...
 
 
@@ -173,6 +189,8 @@ class Proxy:
         self.lookup: Callable[[str], Awaitable[Upstream | None]] | None = None
         # The event relay behind POST /v1/publish/{topic}; None without an events section.
         self.events: EventSink | None = None
+        # Tracing (None when off): a SERVER span per request, a CLIENT span per attempt.
+        self.tracer: Tracer | None = None
 
     def protocol(self, fixed: Upstream | None = None) -> DownstreamProtocol:
         return DownstreamProtocol(self, fixed)
@@ -408,6 +426,11 @@ class DownstreamProtocol(asyncio.Protocol):
                 )
             elif lname == b"idempotency-key":
                 req.idempotency_key = True
+            elif lname == b"traceparent":
+                req.traceparent = value
+            elif lname == b"tracestate":
+                # Several fields combine into one list (W3C Trace Context §3.3.1.1).
+                req.tracestate = value if req.tracestate is None else req.tracestate + b"," + value
         if size > self.proxy.max_header_bytes:
             raise _Refused(self._head_too_large())
         if parser.should_upgrade():
@@ -491,7 +514,10 @@ class DownstreamProtocol(asyncio.Protocol):
             while req is not None and not self.closed:
                 proxy.begin()
                 try:
-                    keep = await self._handle(req)
+                    if proxy.tracer is None:
+                        keep = await self._handle(req)
+                    else:
+                        keep = await self._handle_traced(req, proxy.tracer)
                 finally:
                     proxy.end()
                 if req.upgrade and keep and not self.closed:
@@ -518,6 +544,52 @@ class DownstreamProtocol(asyncio.Protocol):
         finally:
             self.task = None
             self.last_active = time.monotonic()
+
+    async def _handle_traced(self, req: Request, tracer: Tracer) -> bool:
+        """`_handle` with the request's trace context: carried on to the upstream always,
+        and, when sampled, a SERVER span recorded for it (its log lines carry the ids)."""
+        method = req.method.decode("latin-1")
+        target = req.target
+        path = target.split(b"?", 1)[0]
+        if target[:1] != b"/":  # absolute-form: the path after the authority
+            path = b"/" + path[scheme_length(path) :].partition(b"/")[2]
+        trace = req.trace = tracer.begin(
+            method,
+            SERVER,
+            req.traceparent,
+            req.tracestate,
+            {
+                "http.request.method": method,
+                "url.path": path.decode("latin-1"),
+                "url.scheme": "http",
+                "network.protocol.version": req.version,
+            },
+        )
+        span = trace.span
+        if span is None:
+            return await self._handle(req)
+        tokens = structlog.contextvars.bind_contextvars(**trace.log_ids())
+        error: str | None = None
+        try:
+            return await self._handle(req)
+        except BaseException as exc:
+            error = type(exc).__name__
+            raise
+        finally:
+            structlog.contextvars.reset_contextvars(**tokens)
+            attributes = span.attributes
+            if req.route:
+                span.name = f"{method} {req.route}"
+                attributes["http.route"] = req.route
+            if req.status:
+                attributes["http.response.status_code"] = req.status
+            code = attributes.get("error.type")
+            if code is None and req.status >= 500:
+                attributes["error.type"] = code = str(req.status)
+            elif code is None and error is not None:
+                attributes["error.type"] = code = error
+            # A server span's status is an error for 5xx only (4xx is the client's).
+            tracer.end(trace, str(code) if req.status >= 500 or error else None)
 
     async def _handle(self, req: Request) -> bool:
         """Serve one request; return whether the connection may carry another."""
@@ -562,6 +634,11 @@ class DownstreamProtocol(asyncio.Protocol):
             host, target = absolute_target(req.target)
             if not target:
                 target = b"*" if req.method == b"OPTIONS" else b"/"
+        trace = req.trace
+        if trace is not None and trace.span is not None:
+            trace.span.attributes["sidecar.upstream"] = upstream.name
+            if req.target.startswith(b"/v1/invoke/"):
+                req.route = f"/v1/invoke/{upstream.name}/*"
         return await Exchange(self, req, upstream, target, host).run()
 
     async def _publish(self, req: Request) -> bool:
@@ -577,6 +654,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 ),
             )
         topic = req.target[12:].split(b"?", 1)[0].decode("latin-1")
+        req.route = "/v1/publish/{topic}"
         if req.method != b"POST":
             shown = req.method.decode("latin-1")
             err = ProxyError(ErrorCode.BAD_REQUEST, f"{shown} /v1/publish/{{topic}}: use POST")
@@ -594,7 +672,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if body is None:
             return self.send_error(req, _too_large(None, limit))
         try:
-            answer = await events.publish(topic, req.headers, body)
+            answer = await events.publish(topic, req.headers, body, req.trace)
         except ProxyError as exc:
             return self.send_error(req, exc)
         return self.send_response(req, 202, b"content-type: application/json\r\n", answer)
@@ -671,6 +749,9 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def send_error(self, req: Request, err: ProxyError) -> bool:
         """Answer with the JSON error contract; return whether to keep the connection."""
+        trace = req.trace
+        if trace is not None and trace.span is not None:
+            trace.span.attributes["error.type"] = err.code.value
         headers = b"content-type: application/json\r\nx-sidecar-error: %s\r\n%s" % (
             err.code.value.encode(),
             b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in err.headers),
@@ -680,6 +761,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def send_response(self, req: Request, status: int, headers: bytes, body: bytes) -> bool:
         """A response the sidecar makes itself (error or fallback); return keep-alive."""
         keep = self.may_keep(req)
+        req.status = status
         self.write(
             b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\n%s%s\r\n%s"
             % (
@@ -847,6 +929,7 @@ class Exchange:
         "interim",
         "keep",
         "req",
+        "retry_status",
         "stalled",
         "started",
         "status",
@@ -879,6 +962,7 @@ class Exchange:
         self.tunnel: Tunnel | None = None
         self.started = 0.0  # the attempt's start on the balancer's clock (its latency sample)
         self.first_byte: float | None = None
+        self.retry_status = 0  # the status of the last attempt discarded for a retry
         self._fut: asyncio.Future[int] | None = None
         self._body_sent = False  # the whole request body was sent when the answer ended
         self._head_seen = False
@@ -963,6 +1047,8 @@ class Exchange:
         retries = up.config.retries
         head = self._request_head()
         failed: ProxyError | None = None  # why the previous attempt failed
+        trace = req.trace
+        tracer = self.down.proxy.tracer if trace is not None and trace.span is not None else None
         stats = balancer.pick()
         while True:
             if self.down.closed:
@@ -989,11 +1075,22 @@ class Exchange:
             assert isinstance(pool, EndpointPool)
             self.started = balancer.begin(stats)
             self.first_byte = None
+            if tracer is None:
+                attempt = None
+                sent = head
+            else:
+                assert trace is not None
+                attempt = self._attempt_span(tracer, trace, stats)
+                sent = head.replace(trace.header, attempt.header, 1)
             try:
-                result = await self._one_attempt(loop, pool, head, min(per_try, remaining))
+                result = await self._one_attempt(loop, pool, sent, min(per_try, remaining))
             except BaseException:  # cancelled, or a bug: the endpoint's count must not leak
                 balancer.abandon(stats)
+                if attempt is not None and tracer is not None:
+                    tracer.end(attempt, "cancelled")
                 raise
+            if attempt is not None and tracer is not None:
+                self._end_attempt_span(tracer, attempt, result)
             conn = self.conn
             self.conn = None
             req.conn = None
@@ -1054,6 +1151,37 @@ class Exchange:
                 return False
             await self._backoff(loop)
             stats = balancer.pick(avoid=stats)
+
+    def _attempt_span(
+        self, tracer: Tracer, trace: TraceContext, stats: EndpointStats
+    ) -> TraceContext:
+        """The CLIENT span of one attempt (retries are its siblings)."""
+        method = self.req.method.decode("latin-1")
+        endpoint = stats.endpoint
+        attributes: dict[str, object] = {
+            "http.request.method": method,
+            "server.address": endpoint.host,
+            "server.port": endpoint.port,
+            "url.path": self.target.split(b"?", 1)[0].decode("latin-1"),
+            "sidecar.upstream": self.up.name,
+            "sidecar.endpoint": endpoint.address,
+        }
+        if self.attempts > 1:
+            attributes["http.request.resend_count"] = self.attempts - 1
+        return tracer.child(trace, method, CLIENT, attributes)
+
+    def _end_attempt_span(self, tracer: Tracer, attempt: TraceContext, result: int) -> None:
+        assert attempt.span is not None
+        attributes = attempt.span.attributes
+        status = self.retry_status if result == _RETRY_STATUS else self.status
+        if status and result in (_DONE, _RETRY_STATUS, _CUT, _UPGRADED):
+            attributes["http.response.status_code"] = status
+        error = _ATTEMPT_ERRORS.get(result)
+        if error is None and status >= 500:
+            error = str(status)
+        if error is not None:
+            attributes["error.type"] = error
+        tracer.end(attempt, error)
 
     def _timeout_error(self, loop: asyncio.AbstractEventLoop, stats: EndpointStats) -> ProxyError:
         which = "per_try_timeout" if self.deadline - loop.time() > 0 else "timeout"
@@ -1167,7 +1295,17 @@ class Exchange:
     def _request_head(self) -> bytes:
         req = self.req
         host = self.host
-        if host is None:
+        trace = req.trace
+        if trace is not None:
+            headers = request_headers(
+                req.headers,
+                self.down.client_ip,
+                self.up.host if host is None else host,
+                replace_host=host is not None,
+                traceparent=trace.header,
+                tracestate=trace.tracestate,
+            )
+        elif host is None:
             headers = request_headers(req.headers, self.down.client_ip, self.up.host)
         else:
             headers = request_headers(req.headers, self.down.client_ip, host, replace_host=True)
@@ -1268,10 +1406,12 @@ class Exchange:
         self._head_seen = True
         self.first_byte = self.up.balancer.now()
         if status in self.up.retry_statuses and self._may_retry(asyncio.get_running_loop()):
+            self.retry_status = status
             fut.set_result(_RETRY_STATUS)
             return
         self.status = status
         req, down = self.req, self.down
+        req.status = status
         if down.write_paused and self.conn is not None:
             # The app stopped reading during an earlier answer: hold this body too. Only
             # now, after the head: pausing earlier would time out the upstream (and
@@ -1365,6 +1505,17 @@ class Exchange:
 
     def __repr__(self) -> str:
         return f"<Exchange {self.up.name} {self.req.method.decode()} attempts={self.attempts}>"
+
+
+#: error.type of a CLIENT span, by how the attempt ended (a 5xx adds its status code).
+_ATTEMPT_ERRORS = {
+    _TIMEOUT: ErrorCode.UPSTREAM_TIMEOUT.value,
+    _CONNECT_FAILED: ErrorCode.UPSTREAM_CONNECT_FAILED.value,
+    _RESET: "connection_reset",
+    _CUT: "response_cut",
+    _CLIENT_GONE: "client_gone",
+    _APP_STALLED: ErrorCode.REQUEST_TIMEOUT.value,
+}
 
 
 def _bad_request(message: str) -> ProxyError:

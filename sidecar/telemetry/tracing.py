@@ -1,0 +1,537 @@
+"""OpenTelemetry tracing that costs next to nothing for a request it does not sample.
+
+The hot path never touches the SDK. `Tracer.begin` parses the app's `traceparent`
+itself, decides sampling the way the SDK's samplers do (parent-based, trace-id
+ratio), and makes W3C ids from a plain PRNG; a request that is not sampled only
+carries the context on (the app's own header, or a fresh one). A sampled request
+records its timestamps and attributes in `SpanRecord`s; the export thread turns
+them into SDK `ReadableSpan`s and hands them to the OTLP (HTTP/protobuf or gRPC)
+or console exporter, so building and encoding spans stays off the event loop.
+The queue between the two is bounded: a span that does not fit is dropped and
+counted, never held in unbounded memory.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from sidecar import __version__
+from sidecar.config import Config, TracingConfig
+from sidecar.telemetry.logging import get_logger
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+log = get_logger("sidecar.tracing")
+
+# Span kinds, as the SDK's SpanKind member names.
+SERVER, CLIENT, PRODUCER, CONSUMER = "SERVER", "CLIENT", "PRODUCER", "CONSUMER"
+
+_HEX = frozenset(b"0123456789abcdef")
+_ZERO_TRACE = b"0" * 32
+_ZERO_SPAN = b"0" * 16
+_BOUND = 1 << 64
+
+
+def parse_traceparent(value: bytes) -> tuple[int, int, bool] | None:
+    """(trace id, parent span id, sampled) of a W3C `traceparent`, or None if invalid.
+
+    Version 00 must be exactly 55 bytes; a later version may append fields after a
+    dash (W3C Trace Context §3.2.4); version ff is invalid, as are all-zero ids and
+    upper-case hex.
+    """
+    value = value.strip()
+    if len(value) < 55 or value[2:3] != b"-" or value[35:36] != b"-" or value[52:53] != b"-":
+        return None
+    version = value[:2]
+    if version == b"ff" or not _HEX.issuperset(version):
+        return None
+    if version == b"00" and len(value) != 55:
+        return None
+    if len(value) > 55 and value[55:56] != b"-":
+        return None
+    trace, span, flags = value[3:35], value[36:52], value[53:55]
+    if not (_HEX.issuperset(trace) and _HEX.issuperset(span) and _HEX.issuperset(flags)):
+        return None
+    if trace == _ZERO_TRACE or span == _ZERO_SPAN:
+        return None
+    return int(trace, 16), int(span, 16), bool(int(flags, 16) & 1)
+
+
+def format_traceparent(trace_id: int, span_id: int, sampled: bool) -> bytes:
+    return b"00-%032x-%016x-%s" % (trace_id, span_id, b"01" if sampled else b"00")
+
+
+class Sampler:
+    """The SDK's built-in samplers (OTEL_TRACES_SAMPLER), decided on integer ids.
+
+    `traceidratio` samples a trace when the low 64 bits of its id fall under
+    `ratio * 2**64`, as the SDK's TraceIdRatioBased does, so every service using
+    the same ratio agrees; the `parentbased_*` ones follow a parent's sampled flag.
+    """
+
+    __slots__ = ("bound", "name", "parent_based", "root")
+
+    def __init__(self, name: str, ratio: float) -> None:
+        self.name = name
+        self.parent_based = name.startswith("parentbased_")
+        root = name.removeprefix("parentbased_")
+        self.bound = round(ratio * _BOUND) if root == "traceidratio" else 0
+        self.root = root  # always_on, always_off or traceidratio
+
+    def sample_root(self, trace_id: int) -> bool:
+        root = self.root
+        if root == "always_on":
+            return True
+        if root == "always_off":
+            return False
+        return (trace_id & 0xFFFFFFFFFFFFFFFF) < self.bound
+
+    def decide(self, trace_id: int, parent_sampled: bool | None) -> bool:
+        """Sample a trace with this id, whose parent was sampled (True/False) or absent."""
+        if parent_sampled is not None and self.parent_based:
+            return parent_sampled
+        return self.sample_root(trace_id)
+
+    def __repr__(self) -> str:
+        return f"<Sampler {self.name} bound={self.bound / _BOUND:g}>"
+
+
+class SpanRecord:
+    """What the hot path records for one sampled span; turned into an SDK span later."""
+
+    __slots__ = (
+        "attributes",
+        "end_ns",
+        "error",
+        "kind",
+        "links",
+        "name",
+        "parent_id",
+        "parent_remote",
+        "span_id",
+        "start_ns",
+        "trace_id",
+        "tracestate",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        *,
+        trace_id: int,
+        span_id: int,
+        parent_id: int,
+        start_ns: int,
+        attributes: dict[str, Any],
+        parent_remote: bool = False,
+        tracestate: str = "",
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_id = parent_id  # 0: a root span
+        self.parent_remote = parent_remote
+        self.start_ns = start_ns
+        self.end_ns = 0
+        self.attributes = attributes
+        self.error: str | None = None  # status ERROR with this description
+        self.links: tuple[tuple[int, int, bool], ...] = ()  # (trace id, span id, sampled)
+        self.tracestate = tracestate
+
+    def __repr__(self) -> str:
+        return f"<SpanRecord {self.kind} {self.name!r} {self.trace_id:032x}/{self.span_id:016x}>"
+
+
+class TraceContext:
+    """One traced unit of work (an app request, a delivery): its trace and the span the
+    sidecar records for it (`span_id`); `header` is the `traceparent` that carries it on.
+
+    Not sampled: `span` is None and `header` is what the next hop receives.
+    """
+
+    __slots__ = ("header", "span", "span_id", "trace_id", "tracestate")
+
+    def __init__(
+        self,
+        trace_id: int,
+        span_id: int,
+        header: bytes,
+        span: SpanRecord | None,
+        tracestate: str = "",
+    ) -> None:
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.header = header
+        self.span = span
+        self.tracestate = tracestate
+
+    @property
+    def sampled(self) -> bool:
+        return self.span is not None
+
+    def log_ids(self) -> dict[str, str]:
+        """`trace_id` and `span_id` as the log lines carry them (hex)."""
+        return {"trace_id": f"{self.trace_id:032x}", "span_id": f"{self.span_id:016x}"}
+
+
+class Tracer:
+    """Sampling, ids and span records for the proxy, the relay and the subscriptions."""
+
+    def __init__(self, config: Config, exporter: SpanExporter | None = None) -> None:
+        tracing = config.telemetry.tracing
+        self.config = tracing
+        self.sampler = Sampler(tracing.sampler, tracing.sampler_ratio)
+        self._rand = random.Random().getrandbits
+        self.queue = SpanQueue(tracing, _resource(config), exporter or _exporter(tracing))
+
+    # -- ids ---------------------------------------------------------------------------------
+
+    def new_trace_id(self) -> int:
+        while True:
+            trace_id = self._rand(128)
+            if trace_id:
+                return trace_id
+
+    def new_span_id(self) -> int:
+        while True:
+            span_id = self._rand(64)
+            if span_id:
+                return span_id
+
+    # -- spans -------------------------------------------------------------------------------
+
+    def begin(
+        self,
+        name: str,
+        kind: str,
+        traceparent: bytes | None,
+        tracestate: bytes | None = None,
+        attributes: dict[str, Any] | None = None,
+    ) -> TraceContext:
+        """Continue the caller's trace (or start one) for a span of ours.
+
+        Not sampled and the caller's context is valid: that context is carried on as
+        it is (the sidecar records nothing, so it adds no hop to the trace).
+        """
+        parent = parse_traceparent(traceparent) if traceparent else None
+        if parent is None:
+            trace_id = self.new_trace_id()
+            if not self.sampler.decide(trace_id, None):
+                span_id = self.new_span_id()  # not recorded: only the next hop's parent id
+                return TraceContext(
+                    trace_id, span_id, format_traceparent(trace_id, span_id, False), None
+                )
+            parent_id, remote, state = 0, False, ""
+        else:
+            trace_id, parent_id, parent_sampled = parent
+            if not self.sampler.decide(trace_id, parent_sampled):
+                assert traceparent is not None
+                state = tracestate.decode("latin-1") if tracestate else ""
+                return TraceContext(trace_id, parent_id, traceparent.strip(), None, state)
+            remote, state = True, tracestate.decode("latin-1") if tracestate else ""
+        span_id = self.new_span_id()
+        record = SpanRecord(
+            name,
+            kind,
+            trace_id=trace_id,
+            span_id=span_id,
+            parent_id=parent_id,
+            start_ns=time.time_ns(),
+            attributes=attributes if attributes is not None else {},
+            parent_remote=remote,
+            tracestate=state,
+        )
+        header = format_traceparent(trace_id, span_id, True)
+        return TraceContext(trace_id, span_id, header, record, state)
+
+    def child(
+        self, parent: TraceContext, name: str, kind: str, attributes: dict[str, Any]
+    ) -> TraceContext:
+        """A span under a sampled `parent` (a CLIENT attempt, a PRODUCER publish)."""
+        assert parent.span is not None
+        span_id = self.new_span_id()
+        record = SpanRecord(
+            name,
+            kind,
+            trace_id=parent.trace_id,
+            span_id=span_id,
+            parent_id=parent.span_id,
+            start_ns=time.time_ns(),
+            attributes=attributes,
+            tracestate=parent.tracestate,
+        )
+        header = format_traceparent(parent.trace_id, span_id, True)
+        return TraceContext(parent.trace_id, span_id, header, record, parent.tracestate)
+
+    def end(self, context: TraceContext, error: str | None = None) -> None:
+        """End the context's span now (if it is sampled) and queue it for export."""
+        record = context.span
+        if record is None:
+            return
+        record.end_ns = time.time_ns()
+        if error is not None:
+            record.error = error
+        self.queue.put(record)
+
+    # -- life --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.queue.start()
+
+    def shutdown(self, timeout: float) -> None:
+        """Export what is queued within `timeout` seconds (blocking: call it in a thread)."""
+        self.queue.shutdown(timeout)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.queue.collect()
+
+    def __repr__(self) -> str:
+        return f"<Tracer {self.config.exporter} {self.sampler!r} queued={len(self.queue)}>"
+
+
+class SpanQueue:
+    """A bounded queue of span records and the thread that exports them in batches.
+
+    `put` is called on the event loop: an append and a length check. The thread
+    wakes every `schedule_delay`, or as soon as a batch is full, and exports up to
+    `max_export_batch_size` spans per call; the exporter's own retries (429, 503)
+    run in this thread, while the loop keeps queueing (and counting drops).
+    """
+
+    def __init__(self, config: TracingConfig, resource: Any, exporter: SpanExporter) -> None:
+        self.config = config
+        self.resource = resource
+        self.exporter = exporter
+        self.limit = config.max_queue_size
+        self.batch = config.max_export_batch_size
+        self._records: deque[SpanRecord] = deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._idle = threading.Condition()
+        self._exporting = 0
+        self._thread: threading.Thread | None = None
+        self.exported = 0
+        self.dropped_full = 0
+        self.failed = 0
+        self._scope: Any = None
+        self._logged_failure = 0.0
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def put(self, record: SpanRecord) -> None:
+        records = self._records
+        if len(records) >= self.limit:
+            self.dropped_full += 1
+            return
+        records.append(record)
+        if len(records) >= self.batch:
+            self._wake.set()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        delay = self.config.schedule_delay
+        while not self._stop.is_set():
+            self._wake.wait(delay)
+            self._wake.clear()
+            self._drain()
+
+    def _drain(self, deadline: float | None = None) -> None:
+        records = self._records
+        while records:
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            batch = []
+            for _ in range(min(self.batch, len(records))):
+                batch.append(records.popleft())  # deque.popleft is atomic under the GIL
+            self._export(batch)
+
+    def _export(self, batch: list[SpanRecord]) -> None:
+        from opentelemetry.sdk.trace.export import SpanExportResult  # noqa: PLC0415
+
+        try:
+            spans = [self._readable(r) for r in batch]
+            result = self.exporter.export(spans)
+        except Exception as exc:  # an exporter bug must not kill the thread
+            result = None
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            error = "the exporter reported a failure"
+        if result == SpanExportResult.SUCCESS:
+            self.exported += len(batch)
+            return
+        self.failed += len(batch)
+        now = time.monotonic()
+        if now - self._logged_failure >= 10.0:  # at most one line per 10 s
+            self._logged_failure = now
+            log.warning(
+                "span_export_failed",
+                spans=len(batch),
+                endpoint=self.config.endpoint,
+                protocol=self.config.protocol,
+                error=error,
+            )
+
+    def _readable(self, record: SpanRecord) -> ReadableSpan:
+        from opentelemetry.sdk.trace import ReadableSpan  # noqa: PLC0415
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope  # noqa: PLC0415
+        from opentelemetry.trace import (  # noqa: PLC0415
+            Link,
+            SpanContext,
+            SpanKind,
+            Status,
+            StatusCode,
+            TraceFlags,
+            TraceState,
+        )
+
+        if self._scope is None:
+            self._scope = InstrumentationScope("hms-sidecar", __version__)
+        state = TraceState.from_header([record.tracestate]) if record.tracestate else None
+        sampled = TraceFlags(TraceFlags.SAMPLED)
+        context = SpanContext(record.trace_id, record.span_id, False, sampled, state)
+        parent = None
+        if record.parent_id:
+            parent = SpanContext(
+                record.trace_id, record.parent_id, record.parent_remote, sampled, state
+            )
+        links = [
+            Link(SpanContext(t, s, True, TraceFlags(1 if f else 0))) for t, s, f in record.links
+        ]
+        status = Status(StatusCode.ERROR, record.error) if record.error is not None else Status()
+        return ReadableSpan(
+            record.name,
+            context,
+            parent,
+            resource=self.resource,
+            attributes=record.attributes,
+            links=links,
+            kind=SpanKind[record.kind],
+            status=status,
+            start_time=record.start_ns,
+            end_time=record.end_ns,
+            instrumentation_scope=self._scope,
+        )
+
+    def shutdown(self, timeout: float) -> None:
+        """Stop the thread and export what is left, giving up after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            self._thread = None
+        left = len(self._records)
+        self._drain(deadline)
+        if self._records:
+            log.warning("spans_not_flushed", spans=len(self._records), timeout_s=timeout)
+        try:
+            self.exporter.shutdown()
+        except Exception:  # at exit nothing more can be done about it
+            log.exception("span_exporter_shutdown_failed")
+        log.info("tracing_stopped", flushed=left - len(self._records), exported=self.exported)
+
+    def collect(self) -> Iterator[Metric]:
+        spans = CounterMetricFamily(
+            "sidecar_trace_spans",
+            "Spans the sidecar recorded, by outcome: exported (accepted by the exporter), "
+            "dropped (the export queue was full), failed (the exporter gave up on them).",
+            labels=["outcome"],
+        )
+        spans.add_metric(["exported"], self.exported)
+        spans.add_metric(["dropped"], self.dropped_full)
+        spans.add_metric(["failed"], self.failed)
+        yield spans
+        queued = GaugeMetricFamily(
+            "sidecar_trace_export_queue_spans",
+            "Spans waiting in the export queue (bounded by max_queue_size).",
+        )
+        queued.add_metric([], len(self._records))
+        yield queued
+
+
+def _resource(config: Config) -> Any:
+    from opentelemetry.sdk.resources import Resource  # noqa: PLC0415
+
+    tracing = config.telemetry.tracing
+    attributes: dict[str, str] = dict(tracing.resource_attributes)
+    attributes["service.name"] = tracing.service_name
+    attributes.setdefault("service.instance.id", config.service.id)
+    version = config.service.meta.get("version")
+    if version:
+        attributes.setdefault("service.version", version)
+    attributes.setdefault("telemetry.sdk.language", "python")
+    attributes.setdefault("telemetry.sdk.name", "opentelemetry")
+    attributes["sidecar.version"] = __version__
+    return Resource(attributes)
+
+
+def _exporter(tracing: TracingConfig) -> SpanExporter:
+    if tracing.exporter == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter  # noqa: PLC0415
+
+        return ConsoleSpanExporter(out=sys.stdout, formatter=_one_line)
+    headers = dict(tracing.headers)
+    if tracing.protocol == "grpc":
+        import grpc  # noqa: PLC0415
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415
+            OTLPSpanExporter as GrpcExporter,
+        )
+
+        endpoint = tracing.endpoint or "http://localhost:4317"
+        return GrpcExporter(
+            endpoint=endpoint,
+            insecure=endpoint.startswith("http://"),
+            headers=headers or None,
+            timeout=tracing.export_timeout,
+            compression=grpc.Compression.Gzip if tracing.compression == "gzip" else None,
+        )
+    from opentelemetry.exporter.otlp.proto.http import Compression  # noqa: PLC0415
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
+        OTLPSpanExporter,
+    )
+
+    return OTLPSpanExporter(
+        endpoint=tracing.endpoint,
+        headers=headers or None,
+        timeout=tracing.export_timeout,
+        compression=Compression.Gzip
+        if tracing.compression == "gzip"
+        else Compression.NoCompression,
+    )
+
+
+def _one_line(span: ReadableSpan) -> str:
+    """The console exporter's line for a span: its JSON on one line."""
+    return str(span.to_json(indent=None)) + "\n"
+
+
+__all__ = [
+    "CLIENT",
+    "CONSUMER",
+    "PRODUCER",
+    "SERVER",
+    "Sampler",
+    "SpanQueue",
+    "SpanRecord",
+    "TraceContext",
+    "Tracer",
+    "format_traceparent",
+    "parse_traceparent",
+]

@@ -1,0 +1,335 @@
+"""Tracing without the SDK on the hot path: W3C parsing, sampling as the SDK samples,
+span records turned into SDK spans off the loop, a bounded export queue, and the
+`telemetry.tracing` configuration with OpenTelemetry's environment variables."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBasedTraceIdRatio,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import SpanKind, StatusCode
+
+from sidecar.config import Config, config_from_mapping
+from sidecar.errors import ConfigError
+from sidecar.telemetry.tracing import (
+    CLIENT,
+    SERVER,
+    Sampler,
+    Tracer,
+    format_traceparent,
+    parse_traceparent,
+)
+
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+PARENT = "b7ad6b7169203331"
+
+
+def config(tracing: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Config:
+    data: dict[str, Any] = {"service": {"name": "orders", "id": "orders-1"}}
+    data["consul"] = {"enabled": False}
+    if tracing is not None:
+        data["telemetry"] = {"tracing": tracing}
+    return config_from_mapping(data, env or {})
+
+
+class Recorder(SpanExporter):
+    """An exporter keeping what it is given; it can be told to fail or to block."""
+
+    def __init__(self) -> None:
+        self.spans: list[ReadableSpan] = []
+        self.fail = False
+        self.gate = threading.Event()
+        self.gate.set()
+        self.calls = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.calls += 1
+        self.gate.wait(10)
+        if self.fail:
+            return SpanExportResult.FAILURE
+        self.spans.extend(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def tracer(tracing: dict[str, Any] | None = None, **env: str) -> tuple[Tracer, Recorder]:
+    recorder = Recorder()
+    settings = {"exporter": "console"} | (tracing or {})
+    return Tracer(config(settings, env), exporter=recorder), recorder
+
+
+class TestTraceparent:
+    def test_a_valid_header_gives_its_ids_and_sampled_flag(self) -> None:
+        """Version 00, lower-case hex: trace id, parent id and the sampled bit."""
+        header = f"00-{TRACE}-{PARENT}-01".encode()
+        assert parse_traceparent(header) == (int(TRACE, 16), int(PARENT, 16), True)
+        assert parse_traceparent(f"00-{TRACE}-{PARENT}-00".encode()) == (
+            int(TRACE, 16),
+            int(PARENT, 16),
+            False,
+        )
+
+    @pytest.mark.parametrize(
+        "header",
+        [
+            b"",
+            b"garbage",
+            f"00-{TRACE.upper()}-{PARENT}-01".encode(),  # upper-case hex
+            f"00-{'0' * 32}-{PARENT}-01".encode(),  # all-zero trace id
+            f"00-{TRACE}-{'0' * 16}-01".encode(),  # all-zero parent id
+            f"ff-{TRACE}-{PARENT}-01".encode(),  # version ff is invalid
+            f"00-{TRACE}-{PARENT}-01-extra".encode(),  # version 00 has exactly 4 fields
+            f"00-{TRACE}-{PARENT}-0g".encode(),  # bad flags
+            f"00_{TRACE}-{PARENT}-01".encode(),  # bad separator
+            f"01-{TRACE}-{PARENT}-01x".encode(),  # a later version's extra needs a dash
+        ],
+    )
+    def test_an_invalid_header_is_ignored(self, header: bytes) -> None:
+        """W3C Trace Context §3.2: an invalid traceparent counts as absent."""
+        assert parse_traceparent(header) is None
+
+    def test_a_later_version_may_carry_more_fields(self) -> None:
+        """§3.2.4: a parser reads the known part of a higher version."""
+        header = f"01-{TRACE}-{PARENT}-01-whatever".encode()
+        assert parse_traceparent(header) == (int(TRACE, 16), int(PARENT, 16), True)
+
+    def test_format_round_trips(self) -> None:
+        """What the sidecar writes, it (and any W3C parser) reads back."""
+        header = format_traceparent(int(TRACE, 16), int(PARENT, 16), True)
+        assert header == f"00-{TRACE}-{PARENT}-01".encode()
+        assert parse_traceparent(format_traceparent(1, 2, False)) == (1, 2, False)
+
+
+class TestSampler:
+    @pytest.mark.parametrize("ratio", [0.0, 0.01, 0.25, 0.5, 0.999, 1.0])
+    def test_ratio_decisions_match_the_sdk(self, ratio: float) -> None:
+        """Same trace ids, same decisions as the SDK's TraceIdRatioBased, so a trace
+        sampled by an SDK-instrumented service at a ratio is sampled here too."""
+        ours = Sampler("traceidratio", ratio)
+        sdk = TraceIdRatioBased(ratio)
+        rng = random.Random(7)
+        for _ in range(2000):
+            trace_id = rng.getrandbits(128)
+            theirs = sdk.should_sample(None, trace_id, "x").decision is Decision.RECORD_AND_SAMPLE
+            assert ours.decide(trace_id, None) == theirs
+
+    def test_parent_based_follows_the_parent_and_ratio_decides_roots(self) -> None:
+        """parentbased_traceidratio: a parent's flag wins; a root goes by the ratio."""
+        sampler = Sampler("parentbased_traceidratio", 0.0)
+        sdk = ParentBasedTraceIdRatio(0.0)
+        assert sampler.decide(1, True) is True
+        assert sampler.decide(1, False) is False
+        root = sdk.should_sample(None, 1, "x").decision is Decision.RECORD_AND_SAMPLE
+        assert sampler.decide(1, None) is root
+
+    def test_samplers_that_ignore_the_parent(self) -> None:
+        """always_on / always_off / traceidratio decide alone, parent or not."""
+        assert Sampler("always_on", 0.0).decide(5, False) is True
+        assert Sampler("always_off", 1.0).decide(5, True) is False
+        assert Sampler("parentbased_always_off", 1.0).decide(5, None) is False
+        assert Sampler("parentbased_always_off", 1.0).decide(5, True) is True
+
+
+class TestBegin:
+    def test_an_unsampled_request_with_a_valid_parent_carries_it_on_unchanged(self) -> None:
+        """Not recording, the sidecar adds no hop: the app's header goes on as it is."""
+        t, _ = tracer({"sampler": "parentbased_always_on"})
+        header = f"00-{TRACE}-{PARENT}-00".encode()
+        context = t.begin("GET", SERVER, header, b"vendor=1")
+        assert context.span is None
+        assert context.header == header
+        assert context.tracestate == "vendor=1"
+
+    def test_an_unsampled_root_gets_a_fresh_context_flagged_not_sampled(self) -> None:
+        """No (or an invalid) parent and the ratio says no: a new trace id goes on, with
+        the sampled flag off, so the next hop can still correlate its logs."""
+        t, _ = tracer({"sampler_ratio": 0.0})
+        context = t.begin("GET", SERVER, b"00-bad", b"dropped=1")
+        parsed = parse_traceparent(context.header)
+        assert parsed is not None
+        assert parsed[0] == context.trace_id
+        assert parsed[2] is False
+        assert context.tracestate == ""  # an invalid traceparent invalidates tracestate
+
+    def test_a_sampled_request_continues_the_callers_trace(self) -> None:
+        """The SERVER span's parent is the caller's span; the header carries ours on."""
+        t, _ = tracer()
+        context = t.begin("GET", SERVER, f"00-{TRACE}-{PARENT}-01".encode(), b"k=v")
+        assert context.span is not None
+        assert context.trace_id == int(TRACE, 16)
+        assert context.span.parent_id == int(PARENT, 16)
+        assert context.span.parent_remote is True
+        assert context.header == format_traceparent(int(TRACE, 16), context.span_id, True)
+        assert context.tracestate == "k=v"
+
+    def test_a_child_shares_the_trace_and_names_its_parent(self) -> None:
+        """A CLIENT attempt is a child of the SERVER span, with its own id."""
+        t, _ = tracer()
+        server = t.begin("GET", SERVER, None)
+        client = t.child(server, "GET", CLIENT, {})
+        assert client.span is not None
+        assert client.trace_id == server.trace_id
+        assert client.span.parent_id == server.span_id
+        assert client.span_id != server.span_id
+
+
+class TestExport:
+    def test_records_become_sdk_spans_with_ids_kinds_links_and_status(self) -> None:
+        """The export thread builds ReadableSpans the OTLP exporter can encode."""
+        t, recorder = tracer()
+        server = t.begin("GET", SERVER, f"00-{TRACE}-{PARENT}-01".encode(), None, {"a": 1})
+        client = t.child(server, "GET", CLIENT, {"http.response.status_code": 503})
+        assert client.span is not None
+        client.span.links = ((int(TRACE, 16), int(PARENT, 16), True),)
+        t.end(client, "503")
+        t.end(server)
+        t.shutdown(5.0)
+        spans = {s.kind: s for s in recorder.spans}
+        assert set(spans) == {SpanKind.SERVER, SpanKind.CLIENT}
+        srv, cli = spans[SpanKind.SERVER], spans[SpanKind.CLIENT]
+        assert srv.context is not None
+        assert cli.context is not None
+        assert cli.parent is not None
+        assert srv.context.trace_id == int(TRACE, 16)
+        assert srv.parent is not None
+        assert srv.parent.span_id == int(PARENT, 16)
+        assert srv.parent.is_remote
+        assert cli.parent.span_id == srv.context.span_id
+        assert cli.status.status_code == StatusCode.ERROR
+        assert srv.status.status_code == StatusCode.UNSET
+        assert [link.context.span_id for link in cli.links] == [int(PARENT, 16)]
+        assert srv.resource.attributes["service.name"] == "orders"
+        assert srv.resource.attributes["service.instance.id"] == "orders-1"
+        assert srv.start_time is not None
+        assert srv.end_time is not None
+        assert srv.start_time <= srv.end_time
+
+    def test_a_full_queue_drops_and_counts_instead_of_growing(self) -> None:
+        """Bounded memory: beyond max_queue_size a span is dropped and counted."""
+        t, recorder = tracer({"max_queue_size": 4, "max_export_batch_size": 2})
+        for _ in range(10):
+            t.end(t.begin("GET", SERVER, None))
+        assert len(t.queue) == 4
+        assert t.queue.dropped_full == 6
+        t.shutdown(5.0)
+        assert len(recorder.spans) == 4
+        metrics = {m.name: m for m in t.collect()}
+        counts = {s.labels["outcome"]: s.value for s in metrics["sidecar_trace_spans"].samples}
+        assert counts == {"exported": 4, "dropped": 6, "failed": 0}
+
+    def test_a_failing_exporter_counts_failures_and_the_thread_keeps_going(self) -> None:
+        """Export failures are counted; later batches still go out."""
+        t, recorder = tracer({"max_export_batch_size": 1})
+        recorder.fail = True
+        t.end(t.begin("GET", SERVER, None))
+        t.queue._drain()
+        recorder.fail = False
+        t.end(t.begin("GET", SERVER, None))
+        t.shutdown(5.0)
+        assert t.queue.failed == 1
+        assert t.queue.exported == 1
+
+    def test_shutdown_gives_up_after_its_timeout(self) -> None:
+        """A collector that hangs cannot hold the exit past the grace period."""
+        t, recorder = tracer({"max_export_batch_size": 1})
+        recorder.gate.clear()
+        t.start()
+        for _ in range(3):
+            t.end(t.begin("GET", SERVER, None))
+        t.queue._wake.set()
+        t.shutdown(0.3)
+        assert len(t.queue) >= 1  # left behind, not waited for
+        recorder.gate.set()
+
+    def test_unsampled_work_records_nothing(self) -> None:
+        """Ending an unsampled context queues nothing."""
+        t, _ = tracer({"sampler": "always_off"})
+        t.end(t.begin("GET", SERVER, None))
+        assert len(t.queue) == 0
+
+
+class TestTracingConfig:
+    def test_no_endpoint_means_tracing_off(self) -> None:
+        """The default exporter is otlp; without an endpoint there is nothing to send to."""
+        assert config().telemetry.tracing.enabled is False
+        assert config({"otlp_endpoint": "http://jaeger:4318"}).telemetry.tracing.enabled
+
+    def test_http_endpoints_get_the_traces_path_and_the_specific_variable_wins(self) -> None:
+        """OTEL_EXPORTER_OTLP_ENDPOINT is a base URL (+/v1/traces for HTTP);
+        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is taken as it is, and wins."""
+        base = config(env={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://jaeger:4318/"})
+        assert base.telemetry.tracing.endpoint == "http://jaeger:4318/v1/traces"
+        both = config(
+            {"otlp_endpoint": "http://file:4318"},
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://base:4318",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:9999/custom",
+            },
+        )
+        assert both.telemetry.tracing.endpoint == "http://collector:9999/custom"
+
+    def test_grpc_endpoint_is_kept_as_is(self) -> None:
+        """gRPC takes host:port; no path is appended."""
+        tracing = config(
+            env={
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://j:4317",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            }
+        ).telemetry.tracing
+        assert (tracing.protocol, tracing.endpoint) == ("grpc", "http://j:4317")
+
+    def test_service_name_resource_and_sampler_from_the_environment(self) -> None:
+        """OTEL_SERVICE_NAME beats OTEL_RESOURCE_ATTRIBUTES' service.name, which beats
+        service.name; OTEL_TRACES_SAMPLER(_ARG) beat the file; OTEL_SDK_DISABLED turns
+        tracing off."""
+        env = {
+            "OTEL_RESOURCE_ATTRIBUTES": "service.name=from-attrs,deployment.environment=prod",
+            "OTEL_TRACES_SAMPLER": "traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.01",
+        }
+        tracing = config({"exporter": "console", "sampler_ratio": 1.0}, env).telemetry.tracing
+        assert tracing.service_name == "from-attrs"
+        assert ("deployment.environment", "prod") in tracing.resource_attributes
+        assert (tracing.sampler, tracing.sampler_ratio) == ("traceidratio", 0.01)
+        named = config({"exporter": "console"}, env | {"OTEL_SERVICE_NAME": "svc"})
+        assert named.telemetry.tracing.service_name == "svc"
+        off = config({"exporter": "console"}, {"OTEL_SDK_DISABLED": "true"})
+        assert off.telemetry.tracing.enabled is False
+
+    def test_every_problem_is_reported_with_its_source(self) -> None:
+        """Bad values in the file and in OTEL_* variables are all listed (exit 64)."""
+        with pytest.raises(ConfigError) as caught:
+            config(
+                {"otlp_endpoint": "jaeger:4318", "sampler_ratio": 2, "protocol": "thrift"},
+                {"OTEL_BSP_SCHEDULE_DELAY": "soon", "OTEL_TRACES_SAMPLER": "jaeger_remote"},
+            )
+        text = str(caught.value)
+        for where in (
+            "telemetry.tracing.otlp_endpoint",
+            "telemetry.tracing.sampler_ratio",
+            "telemetry.tracing.protocol",
+            "OTEL_BSP_SCHEDULE_DELAY",
+            "OTEL_TRACES_SAMPLER",
+        ):
+            assert where in text
+
+    def test_headers_from_the_environment_are_kept_out_of_the_repr(self) -> None:
+        """OTEL_EXPORTER_OTLP_HEADERS may hold a token: parsed, never shown."""
+        tracing = config(
+            {"exporter": "console"},
+            {"OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20s3cret,x-team=a"},
+        ).telemetry.tracing
+        assert dict(tracing.headers) == {"authorization": "Bearer s3cret", "x-team": "a"}
+        assert "s3cret" not in repr(tracing)
