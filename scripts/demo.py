@@ -22,6 +22,7 @@ import http.client
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -103,6 +104,8 @@ events:
   subscriptions:
     - {{name: receipts, topic: "invoice.*", path: /events/invoice, max_attempts: 3,
        backoff: {{initial: 200ms, max: 1s}}}}
+telemetry:
+  tracing: {{exporter: console, schedule_delay: 100ms}}   # spans as JSON lines on stdout
 shutdown:
   drain: 0s                 # no app to drain for in a demo: stop at once
   grace: 3s
@@ -144,6 +147,7 @@ def serve_billing(name: str, port: int) -> None:
             {
                 "id": request.headers.get("ce-id", ""),
                 "type": request.headers.get("ce-type", ""),
+                "traceparent": request.headers.get("traceparent", ""),
                 "body": (await request.read()).decode(errors="replace"),
             }
         )
@@ -711,8 +715,82 @@ async def _delete_demo_topology(port: int) -> None:
             await channel.exchange_delete(EXCHANGE)
 
 
+def spans_of(sidecar: Sidecar, trace_id: str) -> list[dict[str, Any]]:
+    """The spans of one trace the console exporter wrote into the sidecar's log."""
+    spans = []
+    for line in sidecar.log_path.read_text(errors="replace").splitlines():
+        if line.startswith("{") and '"context"' in line and trace_id in line:
+            with contextlib.suppress(ValueError):
+                span = json.loads(line)
+                if span["context"]["trace_id"] == f"0x{trace_id}":
+                    spans.append(span)
+    return spans
+
+
+def show_trace(spans: list[dict[str, Any]]) -> None:
+    """Print a trace as a tree: kind, name and the attributes that tell the story."""
+    keys = (
+        "http.response.status_code",
+        "sidecar.endpoint",
+        "error.type",
+        "sidecar.event.outcome",
+        "messaging.destination.name",
+    )
+    ids = {s["context"]["span_id"] for s in spans}
+
+    def show(parent: str | None, depth: int) -> None:
+        children = [
+            s for s in spans if (s["parent_id"] if s["parent_id"] in ids else None) == parent
+        ]
+        for span in sorted(children, key=lambda s: str(s["start_time"])):
+            kind = span["kind"].removeprefix("SpanKind.")
+            attrs = span["attributes"]
+            shown = ", ".join(f"{k}={attrs[k]}" for k in keys if k in attrs)
+            links = " (linked to its producer)" if span["links"] else ""
+            fact(f"  {'   ' * depth}{kind:8} {span['name']}  {shown}{links}")
+            show(span["context"]["span_id"], depth + 1)
+
+    show(None, 0)
+
+
+def step_traces(sidecar: Sidecar, orders: Billing, broker: bool) -> None:
+    headline(6, "Traces: one call and one event, end to end")
+    fact("tracing: {exporter: console} prints each span as a JSON line (Jaeger: set")
+    fact("OTEL_EXPORTER_OTLP_ENDPOINT=http://jaeger:4318 instead; see docs/tracing.md)")
+    trace_id = f"{random.getrandbits(128):032x}"
+    caller = f"00-{trace_id}-{random.getrandbits(64):016x}-01"
+    conn = http.client.HTTPConnection(HOST, sidecar.app_port, timeout=10)
+    try:
+        conn.request("GET", INVOKE, headers={"traceparent": caller})
+        status = conn.getresponse().status
+        conn.request(
+            "POST",
+            "/v1/publish/invoice.traced",
+            b'{"invoice": 99}',
+            {"content-type": "application/json", "ce-id": "invoice-99", "traceparent": caller},
+        )
+        answer = conn.getresponse()
+        outcome = json.loads(answer.read())["status"]
+    finally:
+        conn.close()
+    fact(f"GET {INVOKE} and POST /v1/publish/invoice.traced with traceparent {caller}")
+    fact(f"  -> {status}, and 202 {outcome}")
+    wanted = 6 if broker else 4  # SERVER, CLIENT; SERVER, PRODUCER (+ CONSUMER, CLIENT)
+    wait_for(
+        f"{wanted} spans of trace {trace_id}",
+        lambda: len(spans_of(sidecar, trace_id)) >= wanted,
+        15,
+    )
+    fact(f"trace {trace_id} (the app's own trace, continued):")
+    show_trace(spans_of(sidecar, trace_id))
+    if broker:
+        got = [e for e in received(orders) if e["id"] == "invoice-99"]
+        if got and got[0].get("traceparent"):
+            fact(f"the app's handler received traceparent {got[0]['traceparent']}")
+
+
 def step_metrics(sidecar: Sidecar) -> None:
-    headline(6, "Everything above is in the metrics")
+    headline(7, "Everything above is in the metrics")
     fact(f"Prometheus metrics: http://{HOST}:{sidecar.admin_port}/metrics (while the demo runs)")
     fact(f"status JSON:        http://{HOST}:{sidecar.admin_port}/v1/status")
     wanted = (
@@ -982,6 +1060,7 @@ def tell(workdir: Path) -> None:
         step_all_down(sidecar, a, names)
         step_recovery(sidecar, a, names)
         step_events(sidecar, demo.relay, demo.orders, demo.broker)
+        step_traces(sidecar, demo.orders, demo.broker)
         step_metrics(sidecar)
         began = time.monotonic()
         code = sidecar.stop()

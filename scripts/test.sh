@@ -2,7 +2,8 @@
 # The whole test run: installs what it needs, then lint, types and the test suite.
 #   bash scripts/test.sh [extra pytest args]
 # Needs Python >= 3.11. Installs RabbitMQ from Debian when missing and starts it when
-# it is not running (the event tests use the real broker at 127.0.0.1:5672).
+# it is not running (the event tests use the real broker at 127.0.0.1:5672); installs
+# Debian's prometheus and prometheus-alertmanager for the metrics and alert tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +41,23 @@ ensure_rabbitmq() {
     exit 1
 }
 
+# Real Prometheus (promtool, a scraping server) and Alertmanager for the metrics and
+# alert tests; from Debian's packages when missing.
+ensure_prometheus_tools() {
+    local missing=()
+    [ -x /usr/bin/promtool ] || missing+=(prometheus)
+    [ -x /usr/bin/prometheus-alertmanager ] || missing+=(prometheus-alertmanager)
+    [ ${#missing[@]} -eq 0 ] && return
+    if ! have_root; then
+        echo "the metrics and alert tests need ${missing[*]} (Debian packages) and installing" >&2
+        echo "them needs root or sudo: sudo apt-get install -y ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "== installing ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
 ensure_venv() {
     if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then  # missing, or half-made without pip
         echo "== creating .venv"
@@ -55,6 +73,7 @@ ensure_venv() {
 
 ensure_venv
 ensure_rabbitmq
+ensure_prometheus_tools
 
 echo "== ruff"
 .venv/bin/ruff check sidecar tests scripts

@@ -650,10 +650,10 @@ class Subscriptions:
         if message.message_id:
             attributes["messaging.message.id"] = message.message_id
         trace = tracer.begin(
-            f"process {destination}",
-            CONSUMER,
             parent.encode("latin-1") if parent else None,
             state.encode("latin-1") if state else None,
+            f"process {destination}",
+            CONSUMER,
             attributes,
         )
         if trace.span is None:

@@ -86,6 +86,8 @@ def request_headers(
     has_host = False
     for name, value in _strip(headers, _REQUEST_ONLY_DROP):
         lname = name.lower()
+        if traceparent is not None and lname in _TRACE_CONTEXT:
+            continue  # replaced below
         if lname == b"x-forwarded-for":
             xff += value + b", "
             continue
@@ -98,7 +100,6 @@ def request_headers(
         out.insert(0, (b"Host", host))
     out.append((b"X-Forwarded-For", xff + client_ip))
     if traceparent is not None:
-        out = [(n, v) for n, v in out if n.lower() not in _TRACE_CONTEXT]
         out.append((b"traceparent", traceparent))
         if tracestate:
             out.append((b"tracestate", tracestate.encode("latin-1")))

@@ -514,10 +514,16 @@ class DownstreamProtocol(asyncio.Protocol):
             while req is not None and not self.closed:
                 proxy.begin()
                 try:
-                    if proxy.tracer is None:
+                    tracer = proxy.tracer
+                    if tracer is None:
                         keep = await self._handle(req)
                     else:
-                        keep = await self._handle_traced(req, proxy.tracer)
+                        # The context always goes on; only a sampled request costs more.
+                        trace = req.trace = tracer.begin(req.traceparent, req.tracestate)
+                        if trace.span is None:
+                            keep = await self._handle(req)
+                        else:
+                            keep = await self._handle_traced(req, tracer, trace)
                 finally:
                     proxy.end()
                 if req.upgrade and keep and not self.closed:
@@ -545,29 +551,24 @@ class DownstreamProtocol(asyncio.Protocol):
             self.task = None
             self.last_active = time.monotonic()
 
-    async def _handle_traced(self, req: Request, tracer: Tracer) -> bool:
-        """`_handle` with the request's trace context: carried on to the upstream always,
-        and, when sampled, a SERVER span recorded for it (its log lines carry the ids)."""
+    async def _handle_traced(self, req: Request, tracer: Tracer, trace: TraceContext) -> bool:
+        """`_handle` for a sampled request: its SERVER span, and its ids on every log line
+        written meanwhile."""
         method = req.method.decode("latin-1")
         target = req.target
         path = target.split(b"?", 1)[0]
         if target[:1] != b"/":  # absolute-form: the path after the authority
             path = b"/" + path[scheme_length(path) :].partition(b"/")[2]
-        trace = req.trace = tracer.begin(
-            method,
-            SERVER,
-            req.traceparent,
-            req.tracestate,
-            {
-                "http.request.method": method,
-                "url.path": path.decode("latin-1"),
-                "url.scheme": "http",
-                "network.protocol.version": req.version,
-            },
-        )
         span = trace.span
-        if span is None:
-            return await self._handle(req)
+        assert span is not None
+        span.kind = SERVER
+        span.name = method
+        span.attributes = {
+            "http.request.method": method,
+            "url.path": path.decode("latin-1"),
+            "url.scheme": "http",
+            "network.protocol.version": req.version,
+        }
         tokens = structlog.contextvars.bind_contextvars(**trace.log_ids())
         error: str | None = None
         try:

@@ -214,25 +214,26 @@ class Tracer:
 
     def begin(
         self,
-        name: str,
-        kind: str,
         traceparent: bytes | None,
         tracestate: bytes | None = None,
+        name: str = "",
+        kind: str = SERVER,
         attributes: dict[str, Any] | None = None,
     ) -> TraceContext:
         """Continue the caller's trace (or start one) for a span of ours.
 
         Not sampled and the caller's context is valid: that context is carried on as
-        it is (the sidecar records nothing, so it adds no hop to the trace).
+        it is (the sidecar records nothing, so it adds no hop to the trace). On the
+        hot path: the unsampled branches make no span and no dict.
         """
         parent = parse_traceparent(traceparent) if traceparent else None
+        rand = self._rand
         if parent is None:
-            trace_id = self.new_trace_id()
+            trace_id = rand(128) or 1
             if not self.sampler.decide(trace_id, None):
-                span_id = self.new_span_id()  # not recorded: only the next hop's parent id
-                return TraceContext(
-                    trace_id, span_id, format_traceparent(trace_id, span_id, False), None
-                )
+                span_id = rand(64) or 1  # not recorded: only the next hop's parent id
+                header = b"00-%032x-%016x-00" % (trace_id, span_id)
+                return TraceContext(trace_id, span_id, header, None)
             parent_id, remote, state = 0, False, ""
         else:
             trace_id, parent_id, parent_sampled = parent
@@ -241,7 +242,7 @@ class Tracer:
                 state = tracestate.decode("latin-1") if tracestate else ""
                 return TraceContext(trace_id, parent_id, traceparent.strip(), None, state)
             remote, state = True, tracestate.decode("latin-1") if tracestate else ""
-        span_id = self.new_span_id()
+        span_id = rand(64) or 1
         record = SpanRecord(
             name,
             kind,
@@ -253,7 +254,7 @@ class Tracer:
             parent_remote=remote,
             tracestate=state,
         )
-        header = format_traceparent(trace_id, span_id, True)
+        header = b"00-%032x-%016x-01" % (trace_id, span_id)
         return TraceContext(trace_id, span_id, header, record, state)
 
     def child(

@@ -1,10 +1,14 @@
 """Benchmark the sidecar's proxy against nginx served directly and through HAProxy.
 
-One run starts nginx (the upstream), HAProxy in front of it and the sidecar in
-front of it, loads each with wrk at 1 and 32 connections, and prints one JSON
-object to stdout; progress goes to stderr. Everything runs on this machine in
-one run, interleaved per connection count, so the ratios between targets mean
-something even though the absolute numbers depend on the machine.
+One run starts nginx (the upstream), HAProxy in front of it and three sidecars in
+front of it - tracing off, tracing on at ratio 0.01 and at ratio 1.0 (spans
+exported over OTLP/HTTP to an nginx location that accepts them; requests carry
+no trace context, so the ratio decides) - loads each with wrk at 1 and 32
+connections, and prints one JSON object to stdout; progress goes to stderr.
+Each sidecar's CPU time per request is read from /proc around its runs.
+Everything runs on this machine in one run, interleaved per connection count, so
+the ratios between targets mean something even though the absolute numbers
+depend on the machine.
 
 Usage: .venv/bin/python tests/perf/bench_proxy.py [--duration 10] [--quick]
 
@@ -38,7 +42,13 @@ NGINX = "/usr/sbin/nginx"
 HAPROXY = "/usr/sbin/haproxy"
 WRK = "/usr/bin/wrk"
 CONNECTIONS = (1, 32)
-TARGETS = ("direct", "haproxy", "sidecar")
+#: The sidecars measured, by target name: their `telemetry.tracing` (None: tracing off).
+SIDECARS: dict[str, dict[str, object] | None] = {
+    "sidecar": None,
+    "sidecar_trace_0.01": {"sampler_ratio": 0.01},
+    "sidecar_trace_1": {"sampler_ratio": 1.0},
+}
+TARGETS = ("direct", "haproxy", *SIDECARS)
 WARMUP_S = 1
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
@@ -155,6 +165,8 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         location / {{ default_type text/plain; return 200 "hello from nginx\\n"; }}
+        # The tracing sidecars' OTLP/HTTP collector: accepts and drops every batch.
+        location = /v1/traces {{ client_max_body_size 64m; return 200 ""; }}
     }}
 }}
 """)
@@ -194,24 +206,29 @@ backend nginx
 
 
 @contextmanager
-def start_sidecar(workdir: Path, upstream: int) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def start_sidecar(
+    workdir: Path, upstream: int, name: str = "sidecar", tracing: dict[str, object] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """Yield the sidecar process and the port of its dedicated listener for nginx."""
     listen, admin, proxy = free_ports(3)
-    conf = workdir / "sidecar.yaml"
+    conf = workdir / f"{name}.yaml"
+    telemetry: dict[str, object] = {"log_level": "warning"}
+    if tracing is not None:
+        telemetry["tracing"] = {"otlp_endpoint": f"http://127.0.0.1:{upstream}", **tracing}
     conf.write_text(f"""\
 service: {{name: bench}}
 listen: 127.0.0.1:{listen}
 admin: {{listen: 127.0.0.1:{admin}}}
 consul: {{enabled: false}}
-telemetry: {{log_level: warning}}
+telemetry: {json.dumps(telemetry)}
 upstreams:
   nginx:
     endpoints: ["127.0.0.1:{upstream}"]
     listen: 127.0.0.1:{proxy}
 """)
     argv = [sys.executable, "-m", "sidecar", "run", "-c", str(conf)]
-    log_path = workdir / "sidecar.log"
-    with spawn("sidecar", argv, workdir) as proc:
+    log_path = workdir / f"{name}.log"
+    with spawn(name, argv, workdir) as proc:
         wait_http_ok("sidecar", proc, f"http://127.0.0.1:{admin}/ready", log_path)
         # Ready must also mean it proxies: fail here rather than benchmark error pages.
         wait_http_ok("sidecar proxy", proc, f"http://127.0.0.1:{proxy}/", log_path)
@@ -258,6 +275,12 @@ def run_wrk(port: int, connections: int, duration_s: int) -> WrkResult:
     return parse_wrk(done.stdout)
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) pid has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def read_rss_mb(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) of pid in MB."""
     fields = dict(
@@ -280,10 +303,24 @@ def versions() -> dict[str, str]:
 
 
 def summarize(
-    results: dict[str, dict[str, WrkResult]], rss: tuple[float, float], duration_s: int
+    results: dict[str, dict[str, WrkResult]],
+    rss: tuple[float, float],
+    duration_s: int,
+    cpu_us: dict[str, float],
 ) -> dict[str, object]:
     c1 = results["c1"]
     ratio = {c: round(r["sidecar"].rps / r["haproxy"].rps, 3) for c, r in results.items()}
+    c32 = results["c32"]
+    tracing = {
+        "ratio_rps_vs_haproxy_c32": {
+            name: round(c32[name].rps / c32["haproxy"].rps, 3) for name in SIDECARS
+        },
+        "ratio_0.01_vs_off_c32": round(c32["sidecar_trace_0.01"].rps / c32["sidecar"].rps, 3),
+        "ratio_1_vs_off_c32": round(c32["sidecar_trace_1"].rps / c32["sidecar"].rps, 3),
+        "cpu_us_per_request_c32": cpu_us,
+        "sampled_cost_us_per_request": round(cpu_us["sidecar_trace_1"] - cpu_us["sidecar"], 1),
+        "targets": {"ratio_0.01_vs_off_min": 0.9, "ratio_1_vs_off_min": 0.35},
+    }
     added = {t: round(c1[t].p50_us - c1["direct"].p50_us, 1) for t in ("haproxy", "sidecar")}
     spec = TARGETS_SPEC
     meets = {
@@ -298,6 +335,7 @@ def summarize(
         "results": {c: {t: asdict(res) for t, res in row.items()} for c, row in results.items()},
         "runs_with_errors": flagged,
         "ratio_rps_vs_haproxy": ratio,
+        "tracing": tracing,
         "added_p50_us_c1": added,
         "sidecar_rss_mb": rss[0],
         "sidecar_peak_rss_mb": rss[1],
@@ -315,22 +353,32 @@ def bench(duration_s: int) -> dict[str, object]:
         workdir = Path(tmp)
         stack.enter_context(start_nginx(workdir, nginx_port))
         stack.enter_context(start_haproxy(workdir, haproxy_port, nginx_port))
-        sidecar, sidecar_port = stack.enter_context(start_sidecar(workdir, nginx_port))
-        log(f"nginx :{nginx_port}, haproxy :{haproxy_port}, sidecar :{sidecar_port} ready")
-        ports = {"direct": nginx_port, "haproxy": haproxy_port, "sidecar": sidecar_port}
+        ports = {"direct": nginx_port, "haproxy": haproxy_port}
+        pids: dict[str, int] = {}
+        for name, tracing in SIDECARS.items():
+            proc, ports[name] = stack.enter_context(
+                start_sidecar(workdir, nginx_port, name, tracing)
+            )
+            pids[name] = proc.pid
+        log(f"nginx :{nginx_port}, haproxy :{haproxy_port}, sidecars {ports} ready")
         results: dict[str, dict[str, WrkResult]] = {}
+        cpu_us: dict[str, float] = {}
         for conns in CONNECTIONS:
             row = results[f"c{conns}"] = {}
             for target in TARGETS:
                 run_wrk(ports[target], conns, WARMUP_S)
+                before = cpu_s(pids[target]) if target in pids else 0.0
                 res = row[target] = run_wrk(ports[target], conns, duration_s)
+                if target in pids and conns == CONNECTIONS[-1]:
+                    used = cpu_s(pids[target]) - before
+                    cpu_us[target] = round(used * 1e6 / max(1.0, res.rps * duration_s), 1)
                 flag = f"  <-- {res.errors} errors" if res.errors else ""
                 log(
-                    f"c{conns:<3} {target:8} {res.rps:>10.1f} rps"
+                    f"c{conns:<3} {target:18} {res.rps:>10.1f} rps"
                     f"  p50 {res.p50_us:>8.1f}us  p99 {res.p99_us:>9.1f}us{flag}"
                 )
-        rss = read_rss_mb(sidecar.pid)
-        return summarize(results, rss, duration_s)
+        rss = read_rss_mb(pids["sidecar"])
+        return summarize(results, rss, duration_s, cpu_us)
 
 
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -147,7 +147,7 @@ class TestBegin:
         """Not recording, the sidecar adds no hop: the app's header goes on as it is."""
         t, _ = tracer({"sampler": "parentbased_always_on"})
         header = f"00-{TRACE}-{PARENT}-00".encode()
-        context = t.begin("GET", SERVER, header, b"vendor=1")
+        context = t.begin(header, b"vendor=1", "GET", SERVER)
         assert context.span is None
         assert context.header == header
         assert context.tracestate == "vendor=1"
@@ -156,7 +156,7 @@ class TestBegin:
         """No (or an invalid) parent and the ratio says no: a new trace id goes on, with
         the sampled flag off, so the next hop can still correlate its logs."""
         t, _ = tracer({"sampler_ratio": 0.0})
-        context = t.begin("GET", SERVER, b"00-bad", b"dropped=1")
+        context = t.begin(b"00-bad", b"dropped=1", "GET", SERVER)
         parsed = parse_traceparent(context.header)
         assert parsed is not None
         assert parsed[0] == context.trace_id
@@ -166,7 +166,7 @@ class TestBegin:
     def test_a_sampled_request_continues_the_callers_trace(self) -> None:
         """The SERVER span's parent is the caller's span; the header carries ours on."""
         t, _ = tracer()
-        context = t.begin("GET", SERVER, f"00-{TRACE}-{PARENT}-01".encode(), b"k=v")
+        context = t.begin(f"00-{TRACE}-{PARENT}-01".encode(), b"k=v", "GET", SERVER)
         assert context.span is not None
         assert context.trace_id == int(TRACE, 16)
         assert context.span.parent_id == int(PARENT, 16)
@@ -177,7 +177,7 @@ class TestBegin:
     def test_a_child_shares_the_trace_and_names_its_parent(self) -> None:
         """A CLIENT attempt is a child of the SERVER span, with its own id."""
         t, _ = tracer()
-        server = t.begin("GET", SERVER, None)
+        server = t.begin(None, None, "GET", SERVER)
         client = t.child(server, "GET", CLIENT, {})
         assert client.span is not None
         assert client.trace_id == server.trace_id
@@ -189,7 +189,7 @@ class TestExport:
     def test_records_become_sdk_spans_with_ids_kinds_links_and_status(self) -> None:
         """The export thread builds ReadableSpans the OTLP exporter can encode."""
         t, recorder = tracer()
-        server = t.begin("GET", SERVER, f"00-{TRACE}-{PARENT}-01".encode(), None, {"a": 1})
+        server = t.begin(f"00-{TRACE}-{PARENT}-01".encode(), None, "GET", SERVER, {"a": 1})
         client = t.child(server, "GET", CLIENT, {"http.response.status_code": 503})
         assert client.span is not None
         client.span.links = ((int(TRACE, 16), int(PARENT, 16), True),)
@@ -220,7 +220,7 @@ class TestExport:
         """Bounded memory: beyond max_queue_size a span is dropped and counted."""
         t, recorder = tracer({"max_queue_size": 4, "max_export_batch_size": 2})
         for _ in range(10):
-            t.end(t.begin("GET", SERVER, None))
+            t.end(t.begin(None, None, "GET", SERVER))
         assert len(t.queue) == 4
         assert t.queue.dropped_full == 6
         t.shutdown(5.0)
@@ -233,10 +233,10 @@ class TestExport:
         """Export failures are counted; later batches still go out."""
         t, recorder = tracer({"max_export_batch_size": 1})
         recorder.fail = True
-        t.end(t.begin("GET", SERVER, None))
+        t.end(t.begin(None, None, "GET", SERVER))
         t.queue._drain()
         recorder.fail = False
-        t.end(t.begin("GET", SERVER, None))
+        t.end(t.begin(None, None, "GET", SERVER))
         t.shutdown(5.0)
         assert t.queue.failed == 1
         assert t.queue.exported == 1
@@ -247,7 +247,7 @@ class TestExport:
         recorder.gate.clear()
         t.start()
         for _ in range(3):
-            t.end(t.begin("GET", SERVER, None))
+            t.end(t.begin(None, None, "GET", SERVER))
         t.queue._wake.set()
         t.shutdown(0.3)
         assert len(t.queue) >= 1  # left behind, not waited for
@@ -256,7 +256,7 @@ class TestExport:
     def test_unsampled_work_records_nothing(self) -> None:
         """Ending an unsampled context queues nothing."""
         t, _ = tracer({"sampler": "always_off"})
-        t.end(t.begin("GET", SERVER, None))
+        t.end(t.begin(None, None, "GET", SERVER))
         assert len(t.queue) == 0
 
 
