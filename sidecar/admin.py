@@ -8,11 +8,16 @@ Endpoints:
   GET  /v1/status                     JSON: service, readiness, and per upstream its
                                       endpoints, circuit state and requests in flight
   POST /v1/breakers/{upstream}/reset  closes that circuit; loopback clients only (403 otherwise)
+  PUT  /v1/log-level                  sets the log level of every logger now; body JSON
+                                      {"level": "debug"} or the bare name (debug, info, warning,
+                                      error); 200 {"level", "previous"}, 400 for another value;
+                                      loopback clients only (403 otherwise)
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,7 +29,7 @@ from sidecar import __version__
 from sidecar.config import Config
 from sidecar.lifecycle import Readiness
 from sidecar.proxy.upstream import Upstream
-from sidecar.telemetry.logging import get_logger
+from sidecar.telemetry.logging import LEVELS, current_log_level, get_logger, set_log_level
 from sidecar.telemetry.metrics import Metrics
 
 log = get_logger("sidecar.admin")
@@ -40,6 +45,31 @@ def _is_loopback(remote: str | None) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped.is_loopback  # 127.0.0.1 on a dual-stack socket
     return address.is_loopback
+
+
+_LEVEL_NAMES = ", ".join(LEVELS)
+
+
+def _requested_level(body: bytes) -> str | None:
+    """The level a `PUT /v1/log-level` body names, lower-cased, or None if it names none.
+
+    JSON `{"level": "debug"}` (or a JSON string), else the body as plain text, so
+    `curl -X PUT --data debug` works as well as a JSON client.
+    """
+    try:
+        text = body.decode().strip()
+    except UnicodeDecodeError:
+        return None
+    if text.startswith(("{", '"')):
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            return None
+        if isinstance(parsed, dict):
+            parsed = parsed.get("level")
+        text = parsed if isinstance(parsed, str) else ""
+    level = text.strip().lower()
+    return level if level in LEVELS else None
 
 
 def _registration_state(consul: Mapping[str, Any]) -> str:
@@ -129,10 +159,35 @@ def build_admin_app(
         log.info("circuit_reset", upstream=name, before=before, remote=request.remote)
         return web.json_response({"upstream": name, "before": before, "circuit": "closed"})
 
+    async def put_log_level(request: web.Request) -> web.Response:
+        if not _is_loopback(request.remote):
+            return _error(
+                403, "FORBIDDEN", "log level changes are allowed from loopback clients only"
+            )
+        level = _requested_level(await request.read())
+        if level is None:
+            return _error(
+                400,
+                "BAD_REQUEST",
+                f"the body must name a log level, one of {_LEVEL_NAMES}: "
+                'JSON {"level": "debug"} or the bare name',
+            )
+        previous = current_log_level()
+        # Logged while the more verbose of the two levels is in force, so the change shows
+        # whenever either level shows info.
+        if LEVELS[level] >= LEVELS[previous]:
+            log.info("log_level_changed", old=previous, new=level, remote=request.remote)
+            set_log_level(level)
+        else:
+            set_log_level(level)
+            log.info("log_level_changed", old=previous, new=level, remote=request.remote)
+        return web.json_response({"level": level, "previous": previous})
+
     app = web.Application(middlewares=[_json_errors])
     app.router.add_get("/live", live)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/v1/status", status)
     app.router.add_post("/v1/breakers/{upstream}/reset", reset_breaker)
+    app.router.add_put("/v1/log-level", put_log_level)
     return app

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
+from typing import Any
 from unittest import mock
 
+import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
@@ -14,6 +19,7 @@ from sidecar.discovery.base import Endpoint
 from sidecar.discovery.static import StaticResolver
 from sidecar.lifecycle import Readiness
 from sidecar.proxy.upstream import Upstream
+from sidecar.telemetry.logging import configure_logging, current_log_level, set_log_level
 from sidecar.telemetry.metrics import Metrics
 
 CONFIG = config_from_mapping(
@@ -74,6 +80,87 @@ class TestBreakerReset:
         forbidden = await _call(app, "POST", "/v1/breakers/billing/reset", "::ffff:10.0.0.7")
         allowed = await _call(app, "POST", "/v1/breakers/billing/reset", "::ffff:127.0.0.1")
         assert (403, 200) == (forbidden.status, allowed.status)
+
+
+@pytest.fixture
+def json_logging() -> Iterator[None]:
+    """JSON logs at info for the test; the logging setup and level it found afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    configure_logging("json", "info")
+    yield
+    structlog.reset_defaults()
+    set_log_level("info")
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+async def put_level(app: web.Application, body: Any) -> tuple[int, Any]:
+    """PUT /v1/log-level from 127.0.0.1: a dict is sent as JSON, anything else as is."""
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        sent = {"json": body} if isinstance(body, dict) else {"data": body}
+        async with client.put("/v1/log-level", **sent) as resp:
+            return resp.status, await resp.json()
+
+
+@pytest.mark.usefixtures("json_logging")
+class TestLogLevel:
+    async def test_from_a_non_loopback_client_is_forbidden(self) -> None:
+        """A level change from 10.0.0.7 gets 403 FORBIDDEN and the level stays."""
+        app, _ = _app()
+        response = await _call(app, "PUT", "/v1/log-level", "10.0.0.7")
+        assert isinstance(response, web.Response)
+        assert isinstance(response.body, bytes)
+        assert (403, "FORBIDDEN", "info") == (
+            response.status,
+            json.loads(bytes(response.body))["error"]["code"],
+            current_log_level(),
+        )
+
+    async def test_a_json_body_sets_the_level(self) -> None:
+        """`{"level": "debug"}` switches to debug; the answer names the new and old level."""
+        app, _ = _app()
+        answer = await put_level(app, {"level": "debug"})
+        assert ((200, {"level": "debug", "previous": "info"}), "debug") == (
+            answer,
+            current_log_level(),
+        )
+
+    @pytest.mark.parametrize("body", [b"warning", b"WARNING\n", b'"warning"'])
+    async def test_a_plain_text_body_sets_the_level(self, body: bytes) -> None:
+        """The bare name (`curl -X PUT --data warning`), in any case and with a trailing
+        newline, or as a JSON string, works too."""
+        app, _ = _app()
+        assert (200, {"level": "warning", "previous": "info"}) == await put_level(app, body)
+
+    @pytest.mark.parametrize(
+        "body",
+        [b"verbose", b"", b"\xff", b'{"level": 10}', b'{"lvl": "debug"}', b"{debug", b"[]"],
+    )
+    async def test_anything_else_is_400_naming_the_levels(self, body: bytes) -> None:
+        """Another level, no level or a body that is not one: 400 BAD_REQUEST whose message
+        names the accepted levels; the level stays."""
+        app, _ = _app()
+        status, answer = await put_level(app, body)
+        assert (400, "BAD_REQUEST", "info") == (
+            status,
+            answer["error"]["code"],
+            current_log_level(),
+        )
+        assert "debug, info, warning, error" in answer["error"]["message"]
+
+    @pytest.mark.parametrize("new", ["error", "debug"])
+    async def test_the_change_is_logged_once_either_way(
+        self, capsys: pytest.CaptureFixture[str], new: str
+    ) -> None:
+        """One `log_level_changed` line with old, new and remote, whether the new level is
+        quieter (logged before the switch) or more verbose (logged after it)."""
+        app, _ = _app()
+        capsys.readouterr()
+        await put_level(app, new.encode())
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+        changed = [line for line in lines if line["event"] == "log_level_changed"]
+        assert [("info", new, "127.0.0.1")] == [(c["old"], c["new"], c["remote"]) for c in changed]
 
 
 class TestUnknownRequests:

@@ -11,7 +11,12 @@ from typing import Any
 import pytest
 import structlog
 
-from sidecar.telemetry.logging import configure_logging, get_logger
+from sidecar.telemetry.logging import (
+    configure_logging,
+    current_log_level,
+    get_logger,
+    set_log_level,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -21,6 +26,7 @@ def restore_logging() -> Iterator[None]:
     handlers, level = list(root.handlers), root.level
     yield
     structlog.reset_defaults()
+    set_log_level("info")  # the module's level, which outlives structlog's configuration
     root.handlers[:] = handlers
     root.setLevel(level)
 
@@ -105,11 +111,14 @@ class TestLevels:
         get_logger("t").debug("detail")
         assert ["debug"] == [line["level"] for line in json_lines(capsys)]
 
-    def test_filtering_uses_structlog_level_classes(self) -> None:
-        """The bound logger class is structlog's per-level filter, so a disabled call is a no-op."""
+    def test_filtering_uses_structlog_level_methods(self) -> None:
+        """The bound logger class has the methods of structlog's per-level filter, so a
+        disabled call is the same no-op call structlog's own filter makes."""
         configure_logging("json", "info")
         wrapper = structlog.get_config()["wrapper_class"]
-        assert structlog.make_filtering_bound_logger(logging.INFO) is wrapper
+        at_info = structlog.make_filtering_bound_logger(logging.INFO)
+        names = ("debug", "adebug", "info", "ainfo", "warning", "error", "log", "is_enabled_for")
+        assert [vars(at_info)[n] for n in names] == [getattr(wrapper, n) for n in names]
 
     def test_loggers_created_before_configuration_follow_it(
         self, capsys: pytest.CaptureFixture[str]
@@ -125,6 +134,92 @@ class TestLevels:
         """configure_logging raises ValueError rather than guessing."""
         with pytest.raises(ValueError, match="unknown log"):
             configure_logging(log_format, log_level)
+
+
+class TestLevelAtRunTime:
+    def test_a_logger_used_before_the_change_follows_it_both_ways(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A module-level logger already used (so cached by structlog) shows debug after a
+        switch to `debug`, and drops info after a switch to `error`; so do its bound copies."""
+        configure_logging("json", "info")
+        log = get_logger("cached")
+        bound = log.bind(upstream="billing")
+        log.debug("hidden at info")
+        log.info("shown at info")
+        set_log_level("debug")
+        log.debug("shown at debug")
+        bound.debug("bound shown at debug")
+        set_log_level("error")
+        log.info("hidden at error")
+        bound.warning("bound hidden at error")
+        log.error("shown at error")
+        assert [
+            "shown at info",
+            "shown at debug",
+            "bound shown at debug",
+            "shown at error",
+        ] == [line["event"] for line in json_lines(capsys)]
+
+    def test_reconfiguring_alone_would_not_reach_a_cached_logger(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Why set_log_level exists: structlog keeps a used logger's class, so configuring
+        a new `make_filtering_bound_logger(DEBUG)` leaves that logger at its old level."""
+        configure_logging("json", "info")
+        log = get_logger("cached")
+        log.info("first use")
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+        log.debug("still hidden")
+        assert ["first use"] == [line["event"] for line in json_lines(capsys)]
+
+    async def test_async_variants_and_introspection_follow_too(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """`adebug`, `log(level, ...)`, `is_enabled_for` and `get_effective_level` follow the
+        level like the plain methods."""
+        configure_logging("json", "warning")
+        log = get_logger("cached")
+        log.warning("first use")
+        set_log_level("debug")
+        await log.adebug("async debug")
+        log.log(logging.INFO, "via log()")
+        assert (True, logging.DEBUG) == (
+            log.is_enabled_for(logging.DEBUG),
+            log.get_effective_level(),
+        )
+        set_log_level("error")
+        log.log(logging.WARNING, "hidden via log()")
+        assert (False, logging.ERROR) == (
+            log.is_enabled_for(logging.WARNING),
+            log.get_effective_level(),
+        )
+        assert ["first use", "async debug", "via log()"] == [
+            line["event"] for line in json_lines(capsys)
+        ]
+
+    def test_set_log_level_returns_the_previous_level(self) -> None:
+        """set_log_level answers the level it replaced; current_log_level the one in force."""
+        configure_logging("json", "info")
+        previous = set_log_level("warning")
+        now = current_log_level()
+        back = set_log_level("info")
+        assert ("info", "warning", "warning") == (previous, now, back)
+
+    def test_stdlib_root_follows_but_never_below_warning(self) -> None:
+        """The stdlib root logger takes `error`, and stays at WARNING for `debug`."""
+        configure_logging("json", "info")
+        set_log_level("error")
+        at_error = logging.getLogger().level
+        set_log_level("debug")
+        assert (logging.ERROR, logging.WARNING) == (at_error, logging.getLogger().level)
+
+    def test_an_unknown_level_is_refused_and_nothing_changes(self) -> None:
+        """set_log_level raises ValueError for a name outside LEVELS; the level stays."""
+        configure_logging("json", "info")
+        with pytest.raises(ValueError, match="unknown log level 'verbose'"):
+            set_log_level("verbose")
+        assert "info" == current_log_level()
 
 
 class TestStdlib:
