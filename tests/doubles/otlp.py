@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, NamedTuple, Self
 
-import grpc  # type: ignore[import-untyped]  # grpcio ships no stubs
+import grpc
 from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration

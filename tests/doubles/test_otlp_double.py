@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import grpc  # type: ignore[import-untyped]  # grpcio ships no stubs
+import grpc
 import pytest
 from google.protobuf import json_format
 from google.rpc.status_pb2 import Status  # type: ignore[import-untyped]

@@ -29,9 +29,10 @@ PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 
 
 def require(tool: str) -> str:
-    """`tool`'s path; skips the calling test when it is not installed."""
+    """`tool`'s path; fails the calling test when it is not installed (scripts/test.sh
+    installs it: a missing tool must not turn these tests into silent skips)."""
     if not Path(tool).is_file():
-        pytest.skip(f"{tool} is not installed (Debian package `prometheus`)")
+        pytest.fail(f"{tool} is not installed: apt-get install -y prometheus")
     return tool
 
 
