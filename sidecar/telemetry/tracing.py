@@ -13,6 +13,7 @@ counted, never held in unbounded memory.
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 import threading
@@ -26,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from sidecar import __version__
 from sidecar.config import Config, TracingConfig
 from sidecar.telemetry.logging import get_logger
+from sidecar.telemetry.otlp import Encoder, ExportError, Transport, transport
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
@@ -194,7 +196,13 @@ class Tracer:
         self.config = tracing
         self.sampler = Sampler(tracing.sampler, tracing.sampler_ratio)
         self._rand = random.Random().getrandbits
-        self.queue = SpanQueue(tracing, _resource(config), exporter or _exporter(tracing))
+        resource = resource_attributes(config)
+        if exporter is None and tracing.exporter == "console":
+            exporter = _console()
+        if exporter is not None:
+            self.queue = SpanQueue(tracing, resource, exporter=exporter)
+        else:
+            self.queue = SpanQueue(tracing, resource, transport=transport(tracing))
 
     # -- ids ---------------------------------------------------------------------------------
 
@@ -307,25 +315,37 @@ class SpanQueue:
 
     `put` is called on the event loop: an append and a length check. The thread
     wakes every `schedule_delay`, or as soon as a batch is full, and exports up to
-    `max_export_batch_size` spans per call; the exporter's own retries (429, 503)
-    run in this thread, while the loop keeps queueing (and counting drops).
+    `max_export_batch_size` spans per call - encoded by `otlp.Encoder` and sent by
+    an OTLP transport, or (console, tests) as SDK spans handed to an SDK exporter.
+    Retries of a slow or failing collector run in this thread while the loop keeps
+    queueing, and counting what no longer fits.
     """
 
-    def __init__(self, config: TracingConfig, resource: Any, exporter: SpanExporter) -> None:
+    def __init__(
+        self,
+        config: TracingConfig,
+        resource: dict[str, Any],
+        *,
+        exporter: SpanExporter | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        assert (exporter is None) != (transport is None), "one way out"
         self.config = config
         self.resource = resource
         self.exporter = exporter
+        self.transport = transport
+        self.encoder = Encoder(resource)
         self.limit = config.max_queue_size
         self.batch = config.max_export_batch_size
         self._records: deque[SpanRecord] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._idle = threading.Condition()
-        self._exporting = 0
+        self._stop_by = math.inf  # monotonic deadline of the final flush
         self._thread: threading.Thread | None = None
         self.exported = 0
         self.dropped_full = 0
         self.failed = 0
+        self._sdk_resource: Any = None
         self._scope: Any = None
         self._logged_failure = 0.0
 
@@ -352,29 +372,29 @@ class SpanQueue:
             self._wake.wait(delay)
             self._wake.clear()
             self._drain()
+        self._drain()  # the final flush, bounded by _stop_by
 
-    def _drain(self, deadline: float | None = None) -> None:
+    def _drain(self) -> None:
         records = self._records
         while records:
-            if deadline is not None and time.monotonic() >= deadline:
+            if time.monotonic() >= self._stop_by:
                 return
-            batch = []
-            for _ in range(min(self.batch, len(records))):
-                batch.append(records.popleft())  # deque.popleft is atomic under the GIL
+            batch = [records.popleft() for _ in range(min(self.batch, len(records)))]
             self._export(batch)
 
     def _export(self, batch: list[SpanRecord]) -> None:
-        from opentelemetry.sdk.trace.export import SpanExportResult  # noqa: PLC0415
-
+        deadline = min(time.monotonic() + self.config.export_timeout, self._stop_by)
+        error = None
         try:
-            spans = [self._readable(r) for r in batch]
-            result = self.exporter.export(spans)
+            if self.transport is not None:
+                self.transport.send(self.encoder.encode(batch), deadline)
+            else:
+                error = self._export_sdk(batch)
+        except ExportError as exc:
+            error = str(exc)
         except Exception as exc:  # an exporter bug must not kill the thread
-            result = None
             error = f"{type(exc).__name__}: {exc}"
-        else:
-            error = "the exporter reported a failure"
-        if result == SpanExportResult.SUCCESS:
+        if error is None:
             self.exported += len(batch)
             return
         self.failed += len(batch)
@@ -389,7 +409,16 @@ class SpanQueue:
                 error=error,
             )
 
-    def _readable(self, record: SpanRecord) -> ReadableSpan:
+    def _export_sdk(self, batch: list[SpanRecord]) -> str | None:
+        from opentelemetry.sdk.trace.export import SpanExportResult  # noqa: PLC0415
+
+        assert self.exporter is not None
+        result = self.exporter.export([self.readable(r) for r in batch])
+        return None if result == SpanExportResult.SUCCESS else "the exporter reported a failure"
+
+    def readable(self, record: SpanRecord) -> ReadableSpan:
+        """The record as an SDK span (for the console exporter, and to test the encoder)."""
+        from opentelemetry.sdk.resources import Resource  # noqa: PLC0415
         from opentelemetry.sdk.trace import ReadableSpan  # noqa: PLC0415
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope  # noqa: PLC0415
         from opentelemetry.trace import (  # noqa: PLC0415
@@ -404,6 +433,7 @@ class SpanQueue:
 
         if self._scope is None:
             self._scope = InstrumentationScope("hms-sidecar", __version__)
+            self._sdk_resource = Resource(self.resource)
         state = TraceState.from_header([record.tracestate]) if record.tracestate else None
         sampled = TraceFlags(TraceFlags.SAMPLED)
         context = SpanContext(record.trace_id, record.span_id, False, sampled, state)
@@ -420,7 +450,7 @@ class SpanQueue:
             record.name,
             context,
             parent,
-            resource=self.resource,
+            resource=self._sdk_resource,
             attributes=record.attributes,
             links=links,
             kind=SpanKind[record.kind],
@@ -431,28 +461,32 @@ class SpanQueue:
         )
 
     def shutdown(self, timeout: float) -> None:
-        """Stop the thread and export what is left, giving up after `timeout` seconds."""
+        """Export what is left within `timeout` seconds, then stop (blocking: call it in a
+        thread). A collector that hangs is given up on at the deadline."""
         deadline = time.monotonic() + timeout
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-            self._thread = None
+        self._stop_by = deadline
         left = len(self._records)
-        self._drain(deadline)
-        if self._records:
+        thread = self._thread
+        if thread is None:
+            self._drain()
+        else:
+            self._stop.set()
+            self._wake.set()
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if self._records or (thread is not None and thread.is_alive()):
             log.warning("spans_not_flushed", spans=len(self._records), timeout_s=timeout)
-        try:
+        elif self.transport is not None:
+            self.transport.close()
+        elif self.exporter is not None:
             self.exporter.shutdown()
-        except Exception:  # at exit nothing more can be done about it
-            log.exception("span_exporter_shutdown_failed")
+        self._thread = None
         log.info("tracing_stopped", flushed=left - len(self._records), exported=self.exported)
 
     def collect(self) -> Iterator[Metric]:
         spans = CounterMetricFamily(
             "sidecar_trace_spans",
-            "Spans the sidecar recorded, by outcome: exported (accepted by the exporter), "
-            "dropped (the export queue was full), failed (the exporter gave up on them).",
+            "Spans the sidecar recorded, by outcome: exported (accepted by the collector), "
+            "dropped (the export queue was full), failed (the export gave up on them).",
             labels=["outcome"],
         )
         spans.add_metric(["exported"], self.exported)
@@ -467,11 +501,11 @@ class SpanQueue:
         yield queued
 
 
-def _resource(config: Config) -> Any:
-    from opentelemetry.sdk.resources import Resource  # noqa: PLC0415
-
+def resource_attributes(config: Config) -> dict[str, Any]:
+    """The traces' resource: OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES (parsed by
+    config), the instance id, the app's version, the SDK's identity."""
     tracing = config.telemetry.tracing
-    attributes: dict[str, str] = dict(tracing.resource_attributes)
+    attributes: dict[str, Any] = dict(tracing.resource_attributes)
     attributes["service.name"] = tracing.service_name
     attributes.setdefault("service.instance.id", config.service.id)
     version = config.service.meta.get("version")
@@ -480,42 +514,13 @@ def _resource(config: Config) -> Any:
     attributes.setdefault("telemetry.sdk.language", "python")
     attributes.setdefault("telemetry.sdk.name", "opentelemetry")
     attributes["sidecar.version"] = __version__
-    return Resource(attributes)
+    return attributes
 
 
-def _exporter(tracing: TracingConfig) -> SpanExporter:
-    if tracing.exporter == "console":
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter  # noqa: PLC0415
+def _console() -> SpanExporter:
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter  # noqa: PLC0415
 
-        return ConsoleSpanExporter(out=sys.stdout, formatter=_one_line)
-    headers = dict(tracing.headers)
-    if tracing.protocol == "grpc":
-        import grpc  # noqa: PLC0415
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415
-            OTLPSpanExporter as GrpcExporter,
-        )
-
-        endpoint = tracing.endpoint or "http://localhost:4317"
-        return GrpcExporter(
-            endpoint=endpoint,
-            insecure=endpoint.startswith("http://"),
-            headers=headers or None,
-            timeout=tracing.export_timeout,
-            compression=grpc.Compression.Gzip if tracing.compression == "gzip" else None,
-        )
-    from opentelemetry.exporter.otlp.proto.http import Compression  # noqa: PLC0415
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
-        OTLPSpanExporter,
-    )
-
-    return OTLPSpanExporter(
-        endpoint=tracing.endpoint,
-        headers=headers or None,
-        timeout=tracing.export_timeout,
-        compression=Compression.Gzip
-        if tracing.compression == "gzip"
-        else Compression.NoCompression,
-    )
+    return ConsoleSpanExporter(out=sys.stdout, formatter=_one_line)
 
 
 def _one_line(span: ReadableSpan) -> str:

@@ -10,6 +10,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from google.protobuf.json_format import MessageToDict
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import (
@@ -25,6 +28,7 @@ from sidecar.telemetry.tracing import (
     CLIENT,
     SERVER,
     Sampler,
+    SpanRecord,
     Tracer,
     format_traceparent,
     parse_traceparent,
@@ -333,3 +337,55 @@ class TestTracingConfig:
         ).telemetry.tracing
         assert dict(tracing.headers) == {"authorization": "Bearer s3cret", "x-team": "a"}
         assert "s3cret" not in repr(tracing)
+
+
+class TestOtlpEncoder:
+    def records(self) -> list[SpanRecord]:
+        t, _ = tracer()
+        server = t.begin(
+            f"00-{TRACE}-{PARENT}-01".encode(),
+            b"vendor=1,other=x",
+            "GET /v1/invoke/billing/*",
+            SERVER,
+            {
+                "http.request.method": "GET",
+                "http.response.status_code": 503,
+                "ratio": 0.25,
+                "retried": True,
+                "negative": -7,
+                "list": ["a", "b"],
+                "ünïcode": "välue",
+            },
+        )
+        client = t.child(server, "GET", CLIENT, {"server.port": 8080})
+        assert server.span is not None
+        assert client.span is not None
+        client.span.links = ((int(TRACE, 16), int(PARENT, 16), True), (7, 9, False))
+        client.span.error = "UPSTREAM_TIMEOUT"
+        server.span.end_ns = client.span.end_ns = server.span.start_ns + 12345
+        return [server.span, client.span]
+
+    def test_the_wire_bytes_decode_to_what_the_sdk_encoder_makes(self) -> None:
+        """Our encoding of span records parses (official protobuf classes) to the same
+        ExportTraceServiceRequest the SDK's OTLP encoder makes from the same spans."""
+        records = self.records()
+        queue = tracer()[0].queue
+        ours = ExportTraceServiceRequest.FromString(queue.encoder.encode(records))
+        theirs = encode_spans([queue.readable(r) for r in records])
+        assert MessageToDict(ours) == MessageToDict(theirs)
+
+    def test_large_values_and_many_spans_stay_valid(self) -> None:
+        """Varint lengths past one byte, 64-bit ids and times, a big batch."""
+        t, _ = tracer()
+        records = []
+        for i in range(300):
+            context = t.begin(None, None, "x" * 300, SERVER, {"k": "v" * 5000, "n": 2**62})
+            assert context.span is not None
+            context.span.end_ns = context.span.start_ns + i
+            records.append(context.span)
+        decoded = ExportTraceServiceRequest.FromString(t.queue.encoder.encode(records))
+        spans = decoded.resource_spans[0].scope_spans[0].spans
+        assert len(spans) == 300
+        assert spans[0].name == "x" * 300
+        assert spans[299].end_time_unix_nano - spans[299].start_time_unix_nano == 299
+        assert spans[5].attributes[1].value.int_value == 2**62
