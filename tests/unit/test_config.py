@@ -810,10 +810,9 @@ class TestUnknownAndUnsupportedKeys:
         ] == problems({"discovery": {"allow_any": True}, "shutdown": {"grace_period": "30s"}})
 
     def test_later_sections_are_reported_as_not_supported(self) -> None:
-        """alerts and telemetry.tracing are documented but not in this build."""
+        """telemetry.tracing is documented but not in this build."""
         assert [
             "telemetry.tracing: not supported in this build yet",
-            "alerts: not supported in this build yet",
             "surprise: unknown key",
         ] == problems({"events": {}, "alerts": {}, "telemetry": {"tracing": {}}, "surprise": 1})
 
