@@ -273,8 +273,11 @@ class Evaluator:
 
 def _windowed(rs: _RuleState, now: float, current: Traffic) -> float | None:
     """The rule's value over its window: the newest sample against the latest one taken
-    at least `window` ago (the oldest there is while the ring is younger than that)."""
+    at least `window` ago (the oldest there is while the ring is younger than that, the
+    first being all zeros: what the counters held when the sidecar started)."""
     rule, ring = rs.rule, rs.samples
+    if not ring:  # the counters started with the process, just before the first evaluation
+        ring.append((now, _NO_TRAFFIC))
     ring.append((now, current))
     while len(ring) > 1 and ring[1][0] <= now - rule.window:
         ring.popleft()
