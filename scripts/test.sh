@@ -40,6 +40,27 @@ ensure_rabbitmq() {
     exit 1
 }
 
+# promtool checks and unit-tests the shipped Prometheus alerting rules; a real Alertmanager
+# receives the alert tests' alerts. Debian: promtool is in `prometheus`.
+ensure_prometheus_tools() {
+    local missing=()
+    command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/dev/null 2>&1 \
+        || missing+=(prometheus-alertmanager)
+    if [ ${#missing[@]} -eq 0 ]; then
+        return
+    fi
+    if ! have_root; then
+        echo "missing ${missing[*]} (promtool and Alertmanager for the alert tests); install with:" >&2
+        echo "  sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "== installing ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+}
+
 ensure_venv() {
     if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then  # missing, or half-made without pip
         echo "== creating .venv"
@@ -55,6 +76,7 @@ ensure_venv() {
 
 ensure_venv
 ensure_rabbitmq
+ensure_prometheus_tools
 
 echo "== ruff"
 .venv/bin/ruff check sidecar tests scripts
