@@ -798,7 +798,7 @@ def default_texts(rule: AlertRuleConfig) -> tuple[str, str]:
     if rule.kind == "error_rate":
         return (
             f"High 5xx rate calling upstream {up}",
-            f"More than {threshold:.4g} of the answers the app got from upstream {up} were "
+            f"More than {threshold * 100:.4g}% of the answers the app got from upstream {up} were "
             f"5xx over {window} (at least {rule.min_requests} answers){held}.",
         )
     if rule.kind == "latency_p99":
