@@ -464,6 +464,9 @@ class Alertmanager:
             await self._session.close()
             self._session = None
 
+    def __repr__(self) -> str:
+        return f"<Alertmanager {self.url}>"
+
 
 # --- the running service --------------------------------------------------------------
 
