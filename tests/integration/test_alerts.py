@@ -10,6 +10,7 @@ evaluation, 500 ms resend) so the tests are quick.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -315,7 +316,8 @@ class TestWithoutAlertmanager:
         self, tmp_path: Path, session: aiohttp.ClientSession
     ) -> None:
         """No broker at the AMQP URL: broker_unreachable fires; its own event goes to the
-        spool (nothing lost), which makes spool_depth (threshold 1) fire too."""
+        spool (nothing lost), which makes spool_depth (threshold 1) fire too. SIGTERM then
+        stops the sidecar cleanly (exit 0) with both alert events in the spool."""
         rules = [
             {"name": "broker", "kind": "broker_unreachable"},
             {"name": "spool", "kind": "spool_depth", "threshold": 1},
@@ -334,7 +336,13 @@ class TestWithoutAlertmanager:
                 lambda s: sorted(firing_names(s)) == ["broker", "spool"],
                 "both alerts firing",
             )
+            sidecar.signal(signal.SIGTERM)
+            code = await sidecar.wait_exit()
         finally:
             sidecar.kill()
         assert body["events"]["spool"]["depth"] >= 1
         assert None is body["alerts"]["alertmanager"]
+        assert 0 == code
+        [stopped] = [e for e in sidecar.log_events() if e["event"] == "events_stopped"]
+        assert 2 == stopped["spooled"]  # the firing events of both rules, kept
+        assert [] == [e for e in sidecar.log_events() if e["level"] in ("error", "critical")]
