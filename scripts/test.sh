@@ -41,21 +41,25 @@ ensure_rabbitmq() {
     exit 1
 }
 
-# Real Prometheus (promtool, a scraping server) and Alertmanager for the metrics and
-# alert tests; from Debian's packages when missing.
+# promtool checks and unit-tests the shipped Prometheus alerting rules; a real Alertmanager
+# receives the alert tests' alerts. Debian: promtool is in `prometheus`.
 ensure_prometheus_tools() {
     local missing=()
-    [ -x /usr/bin/promtool ] || missing+=(prometheus)
-    [ -x /usr/bin/prometheus-alertmanager ] || missing+=(prometheus-alertmanager)
-    [ ${#missing[@]} -eq 0 ] && return
+    command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/dev/null 2>&1 \
+        || missing+=(prometheus-alertmanager)
+    if [ ${#missing[@]} -eq 0 ]; then
+        return
+    fi
     if ! have_root; then
-        echo "the metrics and alert tests need ${missing[*]} (Debian packages) and installing" >&2
-        echo "them needs root or sudo: sudo apt-get install -y ${missing[*]}" >&2
+        echo "missing ${missing[*]} (promtool and Alertmanager for the alert tests); install with:" >&2
+        echo "  sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
         exit 1
     fi
     echo "== installing ${missing[*]}"
     as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
 }
 
 ensure_venv() {

@@ -6,7 +6,8 @@ Endpoints:
                                       503 + JSON reasons otherwise (and while shutting down)
   GET  /metrics                       Prometheus text format 0.0.4
   GET  /v1/status                     JSON: service, readiness, and per upstream its
-                                      endpoints, circuit state and requests in flight
+                                      endpoints, circuit state and requests in flight;
+                                      events; firing and pending alerts
   POST /v1/breakers/{upstream}/reset  closes that circuit; loopback clients only (403 otherwise)
   PUT  /v1/log-level                  sets the log level of every logger now; body JSON
                                       {"level": "debug"} or the bare name (debug, info, warning,
@@ -108,6 +109,7 @@ def build_admin_app(
     *,
     consul_status: Callable[[], Mapping[str, Any]] | None = None,
     events_status: Callable[[], Mapping[str, Any]] | None = None,
+    alerts_status: Callable[[], Mapping[str, Any]] | None = None,
 ) -> web.Application:
     """The aiohttp application behind the admin listener.
 
@@ -144,6 +146,7 @@ def build_admin_app(
             "ready": readiness.ready,
             "not_ready_reasons": readiness.reasons(),
             "upstreams": {name: up.status() for name, up in current().items()},
+            "alerts": dict(alerts_status()) if alerts_status else {"firing": [], "pending": []},
         }
         return web.json_response(body)
 

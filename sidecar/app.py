@@ -4,7 +4,8 @@ Start: bind every listener → log each address → start Consul registration an
 discovery → ready (once registered and every upstream has its first answer).
 Stop (SIGTERM/SIGINT): not ready → deregister from Consul → keep serving for
 `shutdown.drain` → stop accepting → finish in-flight requests until
-`shutdown.grace` (counted from the signal) → close everything → exit 0.
+`shutdown.grace` (counted from the signal) → stop evaluating alerts (their queued
+events still reach the relay) → close everything → exit 0.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from sidecar.discovery.registration import Registrar
     from sidecar.events.publisher import EventRelay
     from sidecar.events.subscriber import Subscriptions
+    from sidecar.telemetry.alerts import Alerts
     from sidecar.telemetry.tracing import Tracer
 
 log = get_logger("sidecar.app")
@@ -116,6 +118,10 @@ class Sidecar:
                 self.subscriptions.tracer = self.tracer
             self.metrics.add_live(self.tracer.collect)
         self.metrics.add_live(self._live_gauges)
+        self.alerts: Alerts | None = None
+        if config.alerts.rules:
+            self.alerts = self._build_alerts()
+            self.metrics.add_live(self.alerts.collect)
         self._servers: list[asyncio.Server] = []
         self._admin: web.AppRunner | None = None
         self.addresses: dict[str, str] = {}
@@ -253,6 +259,7 @@ class Sidecar:
             self.metrics,
             consul_status=self._consul_status,
             events_status=self._events_status,
+            alerts_status=self._alerts_status,
         )
         self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._admin.setup()
@@ -296,6 +303,8 @@ class Sidecar:
         for name, up in self.upstreams.items():
             up.resolver.subscribe(_once_answered(latches[name]))
             await up.resolver.start()
+        if self.alerts is not None:  # after the relay and Consul: it watches both
+            self.alerts.start()
         self.started = True
         log.info(
             "started",
@@ -347,6 +356,10 @@ class Sidecar:
             event = "shutdown_forced_abort" if forced else "shutdown_grace_exceeded"
             log.warning(event, aborted_requests=self.proxy.active)
         self.proxy.abort_all()
+        if self.alerts is not None:
+            # Evaluation ends before requests are torn down (no alert about this sidecar
+            # going away); queued alert events reach the relay before it closes below.
+            await self.alerts.stop(within=max(1.0, min(5.0, config.grace - (loop.time() - began))))
         for up in self.upstreams.values():
             await up.resolver.stop()
         if deliveries is not None:
@@ -392,6 +405,47 @@ class Sidecar:
             status["subscriber"] = deliveries["broker"]
             status["subscriptions"] = deliveries["subscriptions"]
         return status
+
+    def _build_alerts(self) -> Alerts:
+        from sidecar.telemetry.alerts import (  # noqa: PLC0415 - alerts only
+            Alerts,
+            AlertSources,
+            upstream_traffic,
+        )
+
+        upstreams = self.upstreams
+        events = self.events
+        sources = AlertSources(
+            traffic=lambda: upstream_traffic(self.metrics),
+            circuit=lambda name: upstreams[name].breaker.state_code(),
+            spool_depth=(lambda: events.spool.depth) if events is not None else lambda: None,
+            broker_reachable=self._broker_reachable,
+            consul_reachable=self._consul_reachable,
+        )
+        return Alerts(self.config, sources, publish=None if events is None else events.publish)
+
+    def _broker_reachable(self) -> bool | None:
+        """None until the relay's first connection attempt ended: not unreachable yet."""
+        events = self.events
+        if events is None:
+            return None
+        if events.state == "connected":
+            return True
+        tried = events.connected_since is not None or events.last_error is not None
+        return False if tried else None
+
+    def _consul_reachable(self) -> bool | None:
+        """False while the registration's last call or any upstream's watch fails."""
+        if self.consul is None:
+            return None
+        if self.registrar is not None and self.registrar.failing:
+            return False
+        return not any(getattr(up.resolver, "stale", False) for up in self.all_upstreams().values())
+
+    def _alerts_status(self) -> dict[str, object]:
+        if self.alerts is None:
+            return {"rules": 0, "firing": [], "pending": [], "alertmanager": None}
+        return self.alerts.status()
 
     def _consul_status(self) -> dict[str, object]:
         consul = self.consul

@@ -29,7 +29,9 @@ import yaml
 from sidecar.errors import ConfigError
 
 __all__ = [
+    "ALERT_KINDS",
     "ENV_ADMIN_LISTEN",
+    "ENV_ALERTMANAGER_URL",
     "ENV_CONFIG",
     "ENV_CONSUL_ADDR",
     "ENV_CONSUL_CACERT",
@@ -45,6 +47,8 @@ __all__ = [
     "ENV_VARS",
     "Address",
     "AdminConfig",
+    "AlertRuleConfig",
+    "AlertsConfig",
     "AppConnectionsConfig",
     "BreakerConfig",
     "Config",
@@ -110,6 +114,7 @@ ENV_OTEL_TRACES_TIMEOUT = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"
 ENV_OTEL_BSP_MAX_QUEUE = "OTEL_BSP_MAX_QUEUE_SIZE"
 ENV_OTEL_BSP_BATCH = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"
 ENV_OTEL_BSP_DELAY = "OTEL_BSP_SCHEDULE_DELAY"
+ENV_ALERTMANAGER_URL = "SIDECAR_ALERTMANAGER_URL"
 
 
 class EnvVar(NamedTuple):
@@ -158,6 +163,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar(ENV_OTEL_BSP_MAX_QUEUE, "telemetry.tracing.max_queue_size", "spans held for export"),
     EnvVar(ENV_OTEL_BSP_BATCH, "telemetry.tracing.max_export_batch_size", "spans per export"),
     EnvVar(ENV_OTEL_BSP_DELAY, "telemetry.tracing.schedule_delay", "milliseconds"),
+    EnvVar(ENV_ALERTMANAGER_URL, "alerts.alertmanager_url", "Alertmanager base URL (http/https)"),
 )
 
 
@@ -392,6 +398,43 @@ class AppConnectionsConfig:
     max_header_bytes: int = 64 * 1024  # request line plus headers
 
 
+ALERT_KINDS = (
+    "error_rate",
+    "latency_p99",
+    "circuit_open",
+    "spool_depth",
+    "consul_unreachable",
+    "broker_unreachable",
+)
+#: Kinds whose rule names one upstream, and kinds measured over a sliding `window`.
+UPSTREAM_ALERT_KINDS = frozenset({"error_rate", "latency_p99", "circuit_open"})
+WINDOWED_ALERT_KINDS = frozenset({"error_rate", "latency_p99"})
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRuleConfig:
+    """One threshold alert; which fields apply depends on `kind` (see docs/alerts.md)."""
+
+    name: str
+    kind: str
+    upstream: str | None = None
+    threshold: float | None = None  # error_rate: ratio; latency_p99: seconds; spool_depth: events
+    window: float = 60.0  # error_rate and latency_p99 only
+    for_: float = 0.0  # YAML `for`: how long the condition must hold before firing
+    severity: str = "warning"
+    summary: str = ""  # "" means the kind's default text
+    description: str = ""
+    min_requests: int = 10  # error_rate and latency_p99: fewer answers in the window, no value
+
+
+@dataclass(frozen=True, slots=True)
+class AlertsConfig:
+    alertmanager_url: str | None = None  # base URL; /api/v2/alerts is appended
+    evaluation_interval: float = 1.0
+    resend_interval: float = 60.0
+    rules: tuple[AlertRuleConfig, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated configuration; build one with `load_config` or `config_from_mapping`."""
@@ -406,6 +449,7 @@ class Config:
     shutdown: ShutdownConfig = ShutdownConfig()
     app_connections: AppConnectionsConfig = AppConnectionsConfig()
     events: EventsConfig = EventsConfig()
+    alerts: AlertsConfig = AlertsConfig()
 
 
 # --- public helpers ------------------------------------------------------------------------
@@ -516,7 +560,8 @@ def config_from_mapping(
     )
     connections_section.done()
     events = _events(root.section("events"), service, ctx)
-    root.done(unsupported={"alerts"})
+    alerts = _alerts(root.section("alerts"), upstreams, events.enabled, consul.enabled)
+    root.done()
 
     if discovery.allow_any_service and not consul.enabled:
         ctx.problem("discovery.allow_any_service", "needs consul.enabled")
@@ -543,6 +588,7 @@ def config_from_mapping(
         shutdown=shutdown,
         app_connections=app_connections,
         events=events,
+        alerts=alerts,
     )
 
 
@@ -1486,6 +1532,162 @@ def _events(s: _Section, service: ServiceConfig, ctx: _Context) -> EventsConfig:
     )
     s.done()
     return events
+
+
+_ALERT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+_SEVERITY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: A window holds one sample per evaluation; this bounds the memory of one rule.
+_MAX_WINDOW_SAMPLES = 10_000
+
+
+def _alertmanager_url(value: object) -> str:
+    text = _string(value).strip().rstrip("/")
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"invalid URL {_shown(value)} (expected http://host:port or https://host:port)"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("credentials in the URL are not supported")
+    if parts.query or parts.fragment:
+        raise ValueError("expected a base URL without a query or fragment")
+    if parts.path.endswith("/api/v2/alerts"):
+        raise ValueError("expected the base URL: /api/v2/alerts is appended")
+    return text
+
+
+def _alert_name(value: object) -> str:
+    name = _string(value)
+    if not _ALERT_NAME.fullmatch(name):
+        raise ValueError(
+            f"invalid name {_shown(value)} (letters, digits, '_', '.' or '-', at most 100: "
+            "it names the event topic alerts.<name>)"
+        )
+    return name
+
+
+def _severity(value: object) -> str:
+    word = _string(value).strip()
+    if not _SEVERITY.fullmatch(word):
+        raise ValueError(f"invalid severity {_shown(value)} (letters, digits, '_', '.' or '-')")
+    return word
+
+
+def _ratio(value: object) -> float:
+    ratio = _number(0, 1)(value)
+    if ratio == 0:
+        raise ValueError("must be greater than 0 (a ratio of answers, at most 1)")
+    return ratio
+
+
+def _alerts(
+    s: _Section, upstreams: Mapping[str, UpstreamConfig], events_enabled: bool, consul_enabled: bool
+) -> AlertsConfig:
+    defaults = AlertsConfig()
+    url = s.get("alertmanager_url", _alertmanager_url, None, env=ENV_ALERTMANAGER_URL)
+    interval = s.get("evaluation_interval", _duration(), defaults.evaluation_interval)
+    resend = s.get("resend_interval", _duration(), defaults.resend_interval)
+    if resend < interval:
+        s.ctx.problem(
+            s.at("resend_interval"),
+            f"must not be less than evaluation_interval ({resend:g}s < {interval:g}s)",
+        )
+    raw = s.data.get("rules")
+    s.seen.add("rules")
+    if raw is not None and not isinstance(raw, list):
+        s.ctx.problem(s.at("rules"), f"expected a list, got {_kind(raw)}")
+        raw = []
+    rules: list[AlertRuleConfig] = []
+    names: set[str] = set()
+    for i, item in enumerate(raw or ()):
+        r = _Section(item, f"{s.at('rules')}[{i}]", s.ctx)
+        if not isinstance(item, Mapping):  # reported by _Section; nothing more to say
+            continue
+        rule = _alert_rule(r, interval, upstreams, events_enabled, consul_enabled)
+        if rule.name in names:
+            s.ctx.problem(r.at("name"), f"duplicates rule {rule.name!r}")
+        elif rule.name:
+            names.add(rule.name)
+        rules.append(rule)
+    s.done()
+    return AlertsConfig(
+        alertmanager_url=url,
+        evaluation_interval=interval,
+        resend_interval=resend,
+        rules=tuple(rules),
+    )
+
+
+def _alert_rule(
+    r: _Section,
+    interval: float,
+    upstreams: Mapping[str, UpstreamConfig],
+    events_enabled: bool,
+    consul_enabled: bool,
+) -> AlertRuleConfig:
+    defaults = AlertRuleConfig(name="", kind="")
+    name = r.require("name", _alert_name, "")
+    kind = r.require("kind", _choice(*ALERT_KINDS), "")
+    upstream: str | None = None
+    threshold: float | None = None
+    window, min_requests = defaults.window, defaults.min_requests
+    if not kind:  # unknown kind: its other fields cannot be judged
+        r.seen.update(("upstream", "threshold", "window", "min_requests"))
+    if kind in UPSTREAM_ALERT_KINDS:
+        upstream = r.require("upstream", _string, "").strip().lower() or None
+        if upstream is not None and upstream not in upstreams:
+            r.ctx.problem(r.at("upstream"), f"no upstream named {upstream!r} is configured")
+    elif kind:
+        r.reject("upstream", f"a {kind} rule names no upstream")
+    threshold_parsers: dict[str, Callable[[object], float]] = {
+        "error_rate": _ratio,
+        "latency_p99": _duration(),
+        "spool_depth": _integer(1),
+    }
+    if kind in threshold_parsers:
+        threshold = r.require("threshold", threshold_parsers[kind], None)
+        threshold = None if threshold is None else float(threshold)
+    elif kind:
+        r.reject("threshold", f"a {kind} rule has no threshold (it is a yes/no condition)")
+    if kind in WINDOWED_ALERT_KINDS:
+        window = r.get("window", _duration(), defaults.window)
+        if window < interval:
+            r.ctx.problem(
+                r.at("window"),
+                f"must be at least evaluation_interval ({window:g}s < {interval:g}s)",
+            )
+        elif window / interval > _MAX_WINDOW_SAMPLES:
+            r.ctx.problem(
+                r.at("window"),
+                f"at most {_MAX_WINDOW_SAMPLES} evaluation intervals "
+                f"({window:g}s / {interval:g}s); raise evaluation_interval",
+            )
+        min_requests = r.get("min_requests", _integer(1), defaults.min_requests)
+    elif kind:
+        r.reject("window", f"a {kind} rule looks at the current state, not a window")
+        r.reject("min_requests", "only error_rate and latency_p99 rules count requests")
+    if kind in ("spool_depth", "broker_unreachable") and not events_enabled:
+        r.ctx.problem(r.at("kind"), f"{kind} watches the event relay: needs an events section")
+    if kind == "consul_unreachable" and not consul_enabled:
+        r.ctx.problem(r.at("kind"), "consul_unreachable needs consul.enabled")
+    rule = AlertRuleConfig(
+        name=name,
+        kind=kind,
+        upstream=upstream,
+        threshold=threshold,
+        window=window,
+        for_=r.get("for", _duration(allow_zero=True), defaults.for_),
+        severity=r.get("severity", _severity, defaults.severity),
+        summary=r.get("summary", _string, ""),
+        description=r.get("description", _string, ""),
+        min_requests=min_requests,
+    )
+    r.done()
+    return rule
 
 
 def _check_ports(

@@ -307,6 +307,12 @@ class Registrar:
             "Meta": dict(service.meta),
         }
 
+    @property
+    def failing(self) -> bool:
+        """Whether the last registration or health report did not reach Consul (the
+        `consul_unreachable` alert); cleared by the next one that does."""
+        return self._failures > 0
+
     def status(self) -> dict[str, Any]:
         """The registration part of /v1/status."""
         return {
