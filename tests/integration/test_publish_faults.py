@@ -78,9 +78,11 @@ class Sent:
 class Stream:
     """The numbered stream. `answered` counts 202s; publishers that reach `hold_at` of
     their events wait for `resume`, so some events are always published after the fault
-    is over, however fast the machine."""
+    is over, however fast the machine. With `fault_at`, publishers that reach that share
+    of their events wait for `fault` (set by the test once the fault is in effect), so
+    some events are always published during it."""
 
-    def __init__(self, url: str, hold_at: float = 0.75) -> None:
+    def __init__(self, url: str, hold_at: float = 0.75, fault_at: float | None = None) -> None:
         self.url = url
         self.events = {
             (t, p): [Sent(t, p, n) for n in range(EVENTS_PER_PUBLISHER)]
@@ -90,7 +92,11 @@ class Stream:
         self.answered = 0
         self.failures: dict[str, int] = {}
         self.resume = asyncio.Event()
+        self.fault = asyncio.Event()
+        if fault_at is None:
+            self.fault.set()
         self._hold_at = int(EVENTS_PER_PUBLISHER * hold_at)
+        self._fault_at = int(EVENTS_PER_PUBLISHER * (fault_at or 0.0))
 
     def all(self) -> list[Sent]:
         return [e for events in self.events.values() for e in events]
@@ -102,6 +108,8 @@ class Stream:
 
     async def _publisher(self, session: aiohttp.ClientSession, events: list[Sent]) -> None:
         for event in events:
+            if event.n == self._fault_at:
+                await self.fault.wait()
             if event.n == self._hold_at:
                 await self.resume.wait()
             await self._send(session, event)
@@ -186,9 +194,11 @@ async def streaming(stream: Stream) -> AsyncIterator[asyncio.Task[None]]:
     task = asyncio.get_running_loop().create_task(stream.run())
     try:
         yield task
+        stream.fault.set()
         stream.resume.set()
         await asyncio.wait_for(task, GIVE_UP_AFTER + 20)
     finally:
+        stream.fault.set()
         stream.resume.set()
         if not task.done():
             task.cancel()
@@ -223,7 +233,8 @@ async def wait_connected(sidecar: Sidecar, timeout: float = 20.0) -> None:
 class TestPublishUnderFaults:
     async def test_broker_stopped_and_started_mid_stream(self, tmp_path: Path) -> None:
         """RabbitMQ stopped (`rabbitmqctl stop_app`) a quarter into the stream and started
-        again 2 s later: every event answered 202 arrives, in per-topic order."""
+        again 2 s later (half the stream waits for the stop, so part of it is published
+        during the outage): every event answered 202 arrives, in per-topic order."""
         async with (
             broker_lock(exclusive=True),
             AmqpScope() as scope,
@@ -233,11 +244,12 @@ class TestPublishUnderFaults:
             try:
                 await started(sidecar)
                 await wait_connected(sidecar)
-                stream = Stream(sidecar.url)
+                stream = Stream(sidecar.url, fault_at=0.5)
                 async with streaming(stream):
                     await stream.wait_answered(0.25)
                     try:
                         await stop_broker()
+                        stream.fault.set()
                         await asyncio.sleep(2.0)
                     finally:
                         await start_broker()
