@@ -13,6 +13,9 @@ Endpoints:
                                       {"level": "debug"} or the bare name (debug, info, warning,
                                       error); 200 {"level", "previous"}, 400 for another value;
                                       loopback clients only (403 otherwise)
+  POST /v1/shutdown                   starts the SIGTERM sequence (a Job's app ends its legacy
+                                      sidecar this way); 202, a second call cuts the drain
+                                      short; loopback clients only (403 otherwise)
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ def build_admin_app(
     consul_status: Callable[[], Mapping[str, Any]] | None = None,
     events_status: Callable[[], Mapping[str, Any]] | None = None,
     alerts_status: Callable[[], Mapping[str, Any]] | None = None,
+    request_shutdown: Callable[[str], None] | None = None,
 ) -> web.Application:
     """The aiohttp application behind the admin listener.
 
@@ -186,11 +190,33 @@ def build_admin_app(
             log.info("log_level_changed", old=previous, new=level, remote=request.remote)
         return web.json_response({"level": level, "previous": previous})
 
+    async def shutdown(request: web.Request) -> web.Response:
+        if not _is_loopback(request.remote):
+            return _error(403, "FORBIDDEN", "shutdown is allowed from loopback clients only")
+        if request_shutdown is None:
+            return _error(404, "NOT_FOUND", "shutdown is not available here")
+        again = readiness.draining
+        log.info("shutdown_requested", remote=request.remote, again=again)
+        # The same path as SIGTERM (a second request cuts the drain short, as a second
+        # signal does); the answer goes out before the admin listener closes.
+        request_shutdown("POST /v1/shutdown")
+        readiness.draining = True
+        return web.json_response(
+            {
+                "shutting_down": True,
+                "forced": again,
+                "drain_s": config.shutdown.drain,
+                "grace_s": config.shutdown.grace,
+            },
+            status=202,
+        )
+
     app = web.Application(middlewares=[_json_errors])
     app.router.add_get("/live", live)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/v1/status", status)
     app.router.add_post("/v1/breakers/{upstream}/reset", reset_breaker)
+    app.router.add_post("/v1/shutdown", shutdown)
     app.router.add_put("/v1/log-level", put_log_level)
     return app

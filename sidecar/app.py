@@ -260,6 +260,7 @@ class Sidecar:
             consul_status=self._consul_status,
             events_status=self._events_status,
             alerts_status=self._alerts_status,
+            request_shutdown=self.lifecycle.request_shutdown,
         )
         self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._admin.setup()

@@ -151,6 +151,32 @@ class TestLifecycle:
         assert "shutdown_complete" in events
         assert "shutdown_grace_exceeded" not in events
 
+    async def test_post_shutdown_on_the_admin_api_stops_it_like_sigterm(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """POST /v1/shutdown (what a Job's app sends its legacy sidecar): 202, /ready turns
+        503, calls are still served during the drain, and the process exits 0."""
+        billing = await upstreams("billing")
+        sc = Sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}})
+        sc.config["shutdown"] = {"drain": "1s", "grace": "5s"}
+        sc.start()
+        try:
+            await sc.wait_ready()
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{sc.admin}/v1/shutdown") as resp:
+                    answer = (resp.status, (await resp.json())["shutting_down"])
+                async with session.get(f"{sc.admin}/ready") as resp:
+                    ready = resp.status
+                async with session.get(f"{sc.url}/v1/invoke/billing/echo") as resp:
+                    during_drain = resp.status
+            code = await sc.wait_exit()
+        finally:
+            sc.kill()
+        assert ((202, True), 503, 200, 0) == (answer, ready, during_drain, code)
+        events = [e["event"] for e in sc.log_events()]
+        assert "shutdown_requested" in events
+        assert "shutdown_complete" in events
+
     async def test_every_bound_address_is_logged_and_nothing_per_request(
         self, tmp_path: Path, upstreams: UpstreamFactory
     ) -> None:

@@ -53,6 +53,39 @@ async def _call(app: web.Application, method: str, path: str, peer: str) -> web.
     return response
 
 
+class TestShutdown:
+    def app(self, requests: list[str]) -> web.Application:
+        metrics = Metrics()
+        return build_admin_app(CONFIG, Readiness(), {}, metrics, request_shutdown=requests.append)
+
+    async def test_from_a_non_loopback_client_is_forbidden(self) -> None:
+        """POST /v1/shutdown from 10.0.0.7: 403 FORBIDDEN and nothing is asked to stop."""
+        requests: list[str] = []
+        response = await _call(self.app(requests), "POST", "/v1/shutdown", "10.0.0.7")
+        assert (403, []) == (response.status, requests)
+
+    async def test_from_loopback_starts_the_shutdown(self) -> None:
+        """From 127.0.0.1 (and ::1): 202, the SIGTERM path is asked to start, /ready
+        turns 503 at once; a second call says it forces the stop."""
+        requests: list[str] = []
+        app = self.app(requests)
+        first = await _call(app, "POST", "/v1/shutdown", "127.0.0.1")
+        second = await _call(app, "POST", "/v1/shutdown", "::1")
+        assert isinstance(first, web.Response)
+        assert isinstance(second, web.Response)
+        assert isinstance(first.body, bytes)
+        assert isinstance(second.body, bytes)
+        assert (202, False, 202, True) == (
+            first.status,
+            json.loads(first.body)["forced"],
+            second.status,
+            json.loads(second.body)["forced"],
+        )
+        assert requests == ["POST /v1/shutdown", "POST /v1/shutdown"]
+        ready = await _call(app, "GET", "/ready", "127.0.0.1")
+        assert ready.status == 503
+
+
 class TestBreakerReset:
     async def test_reset_from_a_non_loopback_client_is_forbidden(self) -> None:
         """A breaker reset from 10.0.0.7 gets 403 and leaves the circuit as it was."""
