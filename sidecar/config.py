@@ -1286,14 +1286,16 @@ def _tracing(s: _Section, service: ServiceConfig) -> TracingConfig:
     for name in (ENV_OTEL_PROTOCOL, ENV_OTEL_TRACES_PROTOCOL):  # the specific one last: it wins
         if (text := ctx.env(name)) is not None:
             protocol = ctx.parse(name, _choice("http/protobuf", "grpc"), text) or protocol
-    base = s.get("otlp_endpoint", _otlp_url, None, env=ENV_OTEL_ENDPOINT)
+    grpc = protocol == "grpc"
+    endpoint_parse = _otlp_grpc_target if grpc else _otlp_url
+    base = s.get("otlp_endpoint", endpoint_parse, None, env=ENV_OTEL_ENDPOINT)
     endpoint = None
     if base is not None:
         endpoint = base
         if protocol == "http/protobuf" and not base.endswith("/v1/traces"):
             endpoint = base.rstrip("/") + "/v1/traces"
     if (text := ctx.env(ENV_OTEL_TRACES_ENDPOINT)) is not None:
-        endpoint = ctx.parse(ENV_OTEL_TRACES_ENDPOINT, _otlp_url, text) or endpoint
+        endpoint = ctx.parse(ENV_OTEL_TRACES_ENDPOINT, endpoint_parse, text) or endpoint
     sampler = s.get("sampler", _choice(*SAMPLERS), d.sampler, env=ENV_OTEL_TRACES_SAMPLER)
     ratio = s.get(
         "sampler_ratio",
@@ -1337,6 +1339,13 @@ def _tracing(s: _Section, service: ServiceConfig) -> TracingConfig:
         env=ENV_OTEL_BSP_DELAY,
         env_parse=_milliseconds,
     )
+    for key, value in headers:
+        problem = _export_header_problem(key, value, grpc)
+        if problem:
+            where = (
+                "headers" if s.has("headers") else f"{ENV_OTEL_HEADERS} / {ENV_OTEL_TRACES_HEADERS}"
+            )
+            ctx.problem(s.at(where) if where == "headers" else where, f"{key!r}: {problem}")
     s.done()
     disabled = ctx.env(ENV_OTEL_SDK_DISABLED)
     off = disabled is not None and disabled.strip().lower() == "true"
@@ -1376,6 +1385,26 @@ def _otlp_url(value: object) -> str:
             "http://jaeger-collector:4318)"
         )
     return text
+
+
+def _otlp_grpc_target(value: object) -> str:
+    """A gRPC endpoint: a URL, or a bare host:port as the gRPC exporters accept."""
+    text = _string(value).strip()
+    return _otlp_url(text if "://" in text else f"http://{text}")
+
+
+_HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
+
+
+def _export_header_problem(name: str, value: str, grpc: bool) -> str | None:
+    """Why a header cannot be sent with an export (checked at start, not at each export)."""
+    if not _HEADER_NAME.fullmatch(name):
+        return "not a valid header name"
+    if not _HEADER_VALUE.fullmatch(value):
+        return "the value must be printable ASCII (no line breaks)"
+    if grpc and name.lower().endswith("-bin"):
+        return "binary (-bin) gRPC metadata is not supported"
+    return None
 
 
 def _float_text(text: str) -> float:

@@ -749,7 +749,11 @@ class Subscriptions:
             },
         )
         assert client.span is not None
-        answer = await self._post_once(sub, delivery, client)
+        try:
+            answer = await self._post_once(sub, delivery, client)
+        except BaseException as exc:  # cancelled at shutdown, or a bug: the span still ends
+            tracer.end(client, type(exc).__name__)
+            raise
         error = None
         if answer.status:
             client.span.attributes["http.response.status_code"] = answer.status

@@ -427,7 +427,8 @@ class DownstreamProtocol(asyncio.Protocol):
             elif lname == b"idempotency-key":
                 req.idempotency_key = True
             elif lname == b"traceparent":
-                req.traceparent = value
+                # Two of them make the context invalid (W3C): a new trace starts.
+                req.traceparent = value if req.traceparent is None else b"-"
             elif lname == b"tracestate":
                 # Several fields combine into one list (W3C Trace Context §3.3.1.1).
                 req.tracestate = value if req.tracestate is None else req.tracestate + b"," + value
@@ -557,7 +558,7 @@ class DownstreamProtocol(asyncio.Protocol):
         method = req.method.decode("latin-1")
         target = req.target
         path = target.split(b"?", 1)[0]
-        if target[:1] != b"/":  # absolute-form: the path after the authority
+        if target[:1] != b"/" and target != b"*":  # absolute-form: the path after the authority
             path = b"/" + path[scheme_length(path) :].partition(b"/")[2]
         span = trace.span
         assert span is not None

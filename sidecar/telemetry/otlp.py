@@ -40,6 +40,11 @@ _STATUS_ERROR = 2
 _LINK_FLAGS = b"\x35" + struct.pack("<I", _HAS_IS_REMOTE | _IS_REMOTE)  # field 6, fixed32
 
 _RETRY_HTTP = frozenset((429, 502, 503, 504))
+#: A string attribute longer than this (characters) is cut: one huge request path must not
+#: make a batch too large for the collector (gRPC's default limit is 4 MiB).
+MAX_VALUE_CHARS = 4096
+#: Spans of one batch are sent in requests of at most about this many bytes.
+MAX_REQUEST_BYTES = 2 * 1024 * 1024
 USER_AGENT = f"hms-sidecar/{__version__} (OTLP exporter)"
 
 
@@ -73,7 +78,7 @@ def _string(number: int, text: str) -> bytes:
 def _any_value(value: object) -> bytes:
     """An AnyValue message's content."""
     if isinstance(value, str):
-        return _field(1, value.encode())
+        return _field(1, value[:MAX_VALUE_CHARS].encode("utf-8", "replace"))
     if isinstance(value, bool):
         return b"\x10" + (b"\x01" if value else b"\x00")
     if isinstance(value, int):
@@ -142,8 +147,26 @@ class Encoder:
         self.scope = _field(1, scope)  # ScopeSpans.scope
 
     def encode(self, records: Iterable[SpanRecord]) -> bytes:
-        spans = b"".join([_field(2, encode_span(r)) for r in records])
-        resource_spans = self.resource + _field(2, self.scope + spans)
+        return self._request([_field(2, encode_span(r)) for r in records])
+
+    def requests(self, records: Iterable[SpanRecord]) -> list[bytes]:
+        """The batch as requests of at most about MAX_REQUEST_BYTES each."""
+        out: list[bytes] = []
+        spans: list[bytes] = []
+        size = 0
+        for record in records:
+            span = _field(2, encode_span(record))
+            if spans and size + len(span) > MAX_REQUEST_BYTES:
+                out.append(self._request(spans))
+                spans, size = [], 0
+            spans.append(span)
+            size += len(span)
+        if spans:
+            out.append(self._request(spans))
+        return out
+
+    def _request(self, spans: list[bytes]) -> bytes:
+        resource_spans = self.resource + _field(2, self.scope + b"".join(spans))
         return _field(1, resource_spans)
 
 
@@ -245,7 +268,8 @@ class GrpcTransport:
 
         endpoint = config.endpoint or "http://localhost:4317"
         url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
-        target = f"{url.hostname}:{url.port or 4317}"
+        host = url.hostname or "localhost"
+        target = f"[{host}]:{url.port or 4317}" if ":" in host else f"{host}:{url.port or 4317}"
         if url.scheme == "https":
             self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials())
         else:
@@ -254,9 +278,10 @@ class GrpcTransport:
         self.metadata = tuple((k.lower(), v) for k, v in config.headers)
         self.compression = grpc.Compression.Gzip if config.compression == "gzip" else None
         self._grpc = grpc
+        # The OTLP spec's retryable codes; RESOURCE_EXHAUSTED only with the server's retry
+        # information, which grpcio does not surface: a message too large never succeeds.
         self._retry = {
             grpc.StatusCode.UNAVAILABLE,
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
             grpc.StatusCode.DEADLINE_EXCEEDED,
             grpc.StatusCode.ABORTED,
             grpc.StatusCode.CANCELLED,

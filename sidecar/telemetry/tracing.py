@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import sys
 import threading
 import time
@@ -39,6 +40,13 @@ log = get_logger("sidecar.tracing")
 SERVER, CLIENT, PRODUCER, CONSUMER = "SERVER", "CLIENT", "PRODUCER", "CONSUMER"
 
 _HEX = frozenset(b"0123456789abcdef")
+#: One tracestate list member (W3C Trace Context §3.3.1.3): a key (simple, or
+#: tenant@system) and a value of printable ASCII without ',' and '=', not ending in a space.
+_TRACESTATE_MEMBER = re.compile(
+    rb"[ \t]*(?:[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13})"
+    rb"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e][ \t]*"
+)
+_TRACESTATE_MAX_MEMBERS = 32
 _ZERO_TRACE = b"0" * 32
 _ZERO_SPAN = b"0" * 16
 _BOUND = 1 << 64
@@ -67,6 +75,20 @@ def parse_traceparent(value: bytes) -> tuple[int, int, bool] | None:
     if trace == _ZERO_TRACE or span == _ZERO_SPAN:
         return None
     return int(trace, 16), int(span, 16), bool(int(flags, 16) & 1)
+
+
+def valid_tracestate(value: bytes | None) -> str:
+    """The `tracestate` to carry on: the header as sent when it is valid, else "" (W3C: an
+    invalid tracestate is discarded, never half-kept)."""
+    if not value:
+        return ""
+    members = [m for m in value.split(b",") if m.strip()]
+    if len(members) > _TRACESTATE_MAX_MEMBERS:
+        return ""
+    for member in members:
+        if not _TRACESTATE_MEMBER.fullmatch(member):
+            return ""
+    return value.decode("ascii")
 
 
 def format_traceparent(trace_id: int, span_id: int, sampled: bool) -> bytes:
@@ -245,11 +267,11 @@ class Tracer:
             parent_id, remote, state = 0, False, ""
         else:
             trace_id, parent_id, parent_sampled = parent
+            state = valid_tracestate(tracestate) if tracestate else ""
             if not self.sampler.decide(trace_id, parent_sampled):
                 assert traceparent is not None
-                state = tracestate.decode("latin-1") if tracestate else ""
                 return TraceContext(trace_id, parent_id, traceparent.strip(), None, state)
-            remote, state = True, tracestate.decode("latin-1") if tracestate else ""
+            remote = True
         span_id = rand(64) or 1
         record = SpanRecord(
             name,
@@ -345,6 +367,7 @@ class SpanQueue:
         self.exported = 0
         self.dropped_full = 0
         self.failed = 0
+        self.sending = 0  # spans taken from the queue by the export in progress
         self._sdk_resource: Any = None
         self._scope: Any = None
         self._logged_failure = 0.0
@@ -380,14 +403,19 @@ class SpanQueue:
             if time.monotonic() >= self._stop_by:
                 return
             batch = [records.popleft() for _ in range(min(self.batch, len(records)))]
-            self._export(batch)
+            self.sending = len(batch)
+            try:
+                self._export(batch)
+            finally:
+                self.sending = 0
 
     def _export(self, batch: list[SpanRecord]) -> None:
         deadline = min(time.monotonic() + self.config.export_timeout, self._stop_by)
         error = None
         try:
             if self.transport is not None:
-                self.transport.send(self.encoder.encode(batch), deadline)
+                for body in self.encoder.requests(batch):
+                    self.transport.send(body, deadline)
             else:
                 error = self._export_sdk(batch)
         except ExportError as exc:
@@ -474,13 +502,18 @@ class SpanQueue:
             self._wake.set()
             thread.join(max(0.0, deadline - time.monotonic()))
         if self._records or (thread is not None and thread.is_alive()):
-            log.warning("spans_not_flushed", spans=len(self._records), timeout_s=timeout)
+            lost = len(self._records) + self.sending
+            log.warning("spans_not_flushed", spans=lost, timeout_s=timeout)
         elif self.transport is not None:
             self.transport.close()
         elif self.exporter is not None:
             self.exporter.shutdown()
         self._thread = None
-        log.info("tracing_stopped", flushed=left - len(self._records), exported=self.exported)
+        log.info(
+            "tracing_stopped",
+            flushed=left - len(self._records) - self.sending,
+            exported=self.exported,
+        )
 
     def collect(self) -> Iterator[Metric]:
         spans = CounterMetricFamily(
@@ -495,9 +528,9 @@ class SpanQueue:
         yield spans
         queued = GaugeMetricFamily(
             "sidecar_trace_export_queue_spans",
-            "Spans waiting in the export queue (bounded by max_queue_size).",
+            "Spans waiting for export: queued (at most max_queue_size) or being sent.",
         )
-        queued.add_metric([], len(self._records))
+        queued.add_metric([], len(self._records) + self.sending)
         yield queued
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from tests.doubles.otlp import OtlpCollector, Span
 from tests.integration.amqp_harness import (
@@ -273,6 +274,11 @@ class TestHttpTraces:
             carried = await forwarded({"traceparent": unsampled, "tracestate": "a=1"})
             followed = await forwarded({"traceparent": SAMPLED})
             invalid = await forwarded({"traceparent": "00-xyz", "tracestate": "drop=1"})
+            async with session.get(
+                f"{p.url}/v1/invoke/stock/echo",
+                headers=CIMultiDict([("traceparent", SAMPLED), ("traceparent", SAMPLED)]),
+            ) as r:
+                twice = dict((await r.json())["headers"])
             spans = await collector.wait_for(count=2)
 
             async def exported() -> float:
@@ -289,6 +295,9 @@ class TestHttpTraces:
         assert parse(followed["traceparent"])[2] == "01"
         assert parse(invalid["traceparent"])[2] == "00"
         assert "tracestate" not in invalid
+        # Two traceparent fields: invalid (W3C), so a new, unsampled trace at ratio 0.
+        assert parse(twice["traceparent"])[0] != TRACE
+        assert parse(twice["traceparent"])[2] == "00"
         assert {s.trace_id for s in spans} == {TRACE}
         assert len(collector.spans) == 2
         assert samples['sidecar_trace_spans_total{outcome="dropped"}'] == 0
@@ -376,7 +385,7 @@ class TestExport:
                 samples = await metric_samples(p)
             collector.resume()
         assert samples['sidecar_trace_spans_total{outcome="dropped"}'] >= 40 - 4 - 2
-        assert samples["sidecar_trace_export_queue_spans"] <= 4
+        assert samples["sidecar_trace_export_queue_spans"] <= 4 + 2  # queued + being sent
 
 
 @pytest.fixture

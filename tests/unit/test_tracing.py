@@ -389,3 +389,84 @@ class TestOtlpEncoder:
         assert spans[0].name == "x" * 300
         assert spans[299].end_time_unix_nano - spans[299].start_time_unix_nano == 299
         assert spans[5].attributes[1].value.int_value == 2**62
+
+
+class TestReviewFindings:
+    @pytest.mark.parametrize(
+        ("header", "kept"),
+        [
+            (b"vendor=1,other@sys=x y", "vendor=1,other@sys=x y"),
+            (b"a=1,,b=2", "a=1,,b=2"),
+            (b"this is not valid", ""),
+            (",".join(f"k{i}=v" for i in range(33)).encode(), ""),  # over 32 members
+            ("k=caf\u00e9".encode(), ""),  # not ASCII
+            (b"Upper=1", ""),  # keys are lower-case
+        ],
+    )
+    def test_an_invalid_tracestate_is_dropped_whole(self, header: bytes, kept: str) -> None:
+        """W3C §3.3: a valid tracestate goes on as sent; an invalid one is discarded."""
+        t, _ = tracer()
+        context = t.begin(f"00-{TRACE}-{PARENT}-01".encode(), header, "GET", SERVER)
+        assert context.tracestate == kept
+
+    def test_a_huge_attribute_is_cut_and_a_big_batch_is_split(self) -> None:
+        """A 60 KB path becomes 4096 characters on the wire, and a batch larger than the
+        request budget goes out as several requests, none over it by more than a span."""
+        from sidecar.telemetry.otlp import MAX_REQUEST_BYTES, MAX_VALUE_CHARS  # noqa: PLC0415
+
+        t, _ = tracer()
+        records = []
+        for _ in range(1000):
+            context = t.begin(None, None, "GET", SERVER, {"url.path": "/" + "p" * 60_000})
+            assert context.span is not None
+            records.append(context.span)
+        bodies = t.queue.encoder.requests(records)
+        assert len(bodies) > 1
+        assert all(len(b) <= MAX_REQUEST_BYTES + 10_000 for b in bodies)
+        spans = [
+            span
+            for body in bodies
+            for span in ExportTraceServiceRequest.FromString(body)
+            .resource_spans[0]
+            .scope_spans[0]
+            .spans
+        ]
+        assert len(spans) == 1000
+        assert len(spans[0].attributes[0].value.string_value) == MAX_VALUE_CHARS
+
+    def test_spans_being_sent_are_counted_until_the_send_ends(self) -> None:
+        """Taken from the queue but not yet accepted: still in the queue gauge, so every
+        span is in exactly one of exported, dropped, failed or waiting."""
+        t, recorder = tracer({"max_export_batch_size": 4})
+        recorder.gate.clear()
+        t.start()
+        for _ in range(4):
+            t.end(t.begin(None, None, "GET", SERVER))
+        metrics: dict[str, Any] = {}
+        for _ in range(500):
+            metrics = {m.name: m for m in t.collect()}
+            if t.queue.sending:
+                break
+            threading.Event().wait(0.01)
+        assert metrics["sidecar_trace_export_queue_spans"].samples[0].value == 4
+        recorder.gate.set()
+        t.shutdown(5.0)
+        assert t.queue.exported == 4
+
+    def test_export_headers_are_checked_at_start(self) -> None:
+        """A header value with a line break, non-ASCII, or gRPC binary metadata would fail
+        every export: it is a config error instead."""
+        for env in (
+            {"OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=a%0D%0AInjected:%201"},
+            {"OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=caf%C3%A9"},
+            {"OTEL_EXPORTER_OTLP_HEADERS": "x-b-bin=abc", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+        ):
+            with pytest.raises(ConfigError, match="x-"):
+                config({"otlp_endpoint": "http://collector:4318"}, env)
+
+    def test_a_grpc_endpoint_may_be_a_bare_host_and_port(self) -> None:
+        """As the gRPC exporters accept it: 127.0.0.1:4317."""
+        tracing = config(
+            env={"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": "j:4317"}
+        ).telemetry.tracing
+        assert tracing.endpoint == "http://j:4317"
