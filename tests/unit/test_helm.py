@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HELM = ROOT / "helm"
 LIB = HELM / "hms-sidecar-lib"
 DEMO = HELM / "hms-sidecar-demo"
+CONSUMER = ROOT / "tests" / "unit" / "helm_consumer"  # uses the library with `.`
 RULES = ROOT / "deploy" / "prometheus" / "sidecar-alerts.rules.yml"
 CI_VALUES = sorted(p.stem.removesuffix("-values") for p in (DEMO / "ci").glob("*-values.yaml"))
 KUBE_SCHEMAS = ("1.29.0", "1.33.0")
@@ -43,13 +44,30 @@ Manifest = dict[str, Any]
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of helm/ with the demo's charts/ built from Chart.lock (the library
-    packaged from ../hms-sidecar-lib), so the tests never write into the worktree."""
-    copy = tmp_path_factory.mktemp("helm") / "helm"
-    shutil.copytree(HELM, copy, ignore=shutil.ignore_patterns("charts"))
-    helm_python.dependency_build(copy / DEMO.name)
-    return copy / DEMO.name
+def charts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of helm/ and of the test-only consumer chart, in the same layout, so
+    the tests never write charts/ into the worktree."""
+    copy = tmp_path_factory.mktemp("charts")
+    shutil.copytree(HELM, copy / "helm", ignore=shutil.ignore_patterns("charts"))
+    shutil.copytree(CONSUMER, copy / CONSUMER.relative_to(ROOT))
+    return copy
+
+
+@pytest.fixture(scope="module")
+def demo(charts: Path) -> Path:
+    """The demo chart with charts/ built from its Chart.lock (`helm dependency build`:
+    the library packaged from ../hms-sidecar-lib)."""
+    chart = charts / "helm" / DEMO.name
+    helm_python.dependency_build(chart)
+    return chart
+
+
+@pytest.fixture(scope="module")
+def consumer(charts: Path) -> Path:
+    """The test-only consumer chart with its dependency resolved (no lock file)."""
+    chart = charts / CONSUMER.relative_to(ROOT)
+    helm_python.dependency_update(chart)
+    return chart
 
 
 def ci_values(name: str) -> dict[str, Any]:
@@ -326,16 +344,9 @@ class TestConfig:
             config = workdir / "sidecar.yaml"
             config.write_text(yaml.safe_dump(sidecar_config(manifests, spec)))
             env = pod_env(sidecar, workdir)
-            env["SIDECAR_CONFIG"] = str(config)
-            result = subprocess.run(
-                [sys.executable, "-m", "sidecar", "check-config"],
-                cwd=ROOT,
-                env={"PATH": os.environ["PATH"], "HOME": str(workdir), **env},
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
+            mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
+            assert f"{mounts['sidecar-config']}/sidecar.yaml" == env["SIDECAR_CONFIG"], name
+            result = check_config(config, env, workdir)
             assert 0 == result.returncode, f"{name}: {result.stdout}{result.stderr}"
             assert "admin 0.0.0.0:9902" in result.stdout
 
@@ -496,6 +507,44 @@ class TestMonitoring:
         assert '"http://$target/metrics"' in script
 
 
+class TestConsumerChart:
+    """A chart of one StatefulSet using the library with the root context, the way
+    helm/hms-sidecar-lib/README.md shows, with a per-pod spool claim."""
+
+    def test_consumer_lints_and_validates(self, consumer: Path) -> None:
+        """It lints strict, and what it renders is valid for Kubernetes 1.29 and 1.33."""
+        report = helm_python.lint(consumer, strict=True)
+        assert [] == [m for m in report["messages"] if m["severity"] >= 2]
+        for manifest in render(consumer):
+            for kube in KUBE_SCHEMAS:
+                kubernetes_validate.validate(manifest, kube, strict=True)
+
+    def test_spool_is_a_claim_per_pod(self, consumer: Path) -> None:
+        """spool.type volumeClaimTemplate: no spool volume in the pod; the StatefulSet's
+        claim template `sidecar-spool` (2Gi) is what the sidecar mounts."""
+        (statefulset,) = [m for m in render(consumer) if m["kind"] == "StatefulSet"]
+        spec = statefulset["spec"]["template"]["spec"]
+        (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+        assert ("sidecar-spool", "2Gi") == (
+            claim["metadata"]["name"], claim["spec"]["resources"]["requests"]["storage"]
+        )
+        assert "sidecar-spool" not in {v["name"] for v in spec["volumes"]}
+        _, sidecar = sidecar_of(spec) or ("", {})
+        assert "sidecar-spool" in {m["name"] for m in sidecar["volumeMounts"]}
+        assert "sidecar" == spec["initContainers"][0]["name"]
+
+    def test_consumer_config_passes_check_config(self, consumer: Path, tmp_path: Path) -> None:
+        """Its ConfigMap (catalog mode by default, service name from values) passes
+        `sidecar check-config` with the pod's environment."""
+        manifests = render(consumer)
+        ((name, spec, sidecar),) = sidecar_pods(manifests)
+        config = tmp_path / "sidecar.yaml"
+        config.write_text(yaml.safe_dump(sidecar_config(manifests, spec)))
+        result = check_config(config, pod_env(sidecar, tmp_path), tmp_path)
+        assert 0 == result.returncode, f"{name}: {result.stdout}{result.stderr}"
+        assert "service ledger" in result.stdout
+
+
 class TestChartFiles:
     def test_library_rule_file_is_the_deploy_file(self) -> None:
         """The library's copy of the alert rules (Helm reads only files inside a chart) is
@@ -522,6 +571,22 @@ class TestChartFiles:
             cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
         )
         assert 0 == result.returncode, result.stderr
+
+
+def check_config(
+    config: Path, env: dict[str, str], home: Path
+) -> subprocess.CompletedProcess[str]:
+    """`python -m sidecar check-config` from the worktree (its code, not an installed
+    copy) with only the pod's environment, SIDECAR_CONFIG pointing at `config`."""
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", "check-config"],
+        cwd=ROOT,
+        env={"PATH": os.environ["PATH"], "HOME": str(home), **env, "SIDECAR_CONFIG": str(config)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def pod_env(container: Manifest, workdir: Path) -> dict[str, str]:
