@@ -533,6 +533,16 @@ class TestConsumerChart:
         assert "sidecar-spool" in {m["name"] for m in sidecar["volumeMounts"]}
         assert "sidecar" == spec["initContainers"][0]["name"]
 
+    def test_notes_and_test_pod_templates(self, consumer: Path) -> None:
+        """The library's `notes` and `testPod` templates work from the root context."""
+        with helm_python.Chart.load(consumer) as chart:
+            notes = chart.render(name="ledger")["consumer/templates/NOTES.txt"]
+        assert "Sidecar (native mode, image ghcr.io/hms/hms-sidecar:0.1.0)" in notes
+        assert "Consul:           catalog mode (http://consul-server.consul.svc:8500)" in notes
+        (pod,) = [m for m in render(consumer) if m["kind"] == "Pod"]
+        assert "test" == pod["metadata"]["annotations"]["helm.sh/hook"]
+        assert f"{RELEASE}-consumer:9902" in pod["spec"]["containers"][0]["args"][0]
+
     def test_consumer_config_passes_check_config(self, consumer: Path, tmp_path: Path) -> None:
         """Its ConfigMap (catalog mode by default, service name from values) passes
         `sidecar check-config` with the pod's environment."""
