@@ -50,6 +50,7 @@ _TRACESTATE_MAX_MEMBERS = 32
 _ZERO_TRACE = b"0" * 32
 _ZERO_SPAN = b"0" * 16
 _BOUND = 1 << 64
+_LOW64 = _BOUND - 1
 
 
 def parse_traceparent(value: bytes) -> tuple[int, int, bool] | None:
@@ -217,6 +218,9 @@ class Tracer:
         tracing = config.telemetry.tracing
         self.config = tracing
         self.sampler = Sampler(tracing.sampler, tracing.sampler_ratio)
+        # What sample_root compares the low 64 bits of a new trace id with.
+        root = self.sampler.root
+        self._root_bound = {"always_on": _BOUND, "always_off": 0}.get(root, self.sampler.bound)
         self._rand = random.Random().getrandbits
         resource = resource_attributes(config)
         if exporter is None and tracing.exporter == "console":
@@ -256,12 +260,29 @@ class Tracer:
         it is (the sidecar records nothing, so it adds no hop to the trace). On the
         hot path: the unsampled branches make no span and no dict.
         """
-        parent = parse_traceparent(traceparent) if traceparent else None
         rand = self._rand
-        if parent is None:
+        if not traceparent:
+            # The common case, inlined: a new trace; decided as Sampler.sample_root does.
+            bits = rand(192)
+            trace_id = bits >> 64 or 1
+            if (trace_id & _LOW64) >= self._root_bound:
+                span_id = bits & _LOW64 or 1  # not recorded: only the next hop's parent id
+                header = b"00-%032x-%016x-00" % (trace_id, span_id)
+                return TraceContext(trace_id, span_id, header, None)
+            return self._sampled(
+                name,
+                kind,
+                trace_id,
+                parent_id=0,
+                remote=False,
+                state="",
+                attributes=attributes,
+            )
+        parent = parse_traceparent(traceparent)
+        if parent is None:  # an invalid header: a new trace, its tracestate dropped
             trace_id = rand(128) or 1
             if not self.sampler.decide(trace_id, None):
-                span_id = rand(64) or 1  # not recorded: only the next hop's parent id
+                span_id = rand(64) or 1
                 header = b"00-%032x-%016x-00" % (trace_id, span_id)
                 return TraceContext(trace_id, span_id, header, None)
             parent_id, remote, state = 0, False, ""
@@ -272,7 +293,28 @@ class Tracer:
                 assert traceparent is not None
                 return TraceContext(trace_id, parent_id, traceparent.strip(), None, state)
             remote = True
-        span_id = rand(64) or 1
+        return self._sampled(
+            name,
+            kind,
+            trace_id,
+            parent_id=parent_id,
+            remote=remote,
+            state=state,
+            attributes=attributes,
+        )
+
+    def _sampled(
+        self,
+        name: str,
+        kind: str,
+        trace_id: int,
+        *,
+        parent_id: int,
+        remote: bool,
+        state: str,
+        attributes: dict[str, Any] | None,
+    ) -> TraceContext:
+        span_id = self._rand(64) or 1
         record = SpanRecord(
             name,
             kind,

@@ -173,8 +173,15 @@ class TestLint:
 
     def test_ci_values_cover_the_variants(self) -> None:
         """The value sets the checklist asks for exist."""
-        wanted = {"native", "legacy", "monitoring", "monitoring-off", "consul-agent",
-                  "consul-catalog", "minimal"}
+        wanted = {
+            "native",
+            "legacy",
+            "monitoring",
+            "monitoring-off",
+            "consul-agent",
+            "consul-catalog",
+            "minimal",
+        }
         assert wanted <= set(CI_VALUES)
 
 
@@ -308,9 +315,7 @@ class TestSecurity:
                     volume = next(n for n, path in mounts.items() if env[variable].startswith(path))
                     assert volume in secret_volumes, f"{name} {variable}"
 
-    def test_secrets_are_mounted_when_configured(
-        self, rendered: dict[str, list[Manifest]]
-    ) -> None:
+    def test_secrets_are_mounted_when_configured(self, rendered: dict[str, list[Manifest]]) -> None:
         """With the Secrets named, the sidecar reads the URL and the token from files."""
         _, _, sidecar = sidecar_pods(rendered["consul-agent"])[0]
         env = {e["name"]: e.get("value") for e in sidecar["env"]}
@@ -359,8 +364,10 @@ class TestConfig:
         manifests = rendered[values_name]
         for name, spec, sidecar in sidecar_pods(manifests):
             admin = port_of(sidecar_config(manifests, spec)["admin"]["listen"])
-            probes = {kind: sidecar[kind]["httpGet"] for kind in
-                      ("startupProbe", "readinessProbe", "livenessProbe")}
+            probes = {
+                kind: sidecar[kind]["httpGet"]
+                for kind in ("startupProbe", "readinessProbe", "livenessProbe")
+            }
             assert {
                 "startupProbe": {"path": "/ready", "port": admin},
                 "readinessProbe": {"path": "/ready", "port": admin},
@@ -400,9 +407,7 @@ class TestConfig:
         with pytest.raises(helm_python.HelmRenderError, match="below the 35s the stop needs"):
             render(demo, {"sidecar": {"terminationGracePeriodSeconds": 15}})
 
-    def test_consul_agent_mode_uses_the_host_ip(
-        self, rendered: dict[str, list[Manifest]]
-    ) -> None:
+    def test_consul_agent_mode_uses_the_host_ip(self, rendered: dict[str, list[Manifest]]) -> None:
         """Agent mode: CONSUL_HTTP_ADDR is the node's agent at $(HOST_IP), HOST_IP from
         the downward API, and the pod IP is the registered address."""
         for name, _, sidecar in sidecar_pods(rendered["consul-agent"]):
@@ -413,8 +418,9 @@ class TestConfig:
             assert "status.hostIP" == env["HOST_IP"]["valueFrom"]["fieldRef"]["fieldPath"]
             names = list(env)
             assert names.index("HOST_IP") < names.index("CONSUL_HTTP_ADDR")
-            assert "status.podIP" == (
-                env["SIDECAR_SERVICE_ADDRESS"]["valueFrom"]["fieldRef"]["fieldPath"]
+            assert (
+                "status.podIP"
+                == (env["SIDECAR_SERVICE_ADDRESS"]["valueFrom"]["fieldRef"]["fieldPath"])
             )
 
     def test_consul_catalog_mode_uses_the_servers(
@@ -427,14 +433,17 @@ class TestConfig:
             if "job-" in name:
                 continue
             consul = sidecar_config(manifests, spec)["consul"]
-            assert {"enabled": True, "mode": "catalog",
-                    "address": "https://consul-server.consul.svc:8501"} == consul
+            assert {
+                "enabled": True,
+                "mode": "catalog",
+                "address": "https://consul-server.consul.svc:8501",
+            } == consul
             env = {e["name"]: e for e in sidecar["env"]}
-            assert "metadata.name" == env["SIDECAR_CONSUL_NODE"]["valueFrom"]["fieldRef"][
-                "fieldPath"
-            ]
-            assert "/var/run/secrets/hms-sidecar/consul-ca/tls.crt" == (
-                env["CONSUL_CACERT"]["value"]
+            assert (
+                "metadata.name" == env["SIDECAR_CONSUL_NODE"]["valueFrom"]["fieldRef"]["fieldPath"]
+            )
+            assert (
+                "/var/run/secrets/hms-sidecar/consul-ca/tls.crt" == (env["CONSUL_CACERT"]["value"])
             )
 
     def test_traces_go_to_the_demo_jaeger(self, rendered: dict[str, list[Manifest]]) -> None:
@@ -454,9 +463,7 @@ class TestConfig:
 
 
 class TestMonitoring:
-    def test_pod_monitor_scrapes_the_admin_port(
-        self, rendered: dict[str, list[Manifest]]
-    ) -> None:
+    def test_pod_monitor_scrapes_the_admin_port(self, rendered: dict[str, list[Manifest]]) -> None:
         """The PodMonitor scrapes /metrics on the port named sidecar-admin, which is the
         admin listener's port, and selects exactly the pods that carry a sidecar."""
         manifests = rendered["monitoring"]
@@ -526,7 +533,8 @@ class TestConsumerChart:
         spec = statefulset["spec"]["template"]["spec"]
         (claim,) = statefulset["spec"]["volumeClaimTemplates"]
         assert ("sidecar-spool", "2Gi") == (
-            claim["metadata"]["name"], claim["spec"]["resources"]["requests"]["storage"]
+            claim["metadata"]["name"],
+            claim["spec"]["resources"]["requests"]["storage"],
         )
         assert "sidecar-spool" not in {v["name"] for v in spec["volumes"]}
         _, sidecar = sidecar_of(spec) or ("", {})
@@ -570,7 +578,9 @@ class TestChartFiles:
         assert __version__ == lib_chart["appVersion"] == lib_values["image"]["tag"]
         (dependency,) = demo_chart["dependencies"]
         assert (lib_chart["name"], lib_chart["version"], "sidecar") == (
-            dependency["name"], dependency["version"], dependency["alias"]
+            dependency["name"],
+            dependency["version"],
+            dependency["alias"],
         )
 
     def test_readme_values_tables_are_current(self) -> None:
@@ -578,14 +588,16 @@ class TestChartFiles:
         (regenerate: python scripts/helm_values_table.py --write helm/*)."""
         result = subprocess.run(
             [sys.executable, "scripts/helm_values_table.py", "--check", str(LIB), str(DEMO)],
-            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         assert 0 == result.returncode, result.stderr
 
 
-def check_config(
-    config: Path, env: dict[str, str], home: Path
-) -> subprocess.CompletedProcess[str]:
+def check_config(config: Path, env: dict[str, str], home: Path) -> subprocess.CompletedProcess[str]:
     """`python -m sidecar check-config` from the worktree (its code, not an installed
     copy) with only the pod's environment, SIDECAR_CONFIG pointing at `config`."""
     return subprocess.run(

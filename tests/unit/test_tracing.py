@@ -147,6 +147,20 @@ class TestSampler:
 
 
 class TestBegin:
+    @pytest.mark.parametrize("ratio", [0.0, 0.01, 0.3, 1.0])
+    def test_new_traces_are_sampled_as_the_sdk_decides_their_ids(self, ratio: float) -> None:
+        """A request without a context: the trace id begin() makes is sampled exactly
+        when the SDK's TraceIdRatioBased would sample it (so the share is the ratio)."""
+        t, _ = tracer({"sampler_ratio": ratio})
+        sdk = TraceIdRatioBased(ratio)
+        sampled = 0
+        for _ in range(3000):
+            context = t.begin(None, None, "GET", SERVER)
+            expected = sdk.should_sample(None, context.trace_id, "x").decision
+            assert context.sampled is (expected is Decision.RECORD_AND_SAMPLE)
+            sampled += context.sampled
+        assert abs(sampled / 3000 - ratio) < 0.05
+
     def test_an_unsampled_request_with_a_valid_parent_carries_it_on_unchanged(self) -> None:
         """Not recording, the sidecar adds no hop: the app's header goes on as it is."""
         t, _ = tracer({"sampler": "parentbased_always_on"})
