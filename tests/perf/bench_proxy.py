@@ -95,12 +95,19 @@ def tail(path: Path, limit: int = 4000) -> str:
 
 
 @contextmanager
-def spawn(name: str, argv: list[str], workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
+def spawn(
+    name: str, argv: list[str], workdir: Path, cwd: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run argv with output in <workdir>/<name>.log; always stopped on exit."""
     with (workdir / f"{name}.log").open("wb") as out:
         # A new session keeps Ctrl-C away from the children so we stop them in order.
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            cwd=cwd,
         )
     try:
         yield proc
@@ -207,9 +214,14 @@ backend nginx
 
 @contextmanager
 def start_sidecar(
-    workdir: Path, upstream: int, name: str = "sidecar", tracing: dict[str, object] | None = None
+    workdir: Path,
+    upstream: int,
+    name: str = "sidecar",
+    tracing: dict[str, object] | None = None,
+    source: Path | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """Yield the sidecar process and the port of its dedicated listener for nginx."""
+    """Yield the sidecar process and the port of its dedicated listener for nginx; with
+    `source`, the sidecar package of that checkout (`python -m sidecar` run there)."""
     listen, admin, proxy = free_ports(3)
     conf = workdir / f"{name}.yaml"
     telemetry: dict[str, object] = {"log_level": "warning"}
@@ -228,7 +240,7 @@ upstreams:
 """)
     argv = [sys.executable, "-m", "sidecar", "run", "-c", str(conf)]
     log_path = workdir / f"{name}.log"
-    with spawn(name, argv, workdir) as proc:
+    with spawn(name, argv, workdir, cwd=source) as proc:
         wait_http_ok("sidecar", proc, f"http://127.0.0.1:{admin}/ready", log_path)
         # Ready must also mean it proxies: fail here rather than benchmark error pages.
         wait_http_ok("sidecar proxy", proc, f"http://127.0.0.1:{proxy}/", log_path)
@@ -311,16 +323,21 @@ def summarize(
     c1 = results["c1"]
     ratio = {c: round(r["sidecar"].rps / r["haproxy"].rps, 3) for c, r in results.items()}
     c32 = results["c32"]
-    tracing = {
-        "ratio_rps_vs_haproxy_c32": {
-            name: round(c32[name].rps / c32["haproxy"].rps, 3) for name in SIDECARS
-        },
+    ratios = {name: round(c32[name].rps / c32["haproxy"].rps, 3) for name in SIDECARS}
+    targets = {"ratio_0.01_vs_off_min": 0.9, "ratio_1_vs_off_min": 0.35}
+    tracing: dict[str, object] = {
+        "ratio_rps_vs_haproxy_c32": ratios,
         "ratio_0.01_vs_off_c32": round(c32["sidecar_trace_0.01"].rps / c32["sidecar"].rps, 3),
         "ratio_1_vs_off_c32": round(c32["sidecar_trace_1"].rps / c32["sidecar"].rps, 3),
         "cpu_us_per_request_c32": cpu_us,
         "sampled_cost_us_per_request": round(cpu_us["sidecar_trace_1"] - cpu_us["sidecar"], 1),
-        "targets": {"ratio_0.01_vs_off_min": 0.9, "ratio_1_vs_off_min": 0.35},
+        "targets": targets,
     }
+    if "sidecar_previous" in c32:
+        previous = c32["sidecar_previous"].rps / c32["haproxy"].rps
+        ratios["sidecar_previous"] = round(previous, 3)
+        tracing["off_vs_previous_c32"] = round(ratio["c32"] / previous, 3)
+        targets["off_vs_previous_min"] = 0.97
     added = {t: round(c1[t].p50_us - c1["direct"].p50_us, 1) for t in ("haproxy", "sidecar")}
     spec = TARGETS_SPEC
     meets = {
@@ -344,7 +361,7 @@ def summarize(
     }
 
 
-def bench(duration_s: int) -> dict[str, object]:
+def bench(duration_s: int, previous: Path | None = None) -> dict[str, object]:
     for binary in (NGINX, HAPROXY, WRK):
         if shutil.which(binary) is None:
             raise BenchError(f"{binary} not found or not executable")
@@ -360,12 +377,20 @@ def bench(duration_s: int) -> dict[str, object]:
                 start_sidecar(workdir, nginx_port, name, tracing)
             )
             pids[name] = proc.pid
+        targets: tuple[str, ...] = TARGETS
+        if previous is not None:
+            # The previous build's sidecar in the same run, for a like-for-like ratio.
+            proc, ports["sidecar_previous"] = stack.enter_context(
+                start_sidecar(workdir, nginx_port, "sidecar_previous", None, previous)
+            )
+            pids["sidecar_previous"] = proc.pid
+            targets = (*targets, "sidecar_previous")
         log(f"nginx :{nginx_port}, haproxy :{haproxy_port}, sidecars {ports} ready")
         results: dict[str, dict[str, WrkResult]] = {}
         cpu_us: dict[str, float] = {}
         for conns in CONNECTIONS:
             row = results[f"c{conns}"] = {}
-            for target in TARGETS:
+            for target in targets:
                 run_wrk(ports[target], conns, WARMUP_S)
                 before = cpu_s(pids[target]) if target in pids else 0.0
                 res = row[target] = run_wrk(ports[target], conns, duration_s)
@@ -389,10 +414,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--quick", action="store_true", help="3 s per run (overrides --duration)")
+    parser.add_argument(
+        "--previous",
+        type=Path,
+        help="a checkout of the previous build: its sidecar is measured in the same run",
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
-        report = bench(3 if args.quick else args.duration)
+        report = bench(3 if args.quick else args.duration, args.previous)
     except (BenchError, subprocess.TimeoutExpired) as exc:
         log(f"bench_proxy: {exc}")
         return 1
