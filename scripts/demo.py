@@ -762,7 +762,9 @@ def step_traces(sidecar: Sidecar, orders: Billing, broker: bool) -> None:
     conn = http.client.HTTPConnection(HOST, sidecar.app_port, timeout=10)
     try:
         conn.request("GET", INVOKE, headers={"traceparent": caller})
-        status = conn.getresponse().status
+        first = conn.getresponse()
+        first.read()
+        status = first.status
         conn.request(
             "POST",
             "/v1/publish/invoice.traced",
