@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from prometheus_client.metrics import Counter, Histogram
+from prometheus_client.metrics import Counter
 
 from sidecar.config import UpstreamConfig
 from sidecar.discovery.base import Endpoint, Resolver
@@ -32,7 +32,6 @@ class Upstream:
         "breaker",
         "budget",
         "config",
-        "duration",
         "fallback_headers",
         "host",
         "inflight",
@@ -41,6 +40,7 @@ class Upstream:
         "retries",
         "retry_statuses",
         "served",
+        "traffic",
     )
 
     def __init__(self, config: UpstreamConfig, resolver: Resolver, metrics: Metrics) -> None:
@@ -74,7 +74,7 @@ class Upstream:
         )
         self.retry_statuses = config.retries.on_statuses
         self.retries: Counter = metrics.retries.labels(config.name)
-        self.duration: Histogram = metrics.upstream_duration.labels(config.name)
+        self.traffic = metrics.traffic(config.name)
         self._codes: dict[int, Counter] = {}
         fallback = config.fallback
         self.fallback_headers = (

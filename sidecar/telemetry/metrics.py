@@ -1,18 +1,27 @@
 """Prometheus metric families of SPEC §9, on a registry owned by the running sidecar.
 
 Gauges that mirror live state (circuit state, endpoint counts, in-flight) are
-read at scrape time from the objects that own that state, so the hot path only
-ever increments counters and observes the latency histogram. Every family is
-listed in docs/metrics.md; a unit test keeps that list and this registry equal.
+read at scrape time from the objects that own that state. The latency histogram,
+observed on every request, is plain integers in an `UpstreamTraffic` per upstream
+(no lock, no Python loop over buckets) that become the same Prometheus series at
+scrape time. Every family
+is listed in docs/metrics.md; a unit test keeps that list and this registry equal.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
+from typing import cast
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
+from prometheus_client.core import (
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from sidecar import __version__
 
@@ -22,6 +31,66 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+
+
+_REQUESTS_HELP = "Requests the app sent to an upstream, by the HTTP status the app received."
+_DURATION_HELP = "Time from the app's request to the end of the response, retries included."
+_go_float = cast(Callable[[float], str], floatToGoString)  # how prometheus_client writes `le`
+_BUCKET_LABELS = [_go_float(b) for b in LATENCY_BUCKETS]
+
+
+class UpstreamTraffic:
+    """One upstream's latency histogram as plain numbers.
+
+    The proxy adds a sample on every request; `UpstreamDurations` turns them into
+    the Prometheus family at scrape time. The event loop is the only writer, so no
+    lock is needed.
+    """
+
+    __slots__ = ("buckets", "name", "sum")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one: above 30 s
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """One latency sample (the bucket of an `le` bound, as Prometheus counts them)."""
+        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def __repr__(self) -> str:
+        return f"<UpstreamTraffic {self.name} samples={sum(self.buckets)}>"
+
+
+class UpstreamDurations(Collector):
+    """`sidecar_upstream_request_duration_seconds{upstream}` from every `UpstreamTraffic`."""
+
+    def __init__(
+        self,
+        traffic: Callable[[str], UpstreamTraffic],
+        all_: Callable[[], Iterable[UpstreamTraffic]],
+    ) -> None:
+        self._traffic = traffic
+        self._all = all_
+
+    def labels(self, upstream: str) -> UpstreamTraffic:
+        return self._traffic(upstream)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            "sidecar_upstream_request_duration_seconds", _DURATION_HELP, labels=["upstream"]
+        )
+        for traffic in self._all():
+            counts = list(traffic.buckets)
+            buckets = []
+            total = 0
+            for label, count in zip(_BUCKET_LABELS, counts, strict=False):
+                total += count
+                buckets.append((label, float(total)))
+            buckets.append(("+Inf", float(total + counts[-1])))
+            family.add_metric([traffic.name], buckets, traffic.sum)
+        yield family
 
 
 class _LiveGauges(Collector):
@@ -40,19 +109,17 @@ class Metrics:
     def __init__(self) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series double the output for no use here
         self.registry = CollectorRegistry(auto_describe=True)
+        # Per upstream name, kept for the sidecar's life: a series never goes backwards,
+        # even when an on-demand upstream is retired and made again.
+        self._traffic: dict[str, UpstreamTraffic] = {}
         self.upstream_requests = Counter(
             "sidecar_upstream_requests",
-            "Requests the app sent to an upstream, by the HTTP status the app received.",
+            _REQUESTS_HELP,
             ["upstream", "code"],
             registry=self.registry,
         )
-        self.upstream_duration = Histogram(
-            "sidecar_upstream_request_duration_seconds",
-            "Time from the app's request to the end of the response, retries included.",
-            ["upstream"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        self.upstream_duration = UpstreamDurations(self.traffic, self._traffic.values)
+        self.registry.register(self.upstream_duration)
         self.retries = Counter(
             "sidecar_retries",
             "Retried attempts towards an upstream.",
@@ -108,6 +175,13 @@ class Metrics:
         )
         build_info.add_metric([__version__], 1.0)
         self.registry.register(_LiveGauges(lambda: [build_info]))
+
+    def traffic(self, upstream: str) -> UpstreamTraffic:
+        """The plain counters of `upstream` (made on first use)."""
+        traffic = self._traffic.get(upstream)
+        if traffic is None:
+            traffic = self._traffic[upstream] = UpstreamTraffic(upstream)
+        return traffic
 
     def add_live(self, build: Callable[[], Iterable[Metric]]) -> None:
         """Register gauges computed at scrape time from live state."""

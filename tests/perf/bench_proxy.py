@@ -48,7 +48,10 @@ SIDECARS: dict[str, dict[str, object] | None] = {
     "sidecar_trace_0.01": {"sampler_ratio": 0.01},
     "sidecar_trace_1": {"sampler_ratio": 1.0},
 }
-TARGETS = ("direct", "haproxy", *SIDECARS)
+#: A minimal keep-alive forwarder on the sidecar's own building blocks (uvloop +
+#: httptools, no features): the Python ceiling the sidecar is compared with.
+MINIMAL = Path(__file__).with_name("minimal_forwarder.py")
+TARGETS = ("direct", "haproxy", "minimal", *SIDECARS)
 WARMUP_S = 1
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
@@ -213,6 +216,14 @@ backend nginx
 
 
 @contextmanager
+def start_minimal(workdir: Path, port: int, upstream: int) -> Iterator[subprocess.Popen[bytes]]:
+    argv = [sys.executable, str(MINIMAL), str(port), str(upstream)]
+    with spawn("minimal", argv, workdir) as proc:
+        wait_http_ok("minimal", proc, f"http://127.0.0.1:{port}/", workdir / "minimal.log")
+        yield proc
+
+
+@contextmanager
 def start_sidecar(
     workdir: Path,
     upstream: int,
@@ -352,6 +363,12 @@ def summarize(
         "results": {c: {t: asdict(res) for t, res in row.items()} for c, row in results.items()},
         "runs_with_errors": flagged,
         "ratio_rps_vs_haproxy": ratio,
+        "ratio_vs_minimal_forwarder": {
+            c: round(r["sidecar"].rps / r["minimal"].rps, 3) for c, r in results.items()
+        },
+        "minimal_forwarder_vs_haproxy": {
+            c: round(r["minimal"].rps / r["haproxy"].rps, 3) for c, r in results.items()
+        },
         "tracing": tracing,
         "added_p50_us_c1": added,
         "sidecar_rss_mb": rss[0],
@@ -370,7 +387,9 @@ def bench(duration_s: int, previous: Path | None = None) -> dict[str, object]:
         workdir = Path(tmp)
         stack.enter_context(start_nginx(workdir, nginx_port))
         stack.enter_context(start_haproxy(workdir, haproxy_port, nginx_port))
-        ports = {"direct": nginx_port, "haproxy": haproxy_port}
+        (minimal_port,) = free_ports(1)
+        stack.enter_context(start_minimal(workdir, minimal_port, nginx_port))
+        ports = {"direct": nginx_port, "haproxy": haproxy_port, "minimal": minimal_port}
         pids: dict[str, int] = {}
         for name, tracing in SIDECARS.items():
             proc, ports[name] = stack.enter_context(
