@@ -123,6 +123,13 @@ class Breaker:
         Raises `CircuitOpenError` while open, or while half-open with every probe
         slot taken.
         """
+        if type(self._ctx._state) is ClosedState:
+            # The common case, exact: purgatory's closed state ignores a new request
+            # (and every earlier event was drained), so this is what _admit does.
+            return False
+        return self._admit()
+
+    def _admit(self) -> bool:
         ctx = self._ctx
         try:
             ctx.handle_new_request()
@@ -146,6 +153,12 @@ class Breaker:
 
     def success(self, probe: bool) -> None:
         """Record a call that the upstream answered well."""
+        state = self._ctx._state
+        if not probe and type(state) is ClosedState and not state.failure_count:
+            return  # closed with no failure counted: _success would change nothing
+        self._success(probe)
+
+    def _success(self, probe: bool) -> None:
         ctx = self._ctx
         if probe:
             if self._probes:

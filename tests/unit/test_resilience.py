@@ -486,3 +486,69 @@ class TestRetryPolicy:
         assert all(0.0 <= w < bound for w in waits)
         assert max(waits) > 0.9 * bound
         assert min(waits) < 0.1 * bound
+
+
+class _AlwaysSlow(Breaker):
+    """The breaker without its closed-state fast paths: every call goes through purgatory."""
+
+    __slots__ = ()
+
+    def admit(self) -> bool:
+        return self._admit()
+
+    def success(self, probe: bool) -> None:
+        self._success(probe)
+
+
+class TestClosedFastPath:
+    @pytest.mark.parametrize("seed", range(20))
+    def test_fast_and_slow_paths_agree_on_any_sequence(self, wall: FakeClock, seed: int) -> None:
+        """Random admits, successes, failures, releases and clock jumps: the breaker with
+        its closed-state shortcuts decides, counts and reports transitions exactly as the
+        same breaker going through purgatory every time."""
+        rng = random.Random(seed)
+        fast_log: Transitions = []
+        slow_log: Transitions = []
+        fast = breaker(threshold=3, open_for=5.0, probes=2, log=fast_log)
+        slow = _AlwaysSlow(
+            "billing",
+            failure_threshold=3,
+            open_for=5.0,
+            half_open_probes=2,
+            on_state_change=lambda old, new: slow_log.append((old, new)),
+        )
+        pending: list[tuple[bool, bool]] = []  # (fast probe, slow probe) of calls in flight
+        for _ in range(400):
+            action = rng.random()
+            if action < 0.4:
+                outcomes: list[tuple[str, int]] = []
+                for b in (fast, slow):
+                    try:
+                        outcomes.append(("admitted", int(b.admit())))
+                    except CircuitOpenError as exc:
+                        outcomes.append(("refused", exc.retry_after))
+                assert outcomes[0] == outcomes[1]
+                (kind, probe), _ = outcomes
+                if kind == "admitted":
+                    pending.append((bool(probe), bool(probe)))
+            elif pending and action < 0.9:
+                probe_fast, probe_slow = pending.pop(rng.randrange(len(pending)))
+                verdict = rng.random()
+                if verdict < 0.6:
+                    fast.success(probe_fast)
+                    slow.success(probe_slow)
+                elif verdict < 0.95:
+                    fast.failure(probe_fast)
+                    slow.failure(probe_slow)
+                else:
+                    fast.release(probe_fast)
+                    slow.release(probe_slow)
+            else:
+                wall.advance(rng.choice((0.5, 2.0, 6.0)))
+            assert (fast.state, fast.failure_count, fast.probes_in_flight) == (
+                slow.state,
+                slow.failure_count,
+                slow.probes_in_flight,
+            )
+        assert fast_log == slow_log
+        assert fast_log  # the sequences did open and close the circuit
