@@ -261,6 +261,15 @@ class TestPlacement:
             render(demo, ci_values("native"), kube_version="v1.28.9")
         assert sidecar_pods(render(demo, ci_values("legacy"), kube_version="v1.28.9"))
 
+    def test_legacy_mode_renders_on_older_clusters_without_the_native_job(self, demo: Path) -> None:
+        """sidecar.mode: legacy with the default Jobs on 1.25 and 1.28: renders; the
+        native Job (which needs 1.29) is left out, the legacy one stays."""
+        for version in ("v1.25.0", "v1.28.9"):
+            manifests = render(demo, {"sidecar": {"mode": "legacy"}}, kube_version=version)
+            jobs = [m["metadata"]["name"] for m in manifests if m["kind"] == "Job"]
+            assert [name for name in jobs if name.endswith("job-legacy")] == jobs
+            assert jobs
+
 
 class TestSecurity:
     @pytest.mark.parametrize("values_name", CI_VALUES)
@@ -329,9 +338,31 @@ class TestSecurity:
             {"config": {"events": {"amqp_url": "amqp://u:p@rabbit/"}}},
             {"config": {"consul": {"token": "s3cr3t"}}},
             {"mode": "sidecarless"},
+            {"extraEnv": [{"name": "CONSUL_HTTP_TOKEN", "value": "s3cr3t"}]},
+            {"extraEnv": [{"name": "OTEL_EXPORTER_OTLP_HEADERS", "value": "authorization=x"}]},
+            {"tracing": {"samplerArg": "abc"}},
+            {"tracing": {"samplerArg": 2}},
         ):
             with pytest.raises(helm_python.HelmValuesError):
                 render(demo, {"sidecar": bad})
+
+    def test_a_secret_env_value_is_refused_in_any_values_block(self, demo: Path) -> None:
+        """The schema only sees `sidecar:`; a workload's own block (orders.sidecar) is
+        checked by the templates: a literal secret value fails the render, the same
+        variable from a Secret (valueFrom) renders."""
+        literal = {"name": "CONSUL_HTTP_TOKEN", "value": "s3cr3t"}
+        with pytest.raises(helm_python.HelmRenderError, match="CONSUL_HTTP_TOKEN"):
+            render(demo, {"orders": {"sidecar": {"extraEnv": [literal]}}})
+        from_secret = {
+            "name": "CONSUL_HTTP_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "consul", "key": "token"}},
+        }
+        manifests = render(demo, {"sidecar": {"extraEnv": [from_secret]}})
+        assert any(
+            e.get("valueFrom") == from_secret["valueFrom"]
+            for _, _, sidecar in sidecar_pods(manifests)
+            for e in sidecar.get("env", [])
+        )
 
 
 class TestConfig:
@@ -380,7 +411,9 @@ class TestConfig:
             for port in service["spec"]["ports"]:
                 if port["name"] == "sidecar-admin":
                     assert 9902 == port["port"]
-                    assert "sidecar-admin" == port["targetPort"]
+                    # By number: a named targetPort on a native sidecar (an init
+                    # container) has no endpoints before Kubernetes 1.32.
+                    assert admin == port["targetPort"]
 
     @pytest.mark.parametrize("values_name", CI_VALUES)
     def test_grace_period_covers_the_stop(

@@ -102,6 +102,11 @@ seccompProfile:
 - name: OTEL_RESOURCE_ATTRIBUTES
   value: {{ join "," $attrs | quote }}
 {{- end }}
+{{- range $v.extraEnv }}
+{{- if and (hasKey . "value") (regexMatch "(TOKEN|PASSWORD|SECRET|AMQP_URL|OTLP(_TRACES)?_HEADERS)$" .name) }}
+{{- fail (printf "sidecar.extraEnv %s: a secret must not be an env value; take it from a Secret (valueFrom.secretKeyRef) or use the chart's *Secret settings (mounted as files)" .name) }}
+{{- end }}
+{{- end }}
 {{- with $v.extraEnv }}
 {{ toYaml . }}
 {{- end }}
