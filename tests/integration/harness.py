@@ -434,6 +434,7 @@ class Sidecar:
         self.path = tmp / "sidecar.yaml"
         self.log_path = tmp / "sidecar.log"
         self.env: dict[str, str] = {}  # added to the process's environment
+        self.command = [sys.executable, "-m", "sidecar"]  # or the `sidecar` console script
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -453,7 +454,7 @@ class Sidecar:
         env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)} | self.env
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sidecar", "run", "-c", str(self.path)],
+                [*self.command, "run", "-c", str(self.path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,

@@ -10,11 +10,13 @@ import os
 import signal
 import socket
 import struct
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.integration.conftest import UpstreamFactory
 from tests.integration.harness import (
@@ -86,12 +88,18 @@ class TestStreaming:
 
 
 class TestLifecycle:
-    async def test_sigterm_while_starting_exits_zero_quietly(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("command", ["python -m sidecar", "sidecar"])
+    async def test_sigterm_while_starting_exits_zero_quietly(
+        self, tmp_path: Path, command: str
+    ) -> None:
         """SIGTERM as soon as it is caught, while the sidecar still imports and loads its
-        config: exit 0 and no traceback. (SIGINT cannot be tested this way: the
+        config: exit 0 and no traceback - as `python -m sidecar` and as the `sidecar`
+        console script (the image's entrypoint). (SIGINT cannot be tested this way: the
         interpreter catches it itself from its first moment.)"""
         sig = signal.SIGTERM
         sc = Sidecar(tmp_path, {"billing": {"endpoints": ["127.0.0.1:9"]}})
+        if command == "sidecar":
+            sc.command = [str(Path(sys.executable).with_name("sidecar"))]
         # A config file nobody writes to: reading it blocks, so the signal surely comes
         # while the sidecar is still starting, however fast or slow the machine.
         os.mkfifo(sc.path)

@@ -250,3 +250,28 @@ class TestProcess:
         assert all(problem in result.stderr for problem in BAD_PROBLEMS)
         assert "Traceback" not in result.stderr
         assert "" == result.stdout
+
+
+_PROBE = """
+import builtins, signal, sys
+real_import = builtins.__import__
+def probe(name, *args, **kwargs):
+    if name == "sidecar.cli":
+        print(getattr(signal.getsignal(signal.SIGTERM), "__name__", "default"))
+        sys.exit(0)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = probe
+from sidecar.launcher import main
+main()
+"""
+
+
+class TestLauncher:
+    def test_stop_signals_are_handled_before_the_cli_imports(self) -> None:
+        """The `sidecar` console script (the image's entrypoint, PID 1 in a pod, where a
+        signal without a handler is ignored) installs the quiet SIGTERM handler before
+        it imports the CLI and its libraries."""
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=30, check=False
+        )
+        assert (0, "_exit_quietly") == (done.returncode, done.stdout.strip()), done.stderr

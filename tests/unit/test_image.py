@@ -103,12 +103,12 @@ class TestDockerfile:
     def test_entrypoint_is_the_sidecar_command_in_exec_form(self, final: Stage) -> None:
         """`ENTRYPOINT ["sidecar"]` and `CMD ["run"]` in exec form (no shell between the
         runtime and the sidecar, so SIGTERM reaches it), and `sidecar` is the project's
-        console script."""
+        console script, the launcher that handles stop signals before anything imports."""
         assert (["sidecar"], ["run"]) == (
             final.last("ENTRYPOINT").json_list(),
             final.last("CMD").json_list(),
         )
-        assert "sidecar.cli:main" == PYPROJECT["project"]["scripts"]["sidecar"]
+        assert PYPROJECT["project"]["scripts"]["sidecar"] == "sidecar.launcher:main"
 
     def test_runs_as_a_numeric_non_root_user(self, final: Stage) -> None:
         """The image's user is numeric UID:GID 10001 (runAsNonRoot can check it), and the
