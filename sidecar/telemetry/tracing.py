@@ -232,12 +232,6 @@ class Tracer:
 
     # -- ids ---------------------------------------------------------------------------------
 
-    def new_trace_id(self) -> int:
-        while True:
-            trace_id = self._rand(128)
-            if trace_id:
-                return trace_id
-
     def new_span_id(self) -> int:
         while True:
             span_id = self._rand(64)
