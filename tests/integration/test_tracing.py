@@ -420,7 +420,17 @@ class TestEventTraces:
                 ) as p,
                 aiohttp.ClientSession() as session,
             ):
-                await wait_events(session, p, lambda s: s["broker"]["state"] == "connected", 20)
+                # The relay connected, and the subscription's queue declared and bound
+                # (else the publish comes back unroutable and is spooled).
+                await wait_events(
+                    session,
+                    p,
+                    lambda s: (
+                        s["broker"]["state"] == "connected"
+                        and s["subscriptions"]["orders"]["consuming"]
+                    ),
+                    20,
+                )
                 status, answer = await publish(
                     session,
                     p,
