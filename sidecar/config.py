@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, NamedTuple, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 import yaml
 
@@ -670,6 +670,14 @@ class _Context:
     def env(self, name: str) -> str | None:
         return self.environ.get(name) or None
 
+    def override(self, names: tuple[str, ...], parse: Callable[[Any], T], value: T) -> T:
+        """`value`, replaced by each of the env vars `names` that is set and valid, in
+        order (the last one set wins: list the general variable before the specific)."""
+        for name in names:
+            if (text := self.env(name)) is not None:
+                value = self.parse(name, parse, text) or value
+        return value
+
     def parse(self, path: str, parse: Callable[[Any], T], value: object) -> T | None:
         """`parse(value)`, or None after recording the ValueError's message at `path`."""
         try:
@@ -967,15 +975,23 @@ def _http_path(value: object) -> str:
     return path
 
 
+def _url_parts(text: str, schemes: tuple[str, ...] = ("http", "https")) -> SplitResult | None:
+    """`text` split into its parts, or None unless it has one of `schemes`, a host and a
+    valid port (if any)."""
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return None
+    if parts.scheme not in schemes or not parts.hostname:
+        return None
+    return parts
+
+
 def _consul_url(value: object) -> str:
     text = _string(value).strip().rstrip("/")
     url = text if "://" in text else f"http://{text}"  # Consul's CLI accepts a bare host:port
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+    if _url_parts(url) is None:
         raise ValueError(f"invalid URL {value!r} (expected http://host:port or https://host:port)")
     return url
 
@@ -1283,9 +1299,9 @@ def _tracing(s: _Section, service: ServiceConfig) -> TracingConfig:
         "exporter", _choice("otlp", "console", "none"), d.exporter, env=ENV_OTEL_TRACES_EXPORTER
     )
     protocol = s.get("protocol", _choice("http/protobuf", "grpc"), d.protocol)
-    for name in (ENV_OTEL_PROTOCOL, ENV_OTEL_TRACES_PROTOCOL):  # the specific one last: it wins
-        if (text := ctx.env(name)) is not None:
-            protocol = ctx.parse(name, _choice("http/protobuf", "grpc"), text) or protocol
+    protocol = ctx.override(
+        (ENV_OTEL_PROTOCOL, ENV_OTEL_TRACES_PROTOCOL), _choice("http/protobuf", "grpc"), protocol
+    )
     grpc = protocol == "grpc"
     endpoint_parse = _otlp_grpc_target if grpc else _otlp_url
     base = s.get("otlp_endpoint", endpoint_parse, None, env=ENV_OTEL_ENDPOINT)
@@ -1294,8 +1310,7 @@ def _tracing(s: _Section, service: ServiceConfig) -> TracingConfig:
         endpoint = base
         if protocol == "http/protobuf" and not base.endswith("/v1/traces"):
             endpoint = base.rstrip("/") + "/v1/traces"
-    if (text := ctx.env(ENV_OTEL_TRACES_ENDPOINT)) is not None:
-        endpoint = ctx.parse(ENV_OTEL_TRACES_ENDPOINT, endpoint_parse, text) or endpoint
+    endpoint = ctx.override((ENV_OTEL_TRACES_ENDPOINT,), endpoint_parse, endpoint)
     sampler = s.get("sampler", _choice(*SAMPLERS), d.sampler, env=ENV_OTEL_TRACES_SAMPLER)
     ratio = s.get(
         "sampler_ratio",
@@ -1305,17 +1320,13 @@ def _tracing(s: _Section, service: ServiceConfig) -> TracingConfig:
         env_parse=lambda text: _number(0.0, 1.0)(_float_text(text)),
     )
     headers = tuple(s.mapping("headers", _text).items())
-    for name in (ENV_OTEL_HEADERS, ENV_OTEL_TRACES_HEADERS):
-        if (text := ctx.env(name)) is not None:
-            headers = ctx.parse(name, _key_values, text) or headers
+    headers = ctx.override((ENV_OTEL_HEADERS, ENV_OTEL_TRACES_HEADERS), _key_values, headers)
     compression = s.get("compression", _choice("gzip", "none"), d.compression)
-    for name in (ENV_OTEL_COMPRESSION, ENV_OTEL_TRACES_COMPRESSION):
-        if (text := ctx.env(name)) is not None:
-            compression = ctx.parse(name, _choice("gzip", "none"), text) or compression
+    compression = ctx.override(
+        (ENV_OTEL_COMPRESSION, ENV_OTEL_TRACES_COMPRESSION), _choice("gzip", "none"), compression
+    )
     timeout = s.get("export_timeout", _duration(), d.export_timeout)
-    for name in (ENV_OTEL_TIMEOUT, ENV_OTEL_TRACES_TIMEOUT):
-        if (text := ctx.env(name)) is not None:
-            timeout = ctx.parse(name, _milliseconds, text) or timeout
+    timeout = ctx.override((ENV_OTEL_TIMEOUT, ENV_OTEL_TRACES_TIMEOUT), _milliseconds, timeout)
     queue = s.get(
         "max_queue_size",
         _integer(1, 1_000_000),
@@ -1374,12 +1385,7 @@ def _tracing(s: _Section, service: ServiceConfig) -> TracingConfig:
 
 def _otlp_url(value: object) -> str:
     text = _string(value).strip()
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+    if _url_parts(text) is None:
         raise ValueError(
             f"invalid OTLP endpoint {_shown(value)} (expected http(s)://host:port, e.g. "
             "http://jaeger-collector:4318)"
@@ -1464,12 +1470,8 @@ def default_spool_path(service_id: str) -> str:
 
 def _amqp_url(value: object) -> str:
     text = _string(value).strip()
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+    parts = _url_parts(text, ("amqp", "amqps"))
+    if parts is None:
         raise ValueError("invalid URL (expected amqp://user:password@host:port/vhost)")
     if "@" in parts.path + parts.query + parts.fragment:
         # `amqp://app:4321/pw@host/` parses as host "app": the password would be shown.
@@ -1571,12 +1573,8 @@ _MAX_WINDOW_SAMPLES = 10_000
 
 def _alertmanager_url(value: object) -> str:
     text = _string(value).strip().rstrip("/")
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+    parts = _url_parts(text)
+    if parts is None:
         raise ValueError(
             f"invalid URL {_shown(value)} (expected http://host:port or https://host:port)"
         )
