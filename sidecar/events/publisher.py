@@ -90,7 +90,6 @@ class EventRelay:
         self._rng = random.Random()
         self._relay_failures = 0  # rounds in a row that did not confirm everything
         self.tracer: Tracer | None = None  # a PRODUCER span per sampled publish
-        self._last_outcome = ""  # of the last publish: read right after it returns
 
     # --- life -------------------------------------------------------------------------
 
@@ -143,7 +142,7 @@ class EventRelay:
             raise
         tracer = self.tracer
         if trace is None or tracer is None:
-            return await self._publish(event)
+            return _answer(event, await self._publish(event))
         producer = None
         if trace.span is not None:
             destination = f"{self.config.exchange}:{event.topic}"
@@ -168,10 +167,10 @@ class EventRelay:
         else:
             event.headers.pop("tracestate", None)
         if producer is None:
-            return await self._publish(event)
+            return _answer(event, await self._publish(event))
         assert producer.span is not None
         try:
-            answer = await self._publish(event)
+            outcome = await self._publish(event)
         except ProxyError as exc:
             producer.span.attributes["error.type"] = exc.code.value
             tracer.end(producer, exc.code.value)
@@ -179,19 +178,19 @@ class EventRelay:
         except BaseException as exc:
             tracer.end(producer, type(exc).__name__)
             raise
-        producer.span.attributes["sidecar.event.outcome"] = self._last_outcome
+        producer.span.attributes["sidecar.event.outcome"] = outcome
         tracer.end(producer)
-        return answer
+        return _answer(event, outcome)
 
-    async def _publish(self, event: Event) -> bytes:
+    async def _publish(self, event: Event) -> str:
+        """Confirm or spool the event; its outcome, "confirmed" or "spooled"."""
         self._seq += 1
         event.seq = self._seq
         if self.state == "connected" and event.topic not in self.spool.topics:
             outcome = await self._publish_one(event)
             if outcome == _CONFIRMED:
                 self._count(event.topic, "confirmed")
-                self._last_outcome = "confirmed"
-                return _answer(event, "confirmed")
+                return _CONFIRMED
         else:
             outcome = _FAILED
         try:
@@ -212,8 +211,7 @@ class EventRelay:
             await self._unroutable(event)
         self._count(event.topic, "spooled")
         self._wake.set()
-        self._last_outcome = "spooled"
-        return _answer(event, "spooled")
+        return "spooled"
 
     def _count(self, topic: str, outcome: str) -> None:
         child = self._published.get((topic, outcome))
