@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.integration.harness import free_port
+from tests.integration.harness import free_port, wait_http_ok
 
 #: Debian names the binary prometheus-alertmanager; upstream's tarball, alertmanager.
 BINARIES = ("prometheus-alertmanager", "alertmanager")
@@ -79,20 +79,8 @@ class Alertmanager:
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
         """Poll `/-/ready` until 200; fail with Alertmanager's log if it never comes."""
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline:
-                assert self.proc is not None
-                if self.proc.poll() is not None:
-                    raise AssertionError(
-                        f"alertmanager exited {self.proc.returncode}:\n{self.logs()}"
-                    )
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"{self.url}/-/ready") as resp:
-                        if resp.status == 200:
-                            return
-                await asyncio.sleep(0.05)
-        raise AssertionError(f"alertmanager not ready after {timeout:g}s:\n{self.logs()}")
+        assert self.proc is not None
+        await wait_http_ok("alertmanager", self.proc, f"{self.url}/-/ready", self.logs, timeout)
 
     async def alerts(self, session: aiohttp.ClientSession) -> list[dict[str, Any]]:
         """`GET /api/v2/alerts`: the alerts it holds and has not seen resolved."""

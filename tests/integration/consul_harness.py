@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from tests.doubles.consul import ConsulDouble, RecordedRequest
-from tests.integration.harness import Sidecar, poll_json
+from tests.integration.harness import Sidecar, poll_json, serve
 
 #: The app's health probe: often enough that a test sees a change within a second.
 INTERVAL = "200ms"
@@ -248,11 +248,7 @@ class RelayApp:
         app.router.add_get("/echo{tail:.*}", echo)
         app.router.add_get("/relay/{upstream}/{tail:.*}", relay)
         self._session = aiohttp.ClientSession()
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve(app)
         return self
 
     async def stop(self) -> None:

@@ -36,6 +36,7 @@ from sidecar.config import (
     SubscriptionConfig,
 )
 from tests.integration.amqp_harness import wait_broker
+from tests.integration.harness import serve
 
 AMQP_HOST = "127.0.0.1"
 AMQP_PORT = 5672
@@ -259,11 +260,7 @@ class EventApp:
     async def start(self) -> EventApp:
         app = web.Application()
         app.router.add_post("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve(app)
         return self
 
     async def stop(self) -> None:

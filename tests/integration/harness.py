@@ -51,6 +51,37 @@ def free_port() -> int:
     raise RuntimeError(f"no free port found in {_PORT_RANGE}")
 
 
+async def serve(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
+    """Run `app` on 127.0.0.1 (`port`, or a free one); its runner (to clean up) and port."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+async def wait_http_ok(
+    name: str,
+    proc: subprocess.Popen[bytes],
+    url: str,
+    logs: Callable[[], str],
+    timeout: float,
+) -> None:
+    """Poll `url` until it answers 200; AssertionError with the process's log if it exits
+    first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"{name} exited {proc.returncode}:\n{logs()}")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{name} not ready after {timeout:g}s:\n{logs()}")
+
+
 async def poll_json(
     session: aiohttp.ClientSession,
     url: str,
@@ -402,11 +433,7 @@ class Upstream:
         return app
 
     async def start(self, port: int = 0) -> Upstream:
-        self._runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve(self._app(), port)
         return self
 
     async def stop(self) -> None:
@@ -463,18 +490,8 @@ class Sidecar:
 
     async def wait_ready(self, timeout: float = 15.0) -> None:
         """Poll /ready until 200; fail with the sidecar's log if it never comes."""
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline:
-                assert self.proc is not None
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"sidecar exited {self.proc.returncode}:\n{self.logs()}")
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"{self.admin}/ready") as resp:
-                        if resp.status == 200:
-                            return
-                await asyncio.sleep(0.05)
-        raise AssertionError(f"sidecar not ready after {timeout}s:\n{self.logs()}")
+        assert self.proc is not None
+        await wait_http_ok("sidecar", self.proc, f"{self.admin}/ready", self.logs, timeout)
 
     def proc_status(self, field: str) -> str:
         """A field of the process's /proc/<pid>/status (`VmRSS`, `VmHWM`, `SigCgt`, ...)."""

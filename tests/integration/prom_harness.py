@@ -10,7 +10,6 @@ terminated and reaped on leaving `Prometheus`. Every wait polls with a deadline.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import subprocess
 import time
@@ -22,7 +21,7 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.integration.harness import free_port
+from tests.integration.harness import free_port, wait_http_ok
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -122,20 +121,8 @@ class Prometheus:
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
         """Poll `/-/ready` until 200; fail with Prometheus's log if it exits or never is."""
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline:
-                assert self.proc is not None
-                if self.proc.poll() is not None:
-                    raise AssertionError(
-                        f"prometheus exited {self.proc.returncode}:\n{self.logs()}"
-                    )
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"{self.url}/-/ready") as resp:
-                        if resp.status == 200:
-                            return
-                await asyncio.sleep(0.05)
-        raise AssertionError(f"prometheus not ready after {timeout:g}s:\n{self.logs()}")
+        assert self.proc is not None
+        await wait_http_ok("prometheus", self.proc, f"{self.url}/-/ready", self.logs, timeout)
 
     async def query(self, promql: str) -> Result:
         """The result of an instant query (`/api/v1/query`): for a vector, one

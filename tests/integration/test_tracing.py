@@ -30,7 +30,7 @@ from tests.integration.amqp_harness import (
     wait_events,
 )
 from tests.integration.events_harness import EventApp, eventually, eventually_equal
-from tests.integration.harness import Sidecar, Upstream, free_port, metric_samples
+from tests.integration.harness import Sidecar, Upstream, free_port, metric_samples, serve
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER = "00f067aa0ba902b7"
@@ -106,10 +106,7 @@ class TestHttpTraces:
 
         app = web.Application()
         app.router.add_get("/work", service_b)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        b_port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", b_port).start()
+        runner, b_port = await serve(app)
         try:
             async with (
                 sidecar(
@@ -179,10 +176,7 @@ class TestHttpTraces:
 
         app = web.Application()
         app.router.add_get("/x", flaky)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner, port = await serve(app)
         try:
             upstreams = {"inv": {"endpoints": [f"127.0.0.1:{port}"], "retries": {"max": 2}}}
             async with sidecar(

@@ -16,6 +16,8 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.uri import parse_uri
 
+from tests.integration.harness import serve
+
 #: What `WsUpstream`'s `/flood` sends per message.
 MIB = 1024 * 1024
 
@@ -111,11 +113,7 @@ class WsUpstream:
         return app
 
     async def start(self) -> WsUpstream:
-        self._runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve(self._app())
         return self
 
     async def stop(self) -> None:
