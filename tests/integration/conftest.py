@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.amqp_harness import AmqpScope, broker_lock
 from tests.integration.harness import Upstream, gunicorn_httpbin
 
 UpstreamFactory = Callable[[str], Awaitable[Upstream]]
@@ -33,3 +34,17 @@ async def httpbin(tmp_path: Path) -> AsyncIterator[str]:
     reaped afterwards, workers included."""
     async with gunicorn_httpbin(tmp_path / "gunicorn.log") as endpoint:
         yield endpoint
+
+
+@pytest.fixture
+async def broker_shared() -> AsyncIterator[None]:
+    """RabbitMQ answering, and not stopped by a cooperating suite while the test runs."""
+    async with broker_lock(exclusive=False):
+        yield
+
+
+@pytest.fixture
+async def scope(broker_shared: None) -> AsyncIterator[AmqpScope]:
+    """An exchange of the test's own (and the queues it binds), deleted afterwards."""
+    async with AmqpScope() as amqp:
+        yield amqp

@@ -24,7 +24,6 @@ import pytest
 from tests.integration.alertmanager_harness import Alertmanager, running_alertmanager
 from tests.integration.amqp_harness import (
     AmqpScope,
-    broker_lock,
     closed_port_url,
     events_config,
     wait_events,
@@ -42,17 +41,7 @@ CIRCUIT_RULE = {
 }
 
 
-@pytest.fixture(autouse=True)
-async def broker_up() -> AsyncIterator[None]:
-    """RabbitMQ answering, and not stopped by a cooperating suite while the test runs."""
-    async with broker_lock(exclusive=False):
-        yield
-
-
-@pytest.fixture
-async def scope() -> AsyncIterator[AmqpScope]:
-    async with AmqpScope() as amqp:
-        yield amqp
+pytestmark = pytest.mark.usefixtures("broker_shared")
 
 
 @pytest.fixture

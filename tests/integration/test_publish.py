@@ -31,7 +31,6 @@ from sidecar.events.spool import _SCHEMA as SPOOL_SCHEMA
 from tests.integration.amqp_harness import (
     AmqpScope,
     Received,
-    broker_lock,
     closed_port_url,
     event_sidecar,
     events_config,
@@ -48,17 +47,7 @@ from tests.integration.harness import Sidecar, metric_samples
 JSON = {"content-type": "application/json"}
 
 
-@pytest.fixture(autouse=True)
-async def broker_up() -> AsyncIterator[None]:
-    """RabbitMQ answering, and not stopped by a cooperating suite while the test runs."""
-    async with broker_lock(exclusive=False):
-        yield
-
-
-@pytest.fixture
-async def scope() -> AsyncIterator[AmqpScope]:
-    async with AmqpScope() as amqp:
-        yield amqp
+pytestmark = pytest.mark.usefixtures("broker_shared")
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from multidict import CIMultiDict
 from tests.doubles.otlp import OtlpCollector, Span
 from tests.integration.amqp_harness import (
     AmqpScope,
-    broker_lock,
     events_status,
     publish,
     tcp_proxy,
@@ -382,15 +381,9 @@ class TestExport:
         assert samples["sidecar_trace_export_queue_spans"] <= 4 + 2  # queued + being sent
 
 
-@pytest.fixture
-async def broker() -> AsyncIterator[AmqpScope]:
-    async with broker_lock(exclusive=False), AmqpScope() as scope:
-        yield scope
-
-
 class TestEventTraces:
     async def test_a_publish_and_its_delivery_are_one_trace(
-        self, tmp_path: Path, collector: OtlpCollector, broker: AmqpScope
+        self, tmp_path: Path, collector: OtlpCollector, scope: AmqpScope
     ) -> None:
         """SERVER (the publish call) → PRODUCER → CONSUMER (child of, and linked to, the
         producer) → CLIENT (the POST to the app), which the app receives as traceparent."""
@@ -399,11 +392,11 @@ class TestEventTraces:
         try:
             events = {
                 "amqp_url": "amqp://guest:guest@127.0.0.1:5672/",
-                "exchange": broker.exchange,
+                "exchange": scope.exchange,
                 "spool": {"path": str(tmp_path / "spool.db")},
                 "subscriptions": [{"name": "orders", "topic": "orders.*", "path": "/in"}],
             }
-            broker.queues += [f"{name}.orders", f"{name}.orders.dlq"]
+            scope.queues += [f"{name}.orders", f"{name}.orders.dlq"]
             async with (
                 sidecar(
                     tmp_path,
@@ -445,11 +438,11 @@ class TestEventTraces:
         assert server.parent_span_id == CALLER
         assert server.name == "POST /v1/publish/{topic}"
         assert producer.parent_span_id == server.span_id
-        assert producer.name == f"publish {broker.exchange}:orders.created"
+        assert producer.name == f"publish {scope.exchange}:orders.created"
         assert producer.attributes["messaging.system"] == "rabbitmq"
         assert producer.attributes["messaging.operation.type"] == "send"
         assert producer.attributes["messaging.destination.name"] == (
-            f"{broker.exchange}:orders.created"
+            f"{scope.exchange}:orders.created"
         )
         assert producer.attributes["messaging.rabbitmq.destination.routing_key"] == (
             "orders.created"
@@ -462,22 +455,22 @@ class TestEventTraces:
         ]
         assert consumer.attributes["messaging.operation.type"] == "process"
         assert consumer.attributes["messaging.destination.name"] == (
-            f"{broker.exchange}:orders.created:{name}.orders"
+            f"{scope.exchange}:orders.created:{name}.orders"
         )
         assert client.parent_span_id == consumer.span_id
         assert client.attributes["http.response.status_code"] == 204
         assert parse(app.received[0].headers["traceparent"]) == (TRACE, client.span_id, "01")
 
     async def test_a_spooled_event_joins_its_trace_when_it_is_relayed(
-        self, tmp_path: Path, collector: OtlpCollector, broker: AmqpScope
+        self, tmp_path: Path, collector: OtlpCollector, scope: AmqpScope
     ) -> None:
         """Published while the broker is unreachable: spooled with its producer context,
         so the message the relay sends later still carries that trace."""
-        queue = await broker.bind("late.#")
+        queue = await scope.bind("late.#")
         async with tcp_proxy(accepting=False) as proxy:
             events = {
                 "amqp_url": proxy.url,
-                "exchange": broker.exchange,
+                "exchange": scope.exchange,
                 "spool": {"path": str(tmp_path / "spool.db")},
             }
             async with (
@@ -493,6 +486,6 @@ class TestEventTraces:
                 proxy.accepting = True
                 await wait_events(session, p, lambda s: s["spool"]["depth"] == 0, 30)
                 assert (await events_status(session, p))["spool"]["depth"] == 0
-        (message,) = await broker.read(queue, 1)
+        (message,) = await scope.read(queue, 1)
         assert parse(str(message.headers["traceparent"])) == (TRACE, producer.span_id, "01")
         assert json.loads(message.body) == {}
