@@ -85,6 +85,12 @@ class Setup:
     def dlq(self, sub: str = "orders") -> str:
         return f"{self.service}.{sub}.dlq"
 
+    async def dead_letter(self, sub: str = "orders") -> tuple[Any, Any]:
+        """The one message in `sub`'s DLQ (taken): its dead reason and attempt count."""
+        [dead] = await self.broker.drain(self.dlq(sub))
+        headers = dead.headers or {}
+        return headers["x-sidecar-dead-reason"], headers["x-sidecar-attempts"]
+
 
 @contextlib.asynccontextmanager
 async def world(*, stops_broker: bool) -> AsyncIterator[Setup]:
@@ -330,12 +336,7 @@ class TestDeadLetters:
 
         await eventually("dead-lettered", lambda: sub_status(subscriptions)["dead"] == 1)
 
-        [dead] = await setup.broker.drain(setup.dlq())
-        headers = dead.headers or {}
-        assert ("status 400", 1) == (
-            headers["x-sidecar-dead-reason"],
-            headers["x-sidecar-attempts"],
-        )
+        assert ("status 400", 1) == await setup.dead_letter()
         assert 1 == setup.app.count("bad")
         assert 0 == setup.delivered("orders", "retry")
 
@@ -359,12 +360,7 @@ class TestDeadLetters:
         second = await setup.start(sub)
         await eventually("dead-lettered", lambda: sub_status(second)["dead"] == 1)
 
-        [dead] = await setup.broker.drain(setup.dlq())
-        headers = dead.headers or {}
-        assert ("status 503 after 3 attempts", 3) == (
-            headers["x-sidecar-dead-reason"],
-            headers["x-sidecar-attempts"],
-        )
+        assert ("status 503 after 3 attempts", 3) == await setup.dead_letter()
         assert 3 == setup.app.count("restart")
 
 
