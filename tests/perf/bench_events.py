@@ -38,7 +38,6 @@ import contextlib
 import json
 import os
 import platform
-import shutil
 import signal
 import statistics
 import sys
@@ -62,9 +61,9 @@ from tests.integration.amqp_harness import (
     broker_lock,
     events_config,
 )
-from tests.integration.harness import Sidecar
+from tests.integration.harness import Sidecar, metric_samples
+from tests.perf.bench_proxy import WRK, parse_wrk
 
-WRK = shutil.which("wrk") or "/usr/bin/wrk"
 #: wrk's Lua: 1 KiB-ish JSON events (the size is substituted), each with its own ce-id.
 WRK_SCRIPT = """
 local n = 0
@@ -221,6 +220,7 @@ async def wrk_publish(
     script.write_text(WRK_SCRIPT % max(0, size - 15))
     proc = await asyncio.create_subprocess_exec(
         WRK,
+        "--latency",
         "-t1",
         f"-c{publishers}",
         f"-d{seconds:g}s",
@@ -231,26 +231,21 @@ async def wrk_publish(
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await proc.communicate()
-    text = out.decode()
-    if proc.returncode != 0 or "Requests/sec:" not in text:
-        raise BenchError(f"wrk failed ({proc.returncode}): {text}{err.decode()}")
-    rate = float(text.split("Requests/sec:", 1)[1].split()[0])
-    bad = 0
-    if "Non-2xx or 3xx responses:" in text:
-        bad = int(text.split("Non-2xx or 3xx responses:", 1)[1].split()[0])
-    return rate, bad
+    if proc.returncode != 0:
+        raise BenchError(f"wrk failed ({proc.returncode}): {out.decode()}{err.decode()}")
+    result = parse_wrk(out.decode())
+    return result.rps, result.errors
 
 
-async def published(session: aiohttp.ClientSession, sidecar: Sidecar, topic: str) -> Counter[str]:
+async def published(sidecar: Sidecar, topic: str) -> Counter[str]:
     """The sidecar's sidecar_events_published_total for `topic`, by outcome."""
-    async with session.get(f"{sidecar.admin}/metrics") as resp:
-        text = await resp.text()
+    samples = await metric_samples(sidecar)
     counts = Counter[str]()
-    for line in text.splitlines():
-        if line.startswith("sidecar_events_published_total{") and f'topic="{topic}"' in line:
-            labels, _, value = line.partition("} ")
-            outcome = labels.split('outcome="', 1)[1].split('"', 1)[0]
-            counts[outcome] = int(float(value))
+    for outcome in ("confirmed", "spooled", "rejected"):
+        series = f'sidecar_events_published_total{{outcome="{outcome}",topic="{topic}"}}'
+        value = samples.get(series)
+        if value:
+            counts[outcome] = int(value)
     return counts
 
 
@@ -352,8 +347,7 @@ async def phase_throughput(
                 topic=topic,
             )
             cores["relay_wrk"] = meter.used(time.perf_counter() - began)
-            async with aiohttp.ClientSession() as session:
-                got_wrk = await published(session, sidecar, topic)
+            got_wrk = await published(sidecar, topic)
             if bad:
                 got_wrk["http_error"] = bad
             outcomes.update(got_wrk)
