@@ -261,15 +261,13 @@ class TestPublishUnderFaults:
         assert report["spooled"] > 0, "the outage was meant to send events to the spool"
         assert any(e["event"] == "broker_connection_lost" for e in sidecar.log_events())
 
-    async def test_connection_cut_by_a_proxy_mid_stream(self, tmp_path: Path) -> None:
+    async def test_connection_cut_by_a_proxy_mid_stream(
+        self, tmp_path: Path, scope: AmqpScope
+    ) -> None:
         """The sidecar's AMQP connection, through a TCP proxy, is cut twice mid-stream:
         once refused for a second after, once taken back at once: no event answered 202
         is lost, per-topic order holds."""
-        async with (
-            broker_lock(exclusive=False),
-            AmqpScope() as scope,
-            tcp_proxy() as proxy,
-        ):
+        async with tcp_proxy() as proxy:
             queue = await scope.bind("#")
             events = events_config(scope.exchange, tmp_path / "spool.db", proxy.url)
             sidecar = event_sidecar(tmp_path, events)
@@ -295,15 +293,11 @@ class TestPublishUnderFaults:
         assert [1, 1] == cut
         assert 3 <= proxy.connections
 
-    async def test_sidecar_killed_mid_stream(self, tmp_path: Path) -> None:
+    async def test_sidecar_killed_mid_stream(self, tmp_path: Path, scope: AmqpScope) -> None:
         """The sidecar is SIGKILLed twice mid-stream and restarted on the same spool: once
         while events wait in the spool (broker unreachable), once with publishes in flight
         to the broker. Every event answered 202 arrives, in per-topic order."""
-        async with (
-            broker_lock(exclusive=False),
-            AmqpScope() as scope,
-            tcp_proxy() as proxy,
-        ):
+        async with tcp_proxy() as proxy:
             queue = await scope.bind("#")
             events = events_config(scope.exchange, tmp_path / "spool.db", proxy.url)
             sidecar = event_sidecar(tmp_path, events)
