@@ -146,9 +146,6 @@ class Encoder:
         scope = _string(1, "hms-sidecar") + _string(2, __version__)
         self.scope = _field(1, scope)  # ScopeSpans.scope
 
-    def encode(self, records: Iterable[SpanRecord]) -> bytes:
-        return self._request([_field(2, encode_span(r)) for r in records])
-
     def requests(self, records: Iterable[SpanRecord]) -> list[bytes]:
         """The batch as requests of at most about MAX_REQUEST_BYTES each."""
         out: list[bytes] = []

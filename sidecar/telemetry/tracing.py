@@ -102,24 +102,20 @@ class Sampler:
     `traceidratio` samples a trace when the low 64 bits of its id fall under
     `ratio * 2**64`, as the SDK's TraceIdRatioBased does, so every service using
     the same ratio agrees; the `parentbased_*` ones follow a parent's sampled flag.
+    `always_on` and `always_off` are the same rule with the bound at 2**64 and 0.
     """
 
-    __slots__ = ("bound", "name", "parent_based", "root")
+    __slots__ = ("bound", "name", "parent_based")
 
     def __init__(self, name: str, ratio: float) -> None:
         self.name = name
         self.parent_based = name.startswith("parentbased_")
-        root = name.removeprefix("parentbased_")
-        self.bound = round(ratio * _BOUND) if root == "traceidratio" else 0
-        self.root = root  # always_on, always_off or traceidratio
+        root = name.removeprefix("parentbased_")  # always_on, always_off or traceidratio
+        bounds = {"always_on": _BOUND, "always_off": 0}
+        self.bound = bounds[root] if root in bounds else round(ratio * _BOUND)
 
     def sample_root(self, trace_id: int) -> bool:
-        root = self.root
-        if root == "always_on":
-            return True
-        if root == "always_off":
-            return False
-        return (trace_id & 0xFFFFFFFFFFFFFFFF) < self.bound
+        return (trace_id & _LOW64) < self.bound
 
     def decide(self, trace_id: int, parent_sampled: bool | None) -> bool:
         """Sample a trace with this id, whose parent was sampled (True/False) or absent."""
@@ -218,9 +214,6 @@ class Tracer:
         tracing = config.telemetry.tracing
         self.config = tracing
         self.sampler = Sampler(tracing.sampler, tracing.sampler_ratio)
-        # What sample_root compares the low 64 bits of a new trace id with.
-        root = self.sampler.root
-        self._root_bound = {"always_on": _BOUND, "always_off": 0}.get(root, self.sampler.bound)
         self._rand = random.Random().getrandbits
         resource = resource_attributes(config)
         if exporter is None and tracing.exporter == "console":
@@ -259,7 +252,7 @@ class Tracer:
             # The common case, inlined: a new trace; decided as Sampler.sample_root does.
             bits = rand(192)
             trace_id = bits >> 64 or 1
-            if (trace_id & _LOW64) >= self._root_bound:
+            if (trace_id & _LOW64) >= self.sampler.bound:
                 span_id = bits & _LOW64 or 1  # not recorded: only the next hop's parent id
                 header = b"00-%032x-%016x-00" % (trace_id, span_id)
                 return TraceContext(trace_id, span_id, header, None)

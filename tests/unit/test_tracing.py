@@ -384,7 +384,8 @@ class TestOtlpEncoder:
         ExportTraceServiceRequest the SDK's OTLP encoder makes from the same spans."""
         records = self.records()
         queue = tracer()[0].queue
-        ours = ExportTraceServiceRequest.FromString(queue.encoder.encode(records))
+        [body] = queue.encoder.requests(records)
+        ours = ExportTraceServiceRequest.FromString(body)
         theirs = encode_spans([queue.readable(r) for r in records])
         assert MessageToDict(ours) == MessageToDict(theirs)
 
@@ -397,7 +398,8 @@ class TestOtlpEncoder:
             assert context.span is not None
             context.span.end_ns = context.span.start_ns + i
             records.append(context.span)
-        decoded = ExportTraceServiceRequest.FromString(t.queue.encoder.encode(records))
+        [body] = t.queue.encoder.requests(records)
+        decoded = ExportTraceServiceRequest.FromString(body)
         spans = decoded.resource_spans[0].scope_spans[0].spans
         assert len(spans) == 300
         assert spans[0].name == "x" * 300
