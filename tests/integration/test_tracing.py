@@ -8,10 +8,10 @@ deletes what it declared.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,14 @@ from tests.integration.amqp_harness import (
     wait_events,
 )
 from tests.integration.events_harness import EventApp, eventually, eventually_equal
-from tests.integration.harness import Sidecar, Upstream, free_port, metric_samples, serve
+from tests.integration.harness import (
+    Sidecar,
+    Upstream,
+    free_port,
+    metric_samples,
+    running_sidecar,
+    serve,
+)
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER = "00f067aa0ba902b7"
@@ -55,18 +62,12 @@ def tracing(collector: OtlpCollector, **more: Any) -> dict[str, Any]:
     }
 
 
-@contextlib.asynccontextmanager
-async def sidecar(tmp: Path, name: str, **config: Any) -> AsyncIterator[Sidecar]:
+def sidecar(tmp: Path, name: str, **config: Any) -> AbstractAsyncContextManager[Sidecar]:
+    """A running sidecar for the service `name`, its config and log in `tmp/name`."""
     run_dir = tmp / name
     run_dir.mkdir()
-    process = Sidecar(run_dir, config.pop("upstreams", {}), **config)
-    process.config["service"]["name"] = name
-    process.start()
-    try:
-        await process.wait_ready()
-        yield process
-    finally:
-        process.kill()
+    service = {"name": name, "port": 8080} | config.pop("service", {})
+    return running_sidecar(run_dir, config.pop("upstreams", {}), service=service, **config)
 
 
 @pytest.fixture
