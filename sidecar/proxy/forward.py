@@ -69,6 +69,7 @@ class UpstreamConnection(asyncio.Protocol):
     """A keep-alive connection to one endpoint, carrying one exchange at a time."""
 
     __slots__ = (
+        "_ended",
         "_framing_is_close",
         "_head_bytes",
         "_head_only",
@@ -95,6 +96,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self._sink: ResponseSink | None = None
+        self._ended: ResponseSink | None = None  # a complete response, told after the parse
         self._headers: Headers = []
         self._reason = b""
         self._head_only = False
@@ -148,6 +150,14 @@ class UpstreamConnection(asyncio.Protocol):
             # cut body once the head was relayed), and the connection is never reused.
             self._lost(clean=False)
             self.abort()
+        ended = self._ended
+        if ended is not None:
+            # Told only now, with the parser done with this read: the sink may hand the
+            # connection back to the pool (and the next request may take it) at once,
+            # and anything the upstream sent after the response has been seen by then
+            # (it marks the connection not reusable, on_message_begin).
+            self._ended = None
+            ended.on_response_end(True)
 
     def eof_received(self) -> bool:
         return False
@@ -313,10 +323,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.write(data)
 
     def _finish(self) -> None:
-        sink = self._sink
+        """The response is complete; its sink hears it once the parser returns."""
+        self._ended = self._sink
         self._sink = None
-        if sink is not None:
-            sink.on_response_end(True)
 
     def release(self, reusable: bool) -> None:
         """Return to the pool after an exchange, or close when it can't carry another."""

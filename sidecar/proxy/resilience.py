@@ -129,6 +129,12 @@ class Breaker:
             return False
         return self._admit()
 
+    def admits_freely(self) -> bool:
+        """Whether `admit()` would now let a call through as a plain (non-probe) call
+        and change nothing: the circuit is closed. The proxy's task-less path asks
+        this first and leaves every other state to `admit()` on the coroutine path."""
+        return type(self._ctx._state) is ClosedState
+
     def _admit(self) -> bool:
         ctx = self._ctx
         try:

@@ -34,6 +34,7 @@ from sidecar.proxy.forward import (
     UpstreamConnection,
 )
 from sidecar.proxy.headers import (
+    INVOKE_PREFIX,
     Headers,
     absolute_target,
     host_name,
@@ -111,6 +112,7 @@ class Request:
         "expect_continue",
         "has_body",
         "headers",
+        "host",
         "idempotency_key",
         "keep_alive",
         "method",
@@ -127,6 +129,7 @@ class Request:
 
     def __init__(self) -> None:
         self.headers: Headers = []
+        self.host: bytes | None = None  # the first Host field's value
         self.target = b""
         self.method = b""
         self.version = "1.1"
@@ -273,7 +276,10 @@ class DownstreamProtocol(asyncio.Protocol):
         self.client_ip = b"127.0.0.1"
         self.req: Request | None = None  # the request being parsed
         self.queue: deque[Request] = deque()
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None  # serving on the coroutine path
+        # A request is being served (by `task`, or task-less by `exchange`) and later
+        # ones queue behind it.
+        self.busy = False
         self.exchange: Exchange | None = None
         self.body_waiter: asyncio.Future[None] | None = None  # a publish reading its body
         self.paused = 0
@@ -427,6 +433,9 @@ class DownstreamProtocol(asyncio.Protocol):
                 req.expect_continue = (
                     value.strip().lower() == b"100-continue" and req.version == "1.1"
                 )
+            elif lname == b"host":
+                if req.host is None:
+                    req.host = value
             elif lname == b"idempotency-key":
                 req.idempotency_key = True
             elif lname == b"traceparent":
@@ -446,8 +455,8 @@ class DownstreamProtocol(asyncio.Protocol):
         else:
             self.body_last = time.monotonic()
         self.dispatched = True
-        if self.task is None:
-            self.task = self.loop.create_task(self._serve(req))
+        if not self.busy:
+            self._dispatch(req)
         else:
             self.queue.append(req)
             self._pause(_PAUSE_QUEUE)
@@ -512,18 +521,108 @@ class DownstreamProtocol(asyncio.Protocol):
 
     # -- serving ---------------------------------------------------------------------------------
 
-    async def _serve(self, req: Request | None) -> None:
+    def _dispatch(self, req: Request) -> None:
+        """Serve `req`, the next in order: task-less when `_fast` can, else in a task."""
+        self.busy = True
+        try:
+            fast = self._fast(req)
+        except Exception:  # a bug must not take down other connections (as in _serve)
+            log.exception("request_failed_unexpectedly")
+            self.abort()
+            if self.exchange is None:  # else its end (client_gone) finishes the count
+                self._idle()
+            return
+        if not fast:
+            self.task = self.loop.create_task(self._serve(req))
+
+    def _fast(self, req: Request) -> bool:
+        """Start the common case without a task: a complete request without a body,
+        routed to a configured upstream whose circuit is closed and which has an idle
+        pooled connection, unsampled. The request is sent from here (a parser callback)
+        and finished from the upstream's response callbacks (`Exchange.fast_ended`).
+
+        False, having changed nothing that `_serve` would redo, when anything else
+        applies: connecting, publishing, Max-Forwards, absolute-form targets, WebSocket
+        handshakes, bodies, an on-demand lookup, an error answer, a sampled trace.
+        """
+        if not req.body_done or req.has_body or req.upgrade or req.method in _MAX_FORWARDS_METHODS:
+            return False
+        target = req.target
+        if target[:1] != b"/":
+            return False
+        proxy = self.proxy
+        upstream = self.fixed
+        if upstream is None:
+            name: bytes | None
+            if target[:11] == INVOKE_PREFIX:
+                name, target = route_target(target)
+            elif target[:12] == b"/v1/publish/":
+                return False
+            else:
+                name = None if req.host is None else host_name(req.host)
+            if not name:
+                return False
+            upstream = proxy.by_name.get(name)
+            if upstream is None:
+                return False
+        tracer = proxy.tracer
+        if tracer is not None:
+            # Begun once: `_serve` goes on with this context if the request ends up there.
+            trace = req.trace = tracer.begin(req.traceparent, req.tracestate)
+            if trace.span is not None:
+                return False
+        return Exchange(self, req, upstream, target).start_fast()
+
+    def served(self, req: Request, keep: bool) -> None:
+        """A task-less exchange finished `req`: what `_serve` does after a request."""
+        self.proxy.end()
+        if not keep or self.closed:
+            if req.body_done:
+                self.close()
+            else:
+                self._linger()
+            self._idle()
+            return
+        if self.queue:
+            req = self.queue.popleft()
+            if not self.queue:
+                self._resume(_PAUSE_QUEUE)
+            self._dispatch(req)
+            return
+        self._idle()
+        if self.rejected is not None and not self.closed:
+            self._answer_rejected(self.rejected)
+
+    def _idle(self) -> None:
+        self.busy = False
+        self.last_active = time.monotonic()
+
+    def resume_in_task(self, exchange: Exchange) -> None:
+        """A task-less exchange's first attempt failed and may be retried: the retry
+        loop (back-off, further attempts) and the requests queued after it go on in a
+        task, exactly as if the exchange had started there."""
+        self.task = self.loop.create_task(self._serve(exchange.req, exchange))
+
+    async def _serve(self, req: Request | None, resumed: Exchange | None = None) -> None:
         proxy = self.proxy
         try:
-            while req is not None and not self.closed:
-                proxy.begin()
+            # A resumed exchange is finished even if the app left meanwhile: it holds
+            # the in-flight counts, and its retry loop sees the app gone.
+            while req is not None and (resumed is not None or not self.closed):
+                if resumed is None:
+                    proxy.begin()
                 try:
                     tracer = proxy.tracer
-                    if tracer is None:
+                    if resumed is not None:
+                        keep = await resumed.retry()
+                        resumed = None
+                    elif tracer is None:
                         keep = await self._handle(req)
                     else:
                         # The context always goes on; only a sampled request costs more.
-                        trace = req.trace = tracer.begin(req.traceparent, req.tracestate)
+                        trace = req.trace
+                        if trace is None:
+                            trace = req.trace = tracer.begin(req.traceparent, req.tracestate)
                         if trace.span is None:
                             keep = await self._handle(req)
                         else:
@@ -553,7 +652,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self.abort()
         finally:
             self.task = None
-            self.last_active = time.monotonic()
+            self._idle()
 
     async def _handle_traced(self, req: Request, tracer: Tracer, trace: TraceContext) -> bool:
         """`_handle` for a sampled request: its SERVER span, and its ids on every log line
@@ -609,11 +708,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if upstream is None:
             name, path = route_target(target)
             if name is None:
-                name = b""
-                for hname, hvalue in req.headers:
-                    if hname.lower() == b"host":
-                        name = host_name(hvalue)
-                        break
+                name = b"" if req.host is None else host_name(req.host)
             else:
                 target = path
             upstream = self.proxy.by_name.get(name)
@@ -821,7 +916,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 self.close()  # its body is being forwarded: nothing can answer it now
                 return
             self.queue.remove(req)  # queued, never sent anywhere: it gets the 400
-        if self.task is None:
+        if not self.busy:
             self._answer_rejected(err)
         elif self.rejected is None:
             self.rejected = err
@@ -862,7 +957,7 @@ class DownstreamProtocol(asyncio.Protocol):
         reading since `body_before` (clock times); see `Proxy.start_sweeping`."""
         if self.closed or self.lingering:
             return
-        if self.task is not None:
+        if self.busy:
             req = self.req
             if (
                 req is not None
@@ -891,7 +986,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 self.close()
 
     def close_if_idle(self) -> None:
-        if self.task is None:
+        if not self.busy:
             self.close()
 
     def close(self) -> None:
@@ -925,18 +1020,22 @@ class Exchange:
         "_out",
         "_timer",
         "attempts",
+        "begun",
         "conn",
         "deadline",
         "down",
         "downstream_chunked",
+        "failed",
         "first_byte",
         "host",
         "interim",
         "keep",
         "req",
         "retry_status",
+        "retrying",
         "stalled",
         "started",
+        "stats",
         "status",
         "target",
         "tunnel",
@@ -968,7 +1067,11 @@ class Exchange:
         self.started = 0.0  # the attempt's start on the balancer's clock (its latency sample)
         self.first_byte: float | None = None
         self.retry_status = 0  # the status of the last attempt discarded for a retry
-        self._fut: asyncio.Future[int] | None = None
+        self.failed: ProxyError | None = None  # why the previous attempt failed
+        self.retrying = False  # the attempt that just ended may be followed by another
+        self.stats: EndpointStats | None = None  # the endpoint of the current attempt
+        self.begun = 0.0  # when the exchange began (loop clock): its latency sample
+        self._fut: asyncio.Future[int] | _Outcome | None = None
         self._body_sent = False  # the whole request body was sent when the answer ended
         self._head_seen = False
         self._out: list[bytes] = []  # response bytes waiting for flush()
@@ -1002,36 +1105,120 @@ class Exchange:
                 )
             )
         loop = down.loop
-        start = loop.time()
-        if req.body_done:
-            self.deadline = start + config.timeout
+        self._open(loop)
+        if req.expect_continue and not req.body_done:
+            down.write(_CONTINUE)
+        return await self._drive(loop, probe, resumed=False)
+
+    def _open(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The exchange is admitted: it counts in flight from now on."""
+        up = self.up
+        self.begun = start = loop.time()
+        if self.req.body_done:
+            self.deadline = start + up.config.timeout
         up.inflight += 1
         up.budget.deposit()
-        down.exchange = self
+        self.down.exchange = self
+
+    async def _drive(self, loop: asyncio.AbstractEventLoop, probe: bool, resumed: bool) -> bool:
+        """Run the attempts (after the failed first one of a task-less start when
+        `resumed`), then close the exchange; return keep-alive."""
         verdict: bool | None = None  # breaker: True success, False failure, None no verdict
         settled = False
         try:
-            if req.expect_continue and not req.body_done:
-                down.write(_CONTINUE)
-            verdict = await self._attempts(loop)
+            verdict = await self._attempts(loop, resumed)
             tunnel = self.tunnel
             if tunnel is not None:
                 # The handshake is the request: its verdict and latency count now; the
                 # tunnel stays in flight until it closes.
                 settled = True
-                self._settle(probe, verdict, loop.time() - start)
+                self._settle(probe, verdict, loop.time() - self.begun)
                 await tunnel.done
             return self.keep
         finally:
-            down.exchange = None
-            down._resume(_PAUSE_UPSTREAM)  # back-pressure from this upstream ends with it
-            down._resume(_PAUSE_BUFFER)  # nothing waits for the buffered body any more
-            up.inflight -= 1
-            tunnel = self.tunnel
-            if tunnel is not None and not tunnel.done.done():
-                tunnel.abort()  # cancelled (a bug, or the loop ending): nothing leaks
-            if not settled:
-                self._settle(probe, verdict, loop.time() - start)
+            self._close(loop, probe, verdict, settled)
+
+    def _close(
+        self, loop: asyncio.AbstractEventLoop, probe: bool, verdict: bool | None, settled: bool
+    ) -> None:
+        down, up = self.down, self.up
+        down.exchange = None
+        down._resume(_PAUSE_UPSTREAM)  # back-pressure from this upstream ends with it
+        down._resume(_PAUSE_BUFFER)  # nothing waits for the buffered body any more
+        up.inflight -= 1
+        tunnel = self.tunnel
+        if tunnel is not None and not tunnel.done.done():
+            tunnel.abort()  # cancelled (a bug, or the loop ending): nothing leaks
+        if not settled:
+            self._settle(probe, verdict, loop.time() - self.begun)
+
+    # -- the task-less common case ---------------------------------------------------------------
+
+    def start_fast(self) -> bool:
+        """Admit, pick and send from the parser callback, when the circuit is closed and
+        the picked endpoint has an idle pooled connection; False (nothing changed) when
+        not. The attempt's end comes to `fast_ended`, from a response callback or the
+        per-try timer: a complete response finishes the exchange there; anything else
+        is handled as `_attempts` would, and a retry goes on in a task (`retry`)."""
+        up = self.up
+        config = up.config
+        if up.inflight >= config.max_concurrent_requests or not up.breaker.admits_freely():
+            return False
+        head = self._request_head()  # before anything is taken or counted: it may raise
+        balancer = up.balancer
+        stats = balancer.pick()
+        if stats is None:
+            return False
+        pool = stats.pool
+        assert isinstance(pool, EndpointPool)
+        conn = pool.take()
+        if conn is None:
+            return False
+        down, req = self.down, self.req
+        loop = down.loop
+        down.proxy.begin()
+        self._open(loop)
+        self.attempts = 1
+        self.stats = stats
+        self.started = balancer.begin(stats)
+        self.conn = conn
+        self._fut = outcome = _Outcome(self)
+        if conn.start([head], self, req.method == b"HEAD"):
+            self._timer = loop.call_later(
+                min(config.per_try_timeout, config.timeout), self._on_timer
+            )
+        else:
+            outcome.set_result(_CONNECT_FAILED)  # reset right after the accept
+        return True
+
+    def fast_ended(self, result: int) -> None:
+        """The task-less attempt ended with `result` (see `_Outcome`)."""
+        self._fut = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        down = self.down
+        loop = down.loop
+        stats = self.stats
+        assert stats is not None
+        try:
+            verdict = self._outcome(loop, stats, result)
+            if self.retrying:
+                down.resume_in_task(self)
+                return
+        except Exception:  # a bug must not take down other connections (as in _serve)
+            log.exception("request_failed_unexpectedly")
+            self.keep = False
+            verdict = None
+            down.abort()
+        try:
+            self._close(loop, False, verdict, False)
+        finally:
+            down.served(self.req, self.keep)
+
+    async def retry(self) -> bool:
+        """Go on after a task-less first attempt that may be retried (in a task)."""
+        return await self._drive(self.down.loop, False, resumed=True)
 
     def _settle(self, probe: bool, verdict: bool | None, took: float) -> None:
         """Give the breaker its verdict and observe the latency, once per request."""
@@ -1044,17 +1231,23 @@ class Exchange:
             breaker.failure(probe)
         self.up.traffic.observe(took)
 
-    async def _attempts(self, loop: asyncio.AbstractEventLoop) -> bool | None:
-        """Run attempts until one answers or none may follow; return the breaker verdict."""
+    async def _attempts(self, loop: asyncio.AbstractEventLoop, resumed: bool) -> bool | None:
+        """Run attempts until one answers or none may follow; return the breaker verdict.
+
+        `resumed`: the first attempt was made task-less and may be retried (its outcome
+        is handled already); go on with the back-off.
+        """
         up, req = self.up, self.req
         balancer = up.balancer
         per_try = up.config.per_try_timeout
-        retries = up.config.retries
         head = self._request_head()
-        failed: ProxyError | None = None  # why the previous attempt failed
         trace = req.trace
         tracer = self.down.proxy.tracer if trace is not None and trace.span is not None else None
-        stats = balancer.pick()
+        if resumed:
+            await self._backoff(loop)
+            stats = balancer.pick(avoid=self.stats)
+        else:
+            stats = balancer.pick()
         while True:
             if self.down.closed:
                 return None  # the app left during a back-off
@@ -1063,7 +1256,7 @@ class Exchange:
                 return None
             if stats is None:
                 self._error(
-                    failed
+                    self.failed
                     or ProxyError(
                         ErrorCode.NO_HEALTHY_ENDPOINTS,
                         f"no healthy endpoint for {up.name!r}",
@@ -1073,11 +1266,12 @@ class Exchange:
                 return False
             remaining = self.deadline - loop.time()
             if remaining <= 0:  # the back-off used up the rest of `timeout`
-                self._error(failed or self._timeout_error(loop, stats))
+                self._error(self.failed or self._timeout_error(loop, stats))
                 return False
             self.attempts += 1
             pool = stats.pool
             assert isinstance(pool, EndpointPool)
+            self.stats = stats
             self.started = balancer.begin(stats)
             self.first_byte = None
             if tracer is None:
@@ -1096,66 +1290,83 @@ class Exchange:
                 raise
             if attempt is not None and tracer is not None:
                 self._end_attempt_span(tracer, attempt, result)
-            conn = self.conn
-            self.conn = None
-            req.conn = None
-            if result == _DONE:
-                ok = self.status < 500
-                self._end(stats, ok)
-                if conn is not None:
-                    conn.release(self._body_sent)
-                up.count(self.status)
-                return ok
-            if result == _UPGRADED:
-                self._end(stats, True)
-                up.count(101)
-                self.keep = False
-                return True
-            if conn is not None:
-                conn.abort()
-                self.down._resume(_PAUSE_UPSTREAM)  # that connection's back-pressure is gone
-            if result == _CLIENT_GONE:
-                balancer.abandon(stats)
-                self.keep = False
-                return None
-            if result == _APP_STALLED:
-                balancer.abandon(stats)
-                self._answer_stalled()
-                return None
-            self._end(stats, False)
-            if result == _CUT:
-                up.count(self.status)
-                self.keep = False
-                self.down.abort()
-                return False
-            if result == _RETRY_STATUS:
-                # Decided when the head arrived (on_response_head); nothing reached the app.
-                failed = None
-                allowed = True
-            elif result == _TIMEOUT:
-                failed = self._timeout_error(loop, stats)
-                allowed = retries.on_timeout and self._may_retry(loop)
-            else:
-                what = "connect to" if result == _CONNECT_FAILED else "get a response from"
-                failed = ProxyError(
-                    ErrorCode.UPSTREAM_CONNECT_FAILED,
-                    f"could not {what} {up.name!r} at {stats.endpoint} (attempt {self.attempts})",
-                    up.name,
-                )
-                if result == _CONNECT_FAILED:
-                    allowed = retries.on_connect_failure
-                else:
-                    # A kept-alive connection the upstream closed before reading anything
-                    # fails like a connect failure; any other reset needs `reset`.
-                    stale = conn is not None and conn.reused and not conn.got_bytes
-                    allowed = retries.on_reset or (stale and retries.on_connect_failure)
-                allowed = allowed and self._may_retry(loop)
-            if not allowed:
-                assert failed is not None
-                self._error(failed)
-                return False
+            verdict = self._outcome(loop, stats, result)
+            if not self.retrying:
+                return verdict
             await self._backoff(loop)
             stats = balancer.pick(avoid=stats)
+
+    def _outcome(
+        self, loop: asyncio.AbstractEventLoop, stats: EndpointStats, result: int
+    ) -> bool | None:
+        """Settle one attempt that ended with `result`: release or drop its connection,
+        count it, and answer the app if no attempt follows. Returns the breaker verdict;
+        `retrying` tells whether another attempt may follow (after a back-off)."""
+        up, req = self.up, self.req
+        balancer = up.balancer
+        retries = up.config.retries
+        self.retrying = False
+        conn = self.conn
+        self.conn = None
+        req.conn = None
+        if result == _DONE:
+            ok = self.status < 500
+            self._end(stats, ok)
+            if conn is not None:
+                conn.release(self._body_sent)
+            up.count(self.status)
+            return ok
+        if result == _UPGRADED:
+            self._end(stats, True)
+            up.count(101)
+            self.keep = False
+            return True
+        if conn is not None:
+            conn.abort()
+            self.down._resume(_PAUSE_UPSTREAM)  # that connection's back-pressure is gone
+        if result == _CLIENT_GONE:
+            balancer.abandon(stats)
+            self.keep = False
+            return None
+        if result == _APP_STALLED:
+            balancer.abandon(stats)
+            self._answer_stalled()
+            return None
+        self._end(stats, False)
+        if result == _CUT:
+            up.count(self.status)
+            self.keep = False
+            self.down.abort()
+            return False
+        if result == _RETRY_STATUS:
+            # Decided when the head arrived (on_response_head); nothing reached the app.
+            failed = None
+            allowed = True
+        elif result == _TIMEOUT:
+            failed = self._timeout_error(loop, stats)
+            allowed = retries.on_timeout and self._may_retry(loop)
+        else:
+            what = "connect to" if result == _CONNECT_FAILED else "get a response from"
+            failed = ProxyError(
+                ErrorCode.UPSTREAM_CONNECT_FAILED,
+                f"could not {what} {up.name!r} at {stats.endpoint} (attempt {self.attempts})",
+                up.name,
+            )
+            if result == _CONNECT_FAILED:
+                allowed = retries.on_connect_failure
+            else:
+                # A kept-alive connection the upstream closed before reading anything
+                # fails like a connect failure; any other reset needs `reset`.
+                stale = conn is not None and conn.reused and not conn.got_bytes
+                allowed = retries.on_reset or (stale and retries.on_connect_failure)
+            allowed = allowed and self._may_retry(loop)
+        self.failed = failed
+        if not allowed:
+            assert failed is not None
+            self._error(failed)
+            return False
+        self.retrying = True
+        return None
 
     def _attempt_span(
         self, tracer: Tracer, trace: TraceContext, stats: EndpointStats
@@ -1380,7 +1591,7 @@ class Exchange:
         if not self._head_seen:
             fut.set_result(_TIMEOUT)
             return
-        loop = asyncio.get_running_loop()
+        loop = self.down.loop
         if loop.time() < self.deadline:
             self._timer = loop.call_at(self.deadline, self._on_timer)
         else:
@@ -1510,6 +1721,25 @@ class Exchange:
 
     def __repr__(self) -> str:
         return f"<Exchange {self.up.name} {self.req.method.decode()} attempts={self.attempts}>"
+
+
+class _Outcome:
+    """How a task-less attempt ended: the part of a future `Exchange` uses (`done`,
+    `set_result`), except that the result goes to `Exchange.fast_ended` at once, in
+    the callback that decided it, instead of waking a task."""
+
+    __slots__ = ("exchange", "result")
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.result = -1
+
+    def done(self) -> bool:
+        return self.result >= 0
+
+    def set_result(self, result: int) -> None:
+        self.result = result
+        self.exchange.fast_ended(result)
 
 
 #: error.type of a CLIENT span, by how the attempt ended (a 5xx adds its status code).

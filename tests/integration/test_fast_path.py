@@ -1,0 +1,938 @@
+"""The proxy's task-less fast path, in process: a bodyless request to a configured
+upstream with an idle pooled connection is admitted, sent and answered from parser and
+response callbacks without an asyncio task; a first attempt that may be retried goes on
+in a task (`DownstreamProtocol.resume_in_task`); everything else takes the coroutine
+path (`DownstreamProtocol._serve`).
+
+The proxy objects run in the test's own event loop against a scripted raw upstream on
+127.0.0.1, so which path served a request is observed by spying on the methods that
+start each one, and the counts they must release (in flight, active, outstanding) are
+read directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, cast
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from sidecar.config import (
+    Address,
+    BreakerConfig,
+    RetryConfig,
+    UpstreamConfig,
+    config_from_mapping,
+)
+from sidecar.discovery.base import Endpoint
+from sidecar.discovery.static import StaticResolver
+from sidecar.proxy.balancer import EndpointStats
+from sidecar.proxy.forward import EndpointPool
+from sidecar.proxy.server import DownstreamProtocol, Exchange, Proxy, Request
+from sidecar.proxy.upstream import Upstream
+from sidecar.telemetry.metrics import Metrics
+from sidecar.telemetry.tracing import Tracer
+
+#: How long any single wait in these tests may take before it fails the test.
+PATIENCE = 3.0
+
+# -- the upstream: a raw HTTP/1.1 server that does what its script says ------------------------
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request as the upstream received it: on its `conn`-th connection (from 0), the
+    `nth` request on that connection (from 0)."""
+
+    conn: int
+    nth: int
+    method: str
+    target: str
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the upstream does with one request: answer (after `delay`), hang up without
+    answering, or stall (say nothing until the connection closes)."""
+
+    status: int = 200
+    body: bytes | None = None  # None: the request's target
+    delay: float = 0.0
+    hang_up: bool = False
+    stall: bool = False
+
+
+HANG_UP = Reply(hang_up=True)
+STALL = Reply(stall=True)
+
+Script = Callable[[Seen], Reply]
+
+
+def answer_all(_: Seen) -> Reply:
+    return Reply()
+
+
+class _UpstreamConnection(asyncio.Protocol):
+    def __init__(self, server: ScriptedUpstream) -> None:
+        self.server = server
+        self.no = len(server.connections)
+        server.connections.append(self)
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.requests = 0
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:  # requests without a body only
+            head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            self._handle(head)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.timeline.append(f"lost {self.no}")
+
+    def _handle(self, head: bytes) -> None:
+        line, *fields = head.decode("latin-1").split("\r\n")
+        method, target, _ = line.split(" ")
+        headers = {}
+        for text in fields:
+            name, _, value = text.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        seen = Seen(self.no, self.requests, method, target, headers)
+        self.requests += 1
+        self.server.seen.append(seen)
+        self.server.timeline.append(f"recv {target}")
+        reply = self.server.script(seen)
+        assert self.transport is not None
+        if reply.hang_up:
+            self.transport.close()
+        elif not reply.stall:
+            body = target.encode() if reply.body is None else reply.body
+            if reply.delay:
+                handle = asyncio.get_running_loop().call_later(
+                    reply.delay, self._answer, target, reply.status, body
+                )
+                self.server.timers.append(handle)
+            else:
+                self._answer(target, reply.status, body)
+
+    def _answer(self, target: str, status: int, body: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.server.timeline.append(f"send {target}")
+        reason = HTTPStatus(status).phrase
+        transport.write(
+            f"HTTP/1.1 {status} {reason}\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: text/plain\r\nX-Upstream-Conn: {self.no}\r\n\r\n".encode()
+            + body
+        )
+
+
+class ScriptedUpstream:
+    """A raw HTTP/1.1 upstream on 127.0.0.1: every request it receives is recorded and
+    handled as `script` says; answers carry `X-Upstream-Conn` (which connection)."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections: list[_UpstreamConnection] = []
+        self.seen: list[Seen] = []
+        self.timeline: list[str] = []  # "recv /x", "send /x", "lost 0", in order
+        self.timers: list[asyncio.TimerHandle] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> ScriptedUpstream:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: _UpstreamConnection(self), "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        for conn in self.connections:
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+# -- the app's side: raw keep-alive connections ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def get(target: str, host: str = "localhost", extra: Sequence[tuple[str, str]] = ()) -> bytes:
+    fields = "".join(f"{name}: {value}\r\n" for name, value in ((("Host", host), *extra)))
+    return f"GET {target} HTTP/1.1\r\n{fields}\r\n".encode()
+
+
+class AppConnection:
+    """One keep-alive connection from the app to the proxy."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def answer(self) -> Answer:
+        """The next Content-Length-framed answer."""
+        async with asyncio.timeout(PATIENCE):
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            status_line, *fields = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+            headers = {}
+            for text in fields:
+                name, _, value = text.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            body = await self.reader.readexactly(int(headers["content-length"]))
+        return Answer(int(status_line.split(" ")[1]), headers, body)
+
+    async def get(self, target: str, **kw: Any) -> Answer:
+        self.send(get(target, **kw))
+        return await self.answer()
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+# -- spies on which path serves a request ---------------------------------------------------------
+
+
+class Paths:
+    """Which path served each request, by the app's request target."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.tasks: list[str] = []  # `_serve` started for a new request (the coroutine path)
+        self.fast: list[str] = []  # `Exchange.start_fast` took it (task-less)
+        self.resumed: list[str] = []  # `resume_in_task`: a task-less attempt goes on in a task
+        self.retried: list[str] = []  # `Exchange.retry` ran
+        self.served: list[str] = []  # a task-less exchange finished (`served`)
+        self.verdicts: list[bool | None] = []  # the breaker's verdict, per request
+        serve = DownstreamProtocol._serve
+        start_fast = Exchange.start_fast
+        resume_in_task = DownstreamProtocol.resume_in_task
+        retry = Exchange.retry
+        served = DownstreamProtocol.served
+        settle = Exchange._settle
+
+        def spy_serve(
+            down: DownstreamProtocol, req: Request | None, resumed: Exchange | None = None
+        ) -> Coroutine[Any, Any, None]:
+            if resumed is None and req is not None:
+                self.tasks.append(req.target.decode())
+            return serve(down, req, resumed)
+
+        def spy_start_fast(exchange: Exchange) -> bool:
+            taken = start_fast(exchange)
+            if taken:
+                self.fast.append(exchange.req.target.decode())
+            return taken
+
+        def spy_resume_in_task(down: DownstreamProtocol, exchange: Exchange) -> None:
+            self.resumed.append(exchange.req.target.decode())
+            resume_in_task(down, exchange)
+
+        async def spy_retry(exchange: Exchange) -> bool:
+            self.retried.append(exchange.req.target.decode())
+            return await retry(exchange)
+
+        def spy_served(down: DownstreamProtocol, req: Request, keep: bool) -> None:
+            self.served.append(req.target.decode())
+            served(down, req, keep)
+
+        def spy_settle(exchange: Exchange, probe: bool, verdict: bool | None, took: float) -> None:
+            self.verdicts.append(verdict)
+            settle(exchange, probe, verdict, took)
+
+        monkeypatch.setattr(DownstreamProtocol, "_serve", spy_serve)
+        monkeypatch.setattr(Exchange, "start_fast", spy_start_fast)
+        monkeypatch.setattr(DownstreamProtocol, "resume_in_task", spy_resume_in_task)
+        monkeypatch.setattr(Exchange, "retry", spy_retry)
+        monkeypatch.setattr(DownstreamProtocol, "served", spy_served)
+        monkeypatch.setattr(Exchange, "_settle", spy_settle)
+
+
+@pytest.fixture
+def paths(monkeypatch: pytest.MonkeyPatch) -> Paths:
+    return Paths(monkeypatch)
+
+
+# -- the proxy, in process ------------------------------------------------------------------------
+
+
+async def until(what: str, predicate: Callable[[], bool], timeout: float = PATIENCE) -> None:
+    """Poll `predicate` until it holds; fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not {what} after {timeout}s")
+        await asyncio.sleep(0.005)
+
+
+@dataclass
+class Rig:
+    """A proxy with one upstream, `billing`, whose only endpoint is `backend`."""
+
+    proxy: Proxy
+    upstream: Upstream
+    metrics: Metrics
+    backend: ScriptedUpstream
+    port: int
+    downstreams: list[DownstreamProtocol] = field(default_factory=list)
+    apps: list[AppConnection] = field(default_factory=list)
+
+    @property
+    def stats(self) -> EndpointStats:
+        (stats,) = self.upstream.balancer.endpoints
+        return stats
+
+    @property
+    def pool(self) -> EndpointPool:
+        pool = self.stats.pool
+        assert isinstance(pool, EndpointPool)
+        return pool
+
+    async def connect(self) -> AppConnection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        app = AppConnection(reader, writer)
+        self.apps.append(app)
+        return app
+
+    def leaks(self) -> dict[str, int]:
+        """What every finished request must have given back; all zero when idle."""
+        return {
+            "proxy.active": self.proxy.active,
+            "upstream.inflight": self.upstream.inflight,
+            "endpoint.outstanding": self.stats.outstanding,
+            "busy app connections": sum(d.busy for d in self.downstreams),
+            "tasks": sum(d.task is not None for d in self.downstreams),
+        }
+
+    def without_tasks(self) -> bool:
+        return all(d.task is None for d in self.downstreams)
+
+    async def settled(self) -> None:
+        """Wait until no request holds anything (the proxy's state, polled)."""
+        await until("settled", lambda: not any(self.leaks().values()))
+
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, {"upstream": "billing", **labels})
+        return 0.0 if value is None else value
+
+
+RigFactory = Callable[..., Awaitable[Rig]]
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[RigFactory]:
+    """Start proxies (the app listener, routing by path or Host) in front of scripted
+    upstreams; everything is closed afterwards, and the proxy's tasks are waited for."""
+    rigs: list[Rig] = []
+    servers: list[asyncio.Server] = []
+
+    async def start(
+        script: Script = answer_all, *, tracer: Tracer | None = None, **settings: Any
+    ) -> Rig:
+        """`settings`: `UpstreamConfig` fields for `billing` (retries, per_try_timeout...)."""
+        backend = await ScriptedUpstream(script).start()
+        metrics = Metrics()
+        config = UpstreamConfig(
+            name="billing", endpoints=(Address("127.0.0.1", backend.port),), **settings
+        )
+        resolver = StaticResolver([Endpoint("127.0.0.1", backend.port)])
+        upstream = Upstream(config, resolver, metrics)
+        await resolver.start()
+        proxy = Proxy({"billing": upstream}, metrics)
+        proxy.tracer = tracer
+        downstreams: list[DownstreamProtocol] = []
+
+        def protocol() -> DownstreamProtocol:
+            down = proxy.protocol(None)
+            downstreams.append(down)
+            return down
+
+        server = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
+        servers.append(server)
+        made = Rig(
+            proxy, upstream, metrics, backend, server.sockets[0].getsockname()[1], downstreams
+        )
+        rigs.append(made)
+        return made
+
+    try:
+        yield start
+    finally:
+        for made in rigs:
+            for app in made.apps:
+                await app.close()
+            made.proxy.abort_all()
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+        for made in rigs:
+            await made.backend.stop()
+            await until("without tasks", made.without_tasks)
+
+
+def conn_of(answer: Answer) -> int:
+    """Which upstream connection answered."""
+    return int(answer.headers["x-upstream-conn"])
+
+
+# -- the tests ------------------------------------------------------------------------------------
+
+
+class TestCommonCase:
+    async def test_keep_alive_requests_after_the_first_are_served_without_a_task(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """The first request connects (the coroutine path); the next two, on the pooled
+        connection, are sent and answered task-less, routed by path and by Host alike,
+        and every count they took is given back; the connection returns to the pool."""
+        r = await rig()
+        app = await r.connect()
+
+        one = await app.get("/v1/invoke/billing/one")
+        two = await app.get("/v1/invoke/billing/two?x=1")
+        three = await app.get("/three", host="billing:8080")
+
+        assert [200, 200, 200] == [one.status, two.status, three.status]
+        assert [b"/one", b"/two?x=1", b"/three"] == [one.body, two.body, three.body]
+        assert ["/v1/invoke/billing/one"] == paths.tasks
+        assert ["/v1/invoke/billing/two?x=1", "/three"] == paths.fast
+        assert ["/v1/invoke/billing/two?x=1", "/three"] == paths.served
+        assert [] == paths.resumed
+        assert [0, 0, 0] == [conn_of(one), conn_of(two), conn_of(three)]
+        # Forwarded alike on both paths; the app's Host is kept.
+        assert r.backend.seen[0].headers == r.backend.seen[1].headers
+        assert "billing:8080" == r.backend.seen[2].headers["host"]
+        await r.settled()
+        (conn,) = r.pool.idle
+        assert not conn.closed
+        assert 1 == len(r.backend.connections)
+        assert 3.0 == r.sample("sidecar_upstream_requests_total", code="200")
+        assert 3.0 == r.sample("sidecar_upstream_request_duration_seconds_count")
+        assert 0.0 == r.sample("sidecar_retries_total")
+        assert [True, True, True] == paths.verdicts
+        assert "closed" == r.upstream.breaker.state
+        assert 0 == r.upstream.breaker.failure_count
+        assert 0 == r.stats.consecutive_failures
+
+    async def test_unknown_upstream_is_404_on_the_coroutine_path(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """A name no upstream has is not the fast path's: the task answers NO_ROUTE and
+        the connection carries the next request, which is task-less again."""
+        r = await rig()
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/warm")
+
+        missing = await app.get("/v1/invoke/nobody/x")
+        after = await app.get("/v1/invoke/billing/after")
+
+        assert 404 == missing.status
+        assert "NO_ROUTE" == missing.headers["x-sidecar-error"]
+        assert 200 == after.status
+        assert ["/v1/invoke/billing/warm", "/v1/invoke/nobody/x"] == paths.tasks
+        assert ["/v1/invoke/billing/after"] == paths.fast
+        await r.settled()
+
+
+class TestAdmission:
+    async def test_open_circuit_is_answered_on_the_coroutine_path(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """A task-less request's 5xx counts against the breaker; once it is open, a
+        request is not sent task-less even with a pooled connection at hand: the task
+        answers 503 CIRCUIT_OPEN and the connection stays pooled."""
+        r = await rig(
+            lambda seen: Reply(500) if seen.target == "/b" else Reply(),
+            circuit_breaker=BreakerConfig(failure_threshold=1),
+        )
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+
+        failed = await app.get("/v1/invoke/billing/b")
+        refused = await app.get("/v1/invoke/billing/c")
+
+        assert 500 == failed.status
+        assert (503, "CIRCUIT_OPEN") == (refused.status, refused.headers["x-sidecar-error"])
+        assert "retry-after" in refused.headers
+        assert ["/v1/invoke/billing/b"] == paths.fast
+        assert ["/v1/invoke/billing/a", "/v1/invoke/billing/c"] == paths.tasks
+        await r.settled()
+        assert "open" == r.upstream.breaker.state
+        assert 1 == len(r.pool.idle)
+        assert ["/a", "/b"] == [s.target for s in r.backend.seen]
+
+    async def test_concurrency_limit_is_answered_on_the_coroutine_path(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """With max_concurrent_requests taken by a task-less request, another request is
+        not admitted task-less: the task answers 503 OVERLOADED."""
+        r = await rig(
+            lambda seen: STALL if seen.target == "/slow" else Reply(), max_concurrent_requests=1
+        )
+        first = await r.connect()
+        await first.get("/v1/invoke/billing/a")
+        second = await r.connect()
+        await second.get("/v1/invoke/billing/b")  # two connections pooled now
+        first.send(get("/v1/invoke/billing/slow"))
+        await until("sent upstream", lambda: len(r.backend.seen) == 3)
+
+        refused = await second.get("/v1/invoke/billing/c")
+
+        assert (503, "OVERLOADED") == (refused.status, refused.headers["x-sidecar-error"])
+        assert ["/v1/invoke/billing/b", "/v1/invoke/billing/slow"] == paths.fast
+        assert "/v1/invoke/billing/c" in paths.tasks
+        await first.close()
+        await r.settled()
+
+
+class TestSendFailure:
+    async def test_pooled_connection_closing_at_send_is_retried_in_a_task(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """The pooled connection is closing when the request is sent (its close not yet
+        seen by the pool): nothing was sent, so it is retried like a connect failure,
+        in a task, on a new connection."""
+        r = await rig()
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+        (conn,) = r.pool.idle
+        assert conn.transport is not None
+        (down,) = r.downstreams
+
+        conn.transport.close()  # closing now; connection_lost comes on a later loop turn
+        down.data_received(get("/v1/invoke/billing/b"))  # as if read from the app's socket
+        answer = await app.answer()
+
+        assert (200, b"/b", 1) == (answer.status, answer.body, conn_of(answer))
+        assert ["/v1/invoke/billing/b"] == paths.fast
+        assert ["/v1/invoke/billing/b"] == paths.resumed
+        assert [("/a", 0), ("/b", 1)] == [(s.target, s.conn) for s in r.backend.seen]
+        await r.settled()
+        assert 1.0 == r.sample("sidecar_retries_total")
+
+    async def test_send_failure_not_retried_is_answered_before_the_parser_returns(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """With retries.max 0 the failed send is answered 502 UPSTREAM_CONNECT_FAILED at
+        once, inside the parser callback: nothing is in flight when it returns."""
+        r = await rig(retries=RetryConfig(max=0))
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+        (conn,) = r.pool.idle
+        assert conn.transport is not None
+        (down,) = r.downstreams
+
+        conn.transport.close()
+        down.data_received(get("/v1/invoke/billing/b"))
+
+        assert dict.fromkeys(r.leaks(), 0) == r.leaks()
+        answer = await app.answer()
+        assert (502, "UPSTREAM_CONNECT_FAILED") == (
+            answer.status,
+            answer.headers["x-sidecar-error"],
+        )
+        assert ["/v1/invoke/billing/b"] == paths.served
+        assert [] == paths.resumed
+        after = await app.get("/v1/invoke/billing/c")
+        assert (200, 1) == (after.status, conn_of(after))
+
+
+class TestRetriesAfterATaskLessAttempt:
+    async def test_pooled_connection_closed_unanswered_is_retried_on_a_new_one(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """The upstream closes the kept-alive connection on the second request without a
+        byte: like a connect failure, retried in a task on a new connection; the app
+        sees only the retry's 200."""
+
+        def second_hangs_up(seen: Seen) -> Reply:
+            return HANG_UP if (seen.conn, seen.nth) == (0, 1) else Reply()
+
+        r = await rig(second_hangs_up)
+        app = await r.connect()
+        first = await app.get("/v1/invoke/billing/a")
+
+        second = await app.get("/v1/invoke/billing/b")
+
+        assert (200, 0) == (first.status, conn_of(first))
+        assert (200, b"/b", 1) == (second.status, second.body, conn_of(second))
+        assert ["/v1/invoke/billing/a"] == paths.tasks
+        assert ["/v1/invoke/billing/b"] == paths.fast
+        assert ["/v1/invoke/billing/b"] == paths.resumed
+        assert ["/v1/invoke/billing/b"] == paths.retried
+        assert [] == paths.served  # finished by the task, not from a callback
+        assert ["/a", "/b", "/b"] == [s.target for s in r.backend.seen]
+        await r.settled()
+        assert 1.0 == r.sample("sidecar_retries_total")
+        assert 2.0 == r.sample("sidecar_upstream_requests_total", code="200")
+        assert 0.0 == r.sample("sidecar_upstream_requests_total", code="502")
+        assert [True, True] == paths.verdicts
+        (conn,) = r.pool.idle  # the retry's connection; the one that hung up is gone
+        assert r.backend.connections[0].closed
+        assert not conn.closed
+
+        third = await app.get("/v1/invoke/billing/c")
+
+        assert (200, 1) == (third.status, conn_of(third))
+        assert ["/v1/invoke/billing/b", "/v1/invoke/billing/c"] == paths.fast
+        await r.settled()
+
+    async def test_retryable_status_is_retried_in_a_task(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """A 503 (in retries.on_statuses) to a task-less attempt is discarded before it
+        reaches the app; the retry, in a task, answers 200."""
+
+        def second_is_503(seen: Seen) -> Reply:
+            return Reply(503, b"try again") if seen.nth == 1 else Reply()
+
+        r = await rig(second_is_503, retries=RetryConfig(on_statuses=frozenset({503})))
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+
+        second = await app.get("/v1/invoke/billing/b")
+
+        assert (200, b"/b") == (second.status, second.body)
+        assert ["/v1/invoke/billing/b"] == paths.fast
+        assert ["/v1/invoke/billing/b"] == paths.resumed
+        assert ["/v1/invoke/billing/b"] == paths.retried
+        # The 503's body was left unread: its connection is closed, the retry makes one.
+        assert [("/a", 0), ("/b", 0), ("/b", 1)] == [(s.target, s.conn) for s in r.backend.seen]
+        assert 1 == conn_of(second)
+        await r.settled()
+        assert 1.0 == r.sample("sidecar_retries_total")
+        assert 2.0 == r.sample("sidecar_upstream_requests_total", code="200")
+        assert 0.0 == r.sample("sidecar_upstream_requests_total", code="503")
+        assert [True, True] == paths.verdicts
+
+    async def test_status_that_may_not_be_retried_is_relayed_from_the_callback(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """With retries.max 0 the upstream's 503 is the answer: relayed as it was sent
+        (no x-sidecar-error) from the response callback, no task; the breaker counts a
+        failure and the kept-alive connection goes back to the pool."""
+
+        def second_is_503(seen: Seen) -> Reply:
+            return Reply(503, b'{"busy": true}') if seen.nth == 1 else Reply()
+
+        r = await rig(second_is_503, retries=RetryConfig(max=0, on_statuses=frozenset({503})))
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+
+        second = await app.get("/v1/invoke/billing/b")
+
+        assert (503, b'{"busy": true}') == (second.status, second.body)
+        assert "x-sidecar-error" not in second.headers
+        assert "text/plain" == second.headers["content-type"]
+        assert ["/v1/invoke/billing/a"] == paths.tasks
+        assert ["/v1/invoke/billing/b"] == paths.fast
+        assert ["/v1/invoke/billing/b"] == paths.served
+        assert [] == paths.resumed
+        await r.settled()
+        assert 1.0 == r.sample("sidecar_upstream_requests_total", code="503")
+        assert 0.0 == r.sample("sidecar_retries_total")
+        assert [True, False] == paths.verdicts
+        assert 1 == r.upstream.breaker.failure_count
+        assert 1 == len(r.pool.idle)
+
+    async def test_retry_budget_spent_relays_the_status(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """A retryable status with no retry budget left is relayed from the callback too."""
+        r = await rig(
+            lambda seen: Reply(503, b"no") if seen.nth == 1 else Reply(),
+            retries=RetryConfig(
+                on_statuses=frozenset({503}), budget_ratio=0.0, min_retries_per_second=0.0
+            ),
+        )
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+
+        second = await app.get("/v1/invoke/billing/b")
+
+        assert (503, b"no") == (second.status, second.body)
+        assert ["/v1/invoke/billing/b"] == paths.served
+        assert [] == paths.resumed
+        await r.settled()
+
+
+class TestTimeouts:
+    async def test_per_try_timeout_of_a_task_less_attempt_is_504(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """The upstream never answers the second request on its connection: after
+        per_try_timeout the app gets 504 UPSTREAM_TIMEOUT in the error contract, that
+        connection is closed, nothing leaks, and the app's connection carries on."""
+
+        def second_stalls(seen: Seen) -> Reply:
+            return STALL if seen.nth == 1 else Reply()
+
+        r = await rig(second_stalls, per_try_timeout=0.2)
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+
+        began = time.monotonic()
+        timed_out = await app.get("/v1/invoke/billing/b")
+        took = time.monotonic() - began
+
+        assert 504 == timed_out.status
+        assert "UPSTREAM_TIMEOUT" == timed_out.headers["x-sidecar-error"]
+        assert "application/json" == timed_out.headers["content-type"]
+        error = json.loads(timed_out.body)["error"]
+        assert ("UPSTREAM_TIMEOUT", "billing") == (error["code"], error["upstream"])
+        assert "per_try_timeout" in error["message"]
+        assert 0.2 <= took < 1.5
+        assert ["/v1/invoke/billing/b"] == paths.fast
+        assert ["/v1/invoke/billing/b"] == paths.served
+        assert [] == paths.resumed
+        await r.settled()
+        await until("the stalled connection closed", lambda: r.backend.connections[0].closed)
+        assert [] == r.pool.idle
+        assert 1.0 == r.sample("sidecar_upstream_requests_total", code="504")
+        assert 1.0 == r.sample("sidecar_proxy_errors_total", error="UPSTREAM_TIMEOUT")
+        assert [True, False] == paths.verdicts
+
+        after = await app.get("/v1/invoke/billing/c")
+
+        assert (200, 1) == (after.status, conn_of(after))
+
+    async def test_timeout_retried_when_allowed(self, rig: RigFactory, paths: Paths) -> None:
+        """With retries.on_timeout the timed-out task-less attempt is retried in a task."""
+
+        def second_stalls(seen: Seen) -> Reply:
+            return STALL if seen.nth == 1 else Reply()
+
+        r = await rig(second_stalls, per_try_timeout=0.2, retries=RetryConfig(on_timeout=True))
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+
+        second = await app.get("/v1/invoke/billing/b")
+
+        assert (200, 1) == (second.status, conn_of(second))
+        assert ["/v1/invoke/billing/b"] == paths.resumed
+        await r.settled()
+
+
+class TestAppLeaves:
+    async def test_app_closing_while_waiting_releases_everything(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """The app closes its connection while a task-less request waits for the
+        upstream: the attempt ends without a verdict, the upstream connection is closed
+        (not pooled) and every count is given back."""
+
+        def second_stalls(seen: Seen) -> Reply:
+            return STALL if seen.nth == 1 else Reply()
+
+        r = await rig(second_stalls)
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+        app.send(get("/v1/invoke/billing/b"))
+        await until("sent upstream", lambda: len(r.backend.seen) == 2)
+        assert 1 == r.upstream.inflight
+
+        await app.close()
+
+        await r.settled()
+        await until("the upstream connection closed", lambda: r.backend.connections[0].closed)
+        assert [] == r.pool.idle
+        assert ["/v1/invoke/billing/b"] == paths.fast
+        assert ["/v1/invoke/billing/b"] == paths.served
+        assert [] == paths.resumed
+        assert [True, None] == paths.verdicts
+        assert 0 == r.upstream.breaker.failure_count
+        assert not r.proxy.connections
+
+
+class TestUnexpectedErrors:
+    """A bug on the task-less path is contained as on the coroutine path: logged, the
+    app's connection closed, nothing left counted or taken."""
+
+    @staticmethod
+    def fail_for(monkeypatch: pytest.MonkeyPatch, suffix: bytes) -> None:
+        request_head = Exchange._request_head
+
+        def broken(self: Exchange) -> bytes:
+            if self.req.target.endswith(suffix):
+                raise RuntimeError("injected")
+            return request_head(self)
+
+        monkeypatch.setattr(Exchange, "_request_head", broken)
+
+    async def test_error_starting_a_task_less_request_closes_the_app_connection(
+        self, rig: RigFactory, paths: Paths, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        r = await rig()
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+        self.fail_for(monkeypatch, b"/b")
+
+        app.send(get("/v1/invoke/billing/b"))
+
+        assert b"" == await asyncio.wait_for(app.reader.read(), PATIENCE)
+        await r.settled()
+        assert 1 == len(r.pool.idle)  # the pooled connection was not taken
+        assert 1 == len(r.backend.seen)
+
+    async def test_error_starting_a_pipelined_request_closes_after_the_first_answer(
+        self, rig: RigFactory, paths: Paths, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        r = await rig(lambda seen: Reply(delay=0.05))
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+        self.fail_for(monkeypatch, b"/c")
+
+        app.send(get("/v1/invoke/billing/b") + get("/v1/invoke/billing/c"))
+
+        assert 200 == (await app.answer()).status
+        assert b"" == await asyncio.wait_for(app.reader.read(), PATIENCE)
+        await r.settled()
+        assert not r.backend.connections[0].closed  # the upstream side is untouched
+        assert ["/v1/invoke/billing/b"] == paths.served
+
+
+class TestPipelining:
+    async def test_two_pipelined_requests_are_answered_in_order_task_less(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """Two GETs in one write on a warmed connection: the second waits for the first
+        to finish, then is sent from that answer's callback on the same upstream
+        connection; both answers arrive in order."""
+        r = await rig(lambda seen: Reply(delay=0.05) if seen.target == "/p1" else Reply())
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/warm")
+
+        app.send(get("/v1/invoke/billing/p1") + get("/v1/invoke/billing/p2"))
+        first = await app.answer()
+        second = await app.answer()
+
+        assert [(200, b"/p1"), (200, b"/p2")] == [
+            (first.status, first.body),
+            (second.status, second.body),
+        ]
+        assert [0, 0] == [conn_of(first), conn_of(second)]
+        assert ["recv /p1", "send /p1", "recv /p2", "send /p2"] == r.backend.timeline[2:]
+        assert ["/v1/invoke/billing/warm"] == paths.tasks
+        assert ["/v1/invoke/billing/p1", "/v1/invoke/billing/p2"] == paths.fast
+        assert ["/v1/invoke/billing/p1", "/v1/invoke/billing/p2"] == paths.served
+        await r.settled()
+        assert 1 == len(r.pool.idle)
+        assert 3.0 == r.sample("sidecar_upstream_requests_total", code="200")
+
+
+class _Recorder(SpanExporter):
+    """Keeps the spans it is given."""
+
+    def __init__(self) -> None:
+        self.spans: list[ReadableSpan] = []
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.spans.extend(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _tracer(ratio: float) -> tuple[Tracer, _Recorder]:
+    config = config_from_mapping(
+        {
+            "service": {"name": "orders", "id": "orders-1"},
+            "consul": {"enabled": False},
+            "telemetry": {"tracing": {"exporter": "console", "sampler_ratio": ratio}},
+        },
+        {},
+    )
+    recorder = _Recorder()
+    return Tracer(config, exporter=recorder), recorder
+
+
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+PARENT = "b7ad6b7169203331"
+
+
+class TestTracing:
+    async def test_sampled_request_takes_the_coroutine_path(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """With every trace sampled, a request with a pooled connection at hand is still
+        served in a task, which records its SERVER and CLIENT spans and sends the
+        CLIENT span's context upstream."""
+        tracer, recorder = _tracer(1.0)
+        r = await rig(tracer=tracer)
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+
+        second = await app.get("/v1/invoke/billing/b")
+
+        assert 200 == second.status
+        assert ["/v1/invoke/billing/a", "/v1/invoke/billing/b"] == paths.tasks
+        assert [] == paths.fast
+        await r.settled()
+        tracer.shutdown(1.0)  # never started: exports what is queued, here
+        client = [s for s in recorder.spans if s.kind.name == "CLIENT"]
+        assert 4 == len(recorder.spans)
+        assert 2 == len(client)
+        sent = r.backend.seen[1].headers["traceparent"]
+        context = client[1].context
+        assert context is not None
+        assert f"00-{context.trace_id:032x}-{context.span_id:016x}-01" == sent
+
+    async def test_unsampled_request_is_task_less_and_carries_its_context(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """With nothing sampled, requests on a pooled connection go task-less and still
+        send a traceparent upstream: a new unsampled one, or the app's own unchanged
+        (with its tracestate)."""
+        tracer, recorder = _tracer(0.0)
+        r = await rig(tracer=tracer)
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+        theirs = f"00-{TRACE}-{PARENT}-00"
+
+        new = await app.get("/v1/invoke/billing/b")
+        carried = await app.get(
+            "/v1/invoke/billing/c", extra=[("traceparent", theirs), ("tracestate", "k=v")]
+        )
+
+        assert [200, 200] == [new.status, carried.status]
+        assert ["/v1/invoke/billing/b", "/v1/invoke/billing/c"] == paths.fast
+        assert ["/v1/invoke/billing/a"] == paths.tasks
+        made = r.backend.seen[1].headers["traceparent"]
+        version, trace_id, span_id, flags = made.split("-")
+        assert ("00", 32, 16, "00") == (version, len(trace_id), len(span_id), flags)
+        assert 0 not in (int(trace_id, 16), int(span_id, 16))
+        assert theirs == r.backend.seen[2].headers["traceparent"]
+        assert "k=v" == r.backend.seen[2].headers["tracestate"]
+        await r.settled()
+        tracer.shutdown(1.0)
+        assert [] == recorder.spans
