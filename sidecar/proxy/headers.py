@@ -133,6 +133,169 @@ def serialize(headers: Headers) -> bytes:
     return b"".join([b"%s: %s\r\n" % pair for pair in headers])
 
 
+# -- The hot path: one pass from the parsed fields to the wire ------------------------------
+#
+# `request_head` and `response_fields` give exactly the bytes of the compositions above
+# (`request_headers` / `response_headers` + `rechunked_encoding`, then `serialize`), which
+# stay as the readable specification the tests hold them to. They lower-case each name
+# once and write `Name: value\r\n` pieces straight into one list, joined once: no
+# intermediate pair lists, no set per message.
+#
+# `Connection` is the one field that makes a field's fate depend on another, maybe later,
+# one. Its usual tokens (`keep-alive`, `upgrade`) name fields dropped anyway and those
+# messages stay on the single pass; a token naming a field that might be kept sends the
+# message down the old composition instead. `close` would be such a token, and a common
+# one, yet no real field is called that: it counts as harmless, and a field that is
+# called `close` falls back on its own. That check sits on the branch special names
+# already take, so the ordinary field pays nothing for it.
+
+#: `Connection` tokens that change nothing in a request: fields already dropped, fields
+#: that are never removed, and `close` (see above).
+_REQUEST_HARMLESS: frozenset[bytes] = _REQUEST_ONLY_DROP | PROTECTED | {b"close"}
+_RESPONSE_HARMLESS: frozenset[bytes] = HOP_BY_HOP | PROTECTED | {b"close"}
+
+#: Every request field name the single pass treats specially; any other is copied as it
+#: is, after one set lookup.
+_REQUEST_SPECIAL: frozenset[bytes] = (
+    _REQUEST_ONLY_DROP | _TRACE_CONTEXT | {b"close", b"host", b"x-forwarded-for"}
+)
+_RESPONSE_SPECIAL: frozenset[bytes] = HOP_BY_HOP | {b"close"}
+
+_CHUNKED_FRAMING = b"Transfer-Encoding: chunked\r\n"
+#: Written again by the proxy for a tunnelled WebSocket handshake (the app's copies are
+#: hop-by-hop and dropped).
+UPGRADE_WEBSOCKET = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+
+
+def request_head(
+    method: bytes,
+    target: bytes,
+    headers: Headers,
+    client_ip: bytes,
+    *,
+    host: bytes | None,
+    replace_host: bool,
+    traceparent: bytes | None,
+    tracestate: str,
+    chunked: bool,
+    upgrade: bool,
+) -> bytes:
+    """The upstream request head, in one pass: the bytes of
+
+        b"%s %s HTTP/1.1\\r\\n%s%s\\r\\n" % (method, target, serialize(request_headers(
+            headers, client_ip, host, replace_host, traceparent=..., tracestate=...)), framing)
+
+    where framing is `Transfer-Encoding: chunked` when `chunked`, then `Connection:
+    Upgrade` and `Upgrade: websocket` when `upgrade`. See `request_headers` for the rules.
+    """
+    replace_trace = traceparent is not None
+    # parts[4] is the slot for a Host line, filled at the end if the app sent none.
+    parts = [method, b" ", target, b" HTTP/1.1\r\n", b""]
+    append = parts.append
+    xff = b""
+    has_host = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _REQUEST_SPECIAL:
+            if lname in _REQUEST_ONLY_DROP:
+                # A lone token (`keep-alive`) is looked up as it is, without _tokens' set.
+                if lname == b"connection" and not (
+                    value.lower() in _REQUEST_HARMLESS or _tokens(value) <= _REQUEST_HARMLESS
+                ):
+                    break  # it may name a field already written: fall back, below
+                continue
+            if lname == b"host":
+                if replace_host:
+                    continue
+                has_host = True
+            elif lname == b"x-forwarded-for":
+                xff += value + b", "
+                continue
+            elif lname == b"close":
+                break  # `Connection: close` would remove it: fall back, below
+            elif replace_trace:
+                continue  # traceparent or tracestate, replaced below
+        # Four appends beat `b"%s: %s\r\n" %` and concatenation (measured, CPython 3.11).
+        append(name)
+        append(b": ")
+        append(value)
+        append(b"\r\n")
+    else:  # no break: the single pass stands
+        if host is not None and not has_host:
+            parts[4] = b"Host: " + host + b"\r\n"
+        parts += (b"X-Forwarded-For: ", xff, client_ip, b"\r\n")
+        if traceparent is not None:
+            parts += (b"traceparent: ", traceparent, b"\r\n")
+            if tracestate:
+                parts += (b"tracestate: ", tracestate.encode("latin-1"), b"\r\n")
+        if chunked:
+            append(_CHUNKED_FRAMING)
+        if upgrade:
+            append(UPGRADE_WEBSOCKET)
+        append(b"\r\n")
+        return b"".join(parts)
+    # Connection may remove a kept field: the composition this function stands for.
+    fields = request_headers(
+        headers, client_ip, host, replace_host, traceparent=traceparent, tracestate=tracestate
+    )
+    framing = _CHUNKED_FRAMING if chunked else b""
+    if upgrade:
+        framing += UPGRADE_WEBSOCKET
+    return b"%s %s HTTP/1.1\r\n%s%s\r\n" % (method, target, serialize(fields), framing)
+
+
+def response_fields(headers: Headers, rechunk: bool) -> bytes:
+    """The response's field lines for the app, in one pass: the bytes of
+    `serialize(response_headers(headers))`, then `rechunked_encoding(headers)` when
+    `rechunk` (the body is re-chunked toward an HTTP/1.1 app).
+
+    The caller adds the status line, its own `Connection` field and the final CRLF.
+    """
+    parts: list[bytes] = []
+    append = parts.append
+    codings: bytes | None = None  # the first Transfer-Encoding, as rechunked_encoding reads
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _RESPONSE_SPECIAL:
+            if lname == b"transfer-encoding":
+                if codings is None:
+                    codings = value
+            elif lname == b"connection":
+                if not (
+                    value.lower() in _RESPONSE_HARMLESS or _tokens(value) <= _RESPONSE_HARMLESS
+                ):
+                    break  # as in request_head: fall back, below
+            elif lname == b"close":
+                break
+            continue
+        append(name)
+        append(b": ")
+        append(value)
+        append(b"\r\n")
+    else:  # no break: the single pass stands
+        if rechunk:
+            append(_rechunked_line(codings))
+        return b"".join(parts)
+    fields = serialize(response_headers(headers))
+    return fields + rechunked_encoding(headers) if rechunk else fields
+
+
+def _rechunked_line(codings: bytes | None) -> bytes:
+    """`rechunked_encoding` given its first `Transfer-Encoding` value (None: there is none).
+
+    A copy rather than a shared helper so that `rechunked_encoding` stays an independent
+    specification the tests hold this one to.
+    """
+    if codings is None:
+        return _CHUNKED_FRAMING
+    codings = codings.strip()
+    if codings.rpartition(b",")[2].strip().lower() == b"chunked":
+        if codings.lower() == b"chunked":
+            return _CHUNKED_FRAMING
+        return b"Transfer-Encoding: %s\r\n" % codings
+    return b"Transfer-Encoding: %s, chunked\r\n" % codings
+
+
 INVOKE_PREFIX = b"/v1/invoke/"
 
 

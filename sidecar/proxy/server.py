@@ -35,12 +35,12 @@ from sidecar.proxy.forward import (
 )
 from sidecar.proxy.headers import (
     INVOKE_PREFIX,
+    UPGRADE_WEBSOCKET,
     Headers,
     absolute_target,
     host_name,
-    rechunked_encoding,
-    request_headers,
-    response_headers,
+    request_head,
+    response_fields,
     route_target,
     scheme_length,
     serialize,
@@ -85,7 +85,6 @@ _VERSIONS = frozenset(("1.1", "1.0"))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNK_END = b"0\r\n\r\n"
 _CRLF = b"\r\n"
-_UPGRADE_WEBSOCKET = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
 #: Methods whose `Max-Forwards` the sidecar honours (RFC 9110 §7.6.2).
 _MAX_FORWARDS_METHODS = frozenset((b"TRACE", b"OPTIONS"))
 #: What the sidecar answers, as the final recipient, to `OPTIONS` with `Max-Forwards: 0`.
@@ -1512,27 +1511,17 @@ class Exchange:
         req = self.req
         host = self.host
         trace = req.trace
-        if trace is not None:
-            headers = request_headers(
-                req.headers,
-                self.down.client_ip,
-                self.up.host if host is None else host,
-                replace_host=host is not None,
-                traceparent=trace.header,
-                tracestate=trace.tracestate,
-            )
-        elif host is None:
-            headers = request_headers(req.headers, self.down.client_ip, self.up.host)
-        else:
-            headers = request_headers(req.headers, self.down.client_ip, host, replace_host=True)
-        framing = b"Transfer-Encoding: chunked\r\n" if req.chunked else b""
-        if req.upgrade:
-            framing += _UPGRADE_WEBSOCKET
-        return b"%s %s HTTP/1.1\r\n%s%s\r\n" % (
+        return request_head(
             req.method,
             self.target,
-            serialize(headers),
-            framing,
+            req.headers,
+            self.down.client_ip,
+            host=self.up.host if host is None else host,
+            replace_host=host is not None,
+            traceparent=None if trace is None else trace.header,
+            tracestate="" if trace is None else trace.tracestate,
+            chunked=req.chunked,
+            upgrade=req.upgrade,
         )
 
     def _may_retry(self, loop: asyncio.AbstractEventLoop) -> bool:
@@ -1612,7 +1601,7 @@ class Exchange:
             return
         self.interim = True
         self._out.append(
-            b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, serialize(response_headers(headers)))
+            b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, response_fields(headers, False))
         )
 
     def on_response_head(self, status: int, reason: bytes, headers: Headers, framing: int) -> None:
@@ -1634,23 +1623,23 @@ class Exchange:
             # count it as failing) for the app's slowness.
             self.conn.pause_reading()
         keep = down.may_keep(req)
-        out = response_headers(headers)
-        extra = b""
-        self.downstream_chunked = False
+        rechunk = self.downstream_chunked = False
         if framing in (FRAMING_CHUNKED, FRAMING_CLOSE):
             if req.version == "1.1":
-                extra = rechunked_encoding(headers)
-                self.downstream_chunked = True
+                rechunk = self.downstream_chunked = True
             else:
                 keep = False
         if framing == FRAMING_TUNNEL:
-            extra = _UPGRADE_WEBSOCKET  # not hop-by-hop this once: the app's side of the switch
+            extra = UPGRADE_WEBSOCKET  # not hop-by-hop this once: the app's side of the switch
             keep = False
         else:
-            extra += _connection_field(req, keep)
+            extra = _connection_field(req, keep)
         self.keep = keep
         # Held until flush(): the head usually leaves in one write with the body.
-        self._out.append(b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (status, reason, serialize(out), extra))
+        self._out.append(
+            b"HTTP/1.1 %d %s\r\n%s%s\r\n"
+            % (status, reason, response_fields(headers, rechunk), extra)
+        )
 
     def on_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
         """The upstream answered 101: relay it, then join the two sockets in a tunnel."""

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sidecar.proxy import headers as headers_module
 from sidecar.proxy.headers import (
     HOP_BY_HOP,
     PROTECTED,
     absolute_target,
     host_name,
     rechunked_encoding,
+    request_head,
     request_headers,
+    response_fields,
     response_headers,
     route_target,
     serialize,
@@ -295,3 +302,274 @@ class TestHostName:
         assert b"billing" == host_name(b"User@Billing:80")
         assert b"[::1]" == host_name(b"[::1]:4001")
         assert b"billing" == host_name(b" billing ")
+
+
+# -- request_head and response_fields: the one-pass forms of the compositions above ----------
+
+
+def composed_request_head(
+    method: bytes,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]],
+    client_ip: bytes,
+    *,
+    host: bytes | None,
+    replace_host: bool,
+    traceparent: bytes | None,
+    tracestate: str,
+    chunked: bool,
+    upgrade: bool,
+) -> bytes:
+    """The head `Exchange._request_head` composed before `request_head`: its specification."""
+    fields = request_headers(
+        headers, client_ip, host, replace_host, traceparent=traceparent, tracestate=tracestate
+    )
+    framing = b"Transfer-Encoding: chunked\r\n" if chunked else b""
+    if upgrade:
+        framing += b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+    return b"%s %s HTTP/1.1\r\n%s%s\r\n" % (method, target, serialize(fields), framing)
+
+
+def composed_response_fields(headers: list[tuple[bytes, bytes]], rechunk: bool) -> bytes:
+    """The field lines `Exchange.on_response_head` composed before `response_fields`."""
+    return serialize(response_headers(headers)) + (rechunked_encoding(headers) if rechunk else b"")
+
+
+#: Every combination of request_head's options, Exchange's three call shapes among them.
+REQUEST_OPTIONS: list[dict[str, Any]] = [
+    {
+        "host": host,
+        "replace_host": replace_host,
+        "traceparent": traceparent,
+        "tracestate": tracestate,
+        "chunked": chunked,
+        "upgrade": upgrade,
+    }
+    for host, replace_host, traceparent, tracestate, chunked, upgrade in itertools.product(
+        (None, b"billing:8080"),
+        (False, True),
+        (None, b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        ("", "vendor=opaque,other@x=1"),
+        (False, True),
+        (False, True),
+    )
+]
+
+TRICKY_REQUESTS: dict[str, list[tuple[bytes, bytes]]] = {
+    "empty": [],
+    "typical": [(b"Host", b"billing"), (b"User-Agent", b"curl/8"), (b"Accept", b"*/*")],
+    "two hosts": [(b"HOST", b"a"), (b"Accept", b"*/*"), (b"host", b"b")],
+    "connection names a field": [(b"Connection", b"close, X-Hop"), (b"X-Hop", b"1")],
+    "connection after the field it names": [(b"x-hop", b"1"), (b"CONNECTION", b"X-HOP")],
+    "connection names protected fields": [
+        (b"Host", b"h"),
+        (b"Connection", b"Content-Length, HOST, x-hop"),
+        (b"content-length", b"3"),
+        (b"X-Hop", b"1"),
+    ],
+    "duplicate connection fields": [
+        (b"Connection", b"x-a"),
+        (b"X-A", b"1"),
+        (b"X-B", b"2"),
+        (b"connection", b"X-b"),
+        (b"X-C", b"3"),
+    ],
+    "spaces, tabs and empty tokens": [
+        (b"Connection", b"  X-Hop ,, ,\tkeep-alive , "),
+        (b"x-hop", b"1"),
+        (b"X-Hop2", b"2"),
+    ],
+    "empty connection value": [(b"Connection", b""), (b"Accept", b"*/*")],
+    "connection close and a field called close": [
+        (b"Connection", b"Close"),
+        (b"CLOSE", b"x"),
+        (b"Accept", b"*/*"),
+    ],
+    "a field called close alone": [(b"Close", b"x"), (b"Accept", b"*/*")],
+    "keep-alive and upgrade": [
+        (b"Connection", b"keep-alive, Upgrade"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"Upgrade", b"websocket"),
+        (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+    ],
+    "connection names x-forwarded-for": [
+        (b"X-Forwarded-For", b"10.0.0.1"),
+        (b"Connection", b"x-forwarded-for"),
+    ],
+    "connection names the trace context": [
+        (b"traceparent", b"00-app-01"),
+        (b"TraceState", b"app=1"),
+        (b"Connection", b"Traceparent, tracestate"),
+    ],
+    "connection names expect and te": [
+        (b"Expect", b"100-continue"),
+        (b"TE", b"trailers"),
+        (b"Connection", b"te, EXPECT"),
+    ],
+    "forwarded-for, several and empty": [
+        (b"X-Forwarded-For", b"a"),
+        (b"x-forwarded-for", b""),
+        (b"X-FORWARDED-FOR", b"b, c"),
+    ],
+    "app trace context": [(b"Traceparent", b"00-app-01"), (b"tracestate", b"app=1")],
+    "expect": [(b"Expect", b"100-continue"), (b"Content-Length", b"3")],
+    "every hop-by-hop field in odd case": [(n.title(), b"x") for n in sorted(HOP_BY_HOP)]
+    + [(b"Accept", b"*/*")],
+    "proxy credentials": [(b"Proxy-Authorization", b"Basic eDp5"), (b"Host", b"h")],
+    "bytes beyond ascii": [(b"X-\xc4", b"\xe9t\xe9"), (b"Host", b"h\xff")],
+    "a name with a trailing space": [(b"X-Hop ", b"1"), (b"Connection", b"x-hop")],
+}
+
+TRICKY_RESPONSES: dict[str, list[tuple[bytes, bytes]]] = {
+    "empty": [],
+    "typical": [
+        (b"Server", b"gunicorn"),
+        (b"Date", b"Mon, 01 Jan 2024 00:00:00 GMT"),
+        (b"Content-Type", b"application/json"),
+        (b"Content-Length", b"42"),
+    ],
+    "keep-alive": [(b"Connection", b"keep-alive"), (b"Keep-Alive", b"timeout=5")],
+    "close": [(b"Connection", b"close"), (b"Content-Type", b"text/plain")],
+    "close and a field called close": [(b"close", b"x"), (b"Connection", b"CLOSE")],
+    "connection names fields": [
+        (b"Connection", b"X-Internal, content-length"),
+        (b"X-Internal", b"secret"),
+        (b"Content-Length", b"5"),
+    ],
+    "connection names transfer-encoding": [
+        (b"Transfer-Encoding", b"gzip"),
+        (b"Connection", b"transfer-encoding, x-a"),
+    ],
+    "chunked": [(b"Transfer-Encoding", b"chunked")],
+    "chunked in odd case with spaces": [(b"transfer-encoding", b"  Chunked  ")],
+    "gzip, chunked": [(b"TRANSFER-ENCODING", b"gzip, chunked")],
+    "chunked, gzip": [(b"Transfer-Encoding", b"chunked, gzip")],
+    "two transfer-encodings": [
+        (b"Transfer-Encoding", b"gzip"),
+        (b"Transfer-Encoding", b"chunked"),
+    ],
+    "empty transfer-encoding": [(b"Transfer-Encoding", b"")],
+    "proxy credentials": [(b"Proxy-Authenticate", b'Basic realm="x"'), (b"Vary", b"*")],
+}
+
+#: Names the random header lists draw from: every name the rules single out, look-alikes,
+#: and ordinary ones.
+NAME_POOL = [
+    *sorted(HOP_BY_HOP),
+    b"expect",
+    b"host",
+    b"content-length",
+    b"x-forwarded-for",
+    b"traceparent",
+    b"tracestate",
+    b"close",
+    b"x-hop",
+    b"x-hop ",
+    b"accept",
+    b"user-agent",
+    b"content-type",
+    b"",
+]
+TOKEN_POOL = [*NAME_POOL, b"close", b"keep-alive", b"x-a", b"x-b"]
+VALUE_POOL = [b"", b"x", b" 1 ", b"a, b", b"\t", b"gzip", b"chunked", b"gzip, chunked", b"\xe9"]
+
+
+def mixed_case(rng: random.Random, name: bytes) -> bytes:
+    return bytes(c ^ 0x20 if 97 <= c <= 122 and rng.random() < 0.5 else c for c in name)
+
+
+def connection_value(rng: random.Random) -> bytes:
+    """A Connection value: random tokens in any case, padded, with empty ones between."""
+    tokens = [mixed_case(rng, rng.choice(TOKEN_POOL)) for _ in range(rng.randint(0, 4))]
+    padded = [rng.choice((b"", b" ", b"\t")) + t + rng.choice((b"", b" ")) for t in tokens]
+    return rng.choice((b",", b", ", b" ,", b",,")).join(padded)
+
+
+def random_headers(rng: random.Random) -> list[tuple[bytes, bytes]]:
+    headers = []
+    for _ in range(rng.randint(0, 8)):
+        name = rng.choice(NAME_POOL)
+        value = connection_value(rng) if name == b"connection" else rng.choice(VALUE_POOL)
+        headers.append((mixed_case(rng, name), value))
+    return headers
+
+
+def spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[object]:
+    """Record each call of sidecar.proxy.headers' function `name` (still run)."""
+    real = getattr(headers_module, name)
+    calls: list[object] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(headers_module, name, recording)
+    return calls
+
+
+class TestRequestHead:
+    @pytest.mark.parametrize("headers", TRICKY_REQUESTS.values(), ids=TRICKY_REQUESTS.keys())
+    def test_tricky_cases_match_the_composition(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """For each tricky field list and every option, request_head writes exactly the
+        head that request_headers, serialize and the framing lines compose."""
+        for options in REQUEST_OPTIONS:
+            expected = composed_request_head(b"GET", b"/a?b", headers, b"10.1.2.3", **options)
+            assert expected == request_head(b"GET", b"/a?b", headers, b"10.1.2.3", **options)
+
+    def test_random_field_lists_match_the_composition(self) -> None:
+        """Thousands of random field lists (hop-by-hop names in any case, Connection
+        listing any of them, padded and empty tokens), each with random options, give the
+        composed head byte for byte."""
+        rng = random.Random(20240611)
+        for _ in range(4000):
+            headers = random_headers(rng)
+            options = rng.choice(REQUEST_OPTIONS)
+            method = rng.choice((b"GET", b"POST", b"OPTIONS"))
+            expected = composed_request_head(method, b"/x", headers, b"::1", **options)
+            assert expected == request_head(method, b"/x", headers, b"::1", **options), headers
+
+    def test_usual_connection_tokens_stay_on_the_single_pass(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """`Connection: keep-alive`, `upgrade` or `close` (the tokens clients send) do not
+        fall back to the composition; a token naming a field that may be kept does."""
+        calls = spy(monkeypatch, "request_headers")
+        for tokens in (b"keep-alive", b"Upgrade", b"close", b" Keep-Alive ,, close ,"):
+            headers = [(b"Host", b"h"), (b"Connection", tokens), (b"Accept", b"*/*")]
+            request_head(b"GET", b"/", headers, b"ip", **REQUEST_OPTIONS[0])
+        assert 0 == len(calls)
+        request_head(b"GET", b"/", [(b"Connection", b"x-hop")], b"ip", **REQUEST_OPTIONS[0])
+        assert 1 == len(calls)
+
+
+class TestResponseFields:
+    @pytest.mark.parametrize("rechunk", [False, True])
+    @pytest.mark.parametrize("headers", TRICKY_RESPONSES.values(), ids=TRICKY_RESPONSES.keys())
+    def test_tricky_cases_match_the_composition(
+        self, headers: list[tuple[bytes, bytes]], rechunk: bool
+    ) -> None:
+        """response_fields writes exactly serialize(response_headers(...)) followed, when
+        re-chunking, by rechunked_encoding(...)."""
+        assert composed_response_fields(headers, rechunk) == response_fields(headers, rechunk)
+
+    def test_random_field_lists_match_the_composition(self) -> None:
+        """Thousands of random field lists give the composed lines byte for byte, both
+        with and without re-chunking."""
+        rng = random.Random(20240612)
+        for _ in range(4000):
+            headers = random_headers(rng)
+            for rechunk in (False, True):
+                expected = composed_response_fields(headers, rechunk)
+                assert expected == response_fields(headers, rechunk), headers
+
+    def test_usual_connection_tokens_stay_on_the_single_pass(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An upstream's `Connection: keep-alive` or `close` does not fall back to the
+        composition; a token naming a field that may be kept does."""
+        calls = spy(monkeypatch, "response_headers")
+        for tokens in (b"keep-alive", b"close"):
+            response_fields([(b"Connection", tokens), (b"Content-Length", b"0")], True)
+        assert 0 == len(calls)
+        response_fields([(b"Connection", b"x-internal")], False)
+        assert 1 == len(calls)
