@@ -26,8 +26,6 @@ class Upstream:
     """Everything the proxy needs to send one request to one named upstream."""
 
     __slots__ = (
-        "_codes",
-        "_metrics",
         "balancer",
         "breaker",
         "budget",
@@ -50,7 +48,6 @@ class Upstream:
         self.resolver = resolver
         self.inflight = 0
         self.served = 0  # finished requests; tells an idle on-demand upstream apart
-        self._metrics = metrics
         outlier = config.outlier
         self.balancer = Balancer(
             config.name,
@@ -75,7 +72,6 @@ class Upstream:
         self.retry_statuses = config.retries.on_statuses
         self.retries: Counter = metrics.retries.labels(config.name)
         self.traffic = metrics.traffic(config.name)
-        self._codes: dict[int, Counter] = {}
         fallback = config.fallback
         self.fallback_headers = (
             b""
@@ -112,12 +108,7 @@ class Upstream:
     def count(self, status: int) -> None:
         """Count one finished request by the status the app received."""
         self.served += 1
-        child = self._codes.get(status)
-        if child is None:
-            child = self._codes[status] = self._metrics.upstream_requests.labels(
-                self.name, str(status)
-            )
-        child.inc()
+        self.traffic.count(status)
 
     def _on_breaker_change(self, old: str, new: str) -> None:
         level = log.warning if new == "open" else log.info

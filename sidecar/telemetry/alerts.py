@@ -130,7 +130,7 @@ def upstream_traffic(metrics: Metrics) -> dict[str, Traffic]:
     """The sidecar's upstream traffic now: the one place that knows which objects hold
     those series today. Only these two families are collected, not the whole registry."""
     return read_upstream_traffic(
-        itertools.chain(metrics.upstream_requests.collect(), metrics.upstream_duration.collect())
+        itertools.chain(metrics.requests.collect(), metrics.upstream_duration.collect())
     )
 
 

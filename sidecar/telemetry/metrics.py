@@ -1,10 +1,10 @@
 """Prometheus metric families of SPEC §9, on a registry owned by the running sidecar.
 
 Gauges that mirror live state (circuit state, endpoint counts, in-flight) are
-read at scrape time from the objects that own that state. The latency histogram,
-observed on every request, is plain integers in an `UpstreamTraffic` per upstream
-(no lock, no Python loop over buckets) that become the same Prometheus series at
-scrape time. Every family
+read at scrape time from the objects that own that state. The request counter and
+the latency histogram, counted on every request, are plain integers in an
+`UpstreamTraffic` per upstream (no lock, no Python loop over buckets) that become
+the same Prometheus series at scrape time. Every family
 is listed in docs/metrics.md; a unit test keeps that list and this registry equal.
 """
 
@@ -16,6 +16,7 @@ from typing import cast
 
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
 from prometheus_client.core import (
+    CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
@@ -40,19 +41,25 @@ _BUCKET_LABELS = [_go_float(b) for b in LATENCY_BUCKETS]
 
 
 class UpstreamTraffic:
-    """One upstream's latency histogram as plain numbers.
+    """One upstream's request counts by status and latency histogram as plain numbers.
 
-    The proxy adds a sample on every request; `UpstreamDurations` turns them into
-    the Prometheus family at scrape time. The event loop is the only writer, so no
-    lock is needed.
+    The proxy counts every request here; `UpstreamRequests` and `UpstreamDurations`
+    turn them into the Prometheus families at scrape time. The event loop is the only
+    writer, so no lock is needed.
     """
 
-    __slots__ = ("buckets", "name", "sum")
+    __slots__ = ("buckets", "codes", "name", "sum")
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.codes: dict[int, int] = {}  # requests by the status the app received
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one: above 30 s
         self.sum = 0.0
+
+    def count(self, status: int) -> None:
+        """One finished request, by the status the app received."""
+        codes = self.codes
+        codes[status] = codes.get(status, 0) + 1
 
     def observe(self, seconds: float) -> None:
         """One latency sample (the bucket of an `le` bound, as Prometheus counts them)."""
@@ -61,6 +68,34 @@ class UpstreamTraffic:
 
     def __repr__(self) -> str:
         return f"<UpstreamTraffic {self.name} samples={sum(self.buckets)}>"
+
+
+class UpstreamRequests(Collector):
+    """`sidecar_upstream_requests_total{upstream,code}`: every `UpstreamTraffic`'s plain
+    counts at scrape time, plus what was counted through `counter.labels(...)` (code
+    off the hot path: tests, tools) in the same series."""
+
+    def __init__(self, counter: Counter, all_: Callable[[], Iterable[UpstreamTraffic]]) -> None:
+        self._counter = counter
+        self._all = all_
+
+    def collect(self) -> Iterator[Metric]:
+        counts: dict[tuple[str, str], float] = {}
+        for family in self._counter.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    key = (sample.labels["upstream"], sample.labels["code"])
+                    counts[key] = counts.get(key, 0.0) + sample.value
+        for traffic in self._all():
+            for code, count in list(traffic.codes.items()):
+                key = (traffic.name, str(code))
+                counts[key] = counts.get(key, 0.0) + count
+        family = CounterMetricFamily(
+            "sidecar_upstream_requests", _REQUESTS_HELP, labels=["upstream", "code"]
+        )
+        for labels, value in counts.items():
+            family.add_metric(labels, value)
+        yield family
 
 
 class UpstreamDurations(Collector):
@@ -112,12 +147,13 @@ class Metrics:
         # Per upstream name, kept for the sidecar's life: a series never goes backwards,
         # even when an on-demand upstream is retired and made again.
         self._traffic: dict[str, UpstreamTraffic] = {}
+        # The proxy counts in `UpstreamTraffic.codes`; this Counter (not registered itself)
+        # keeps prometheus_client's `labels()` API, and `requests` exports both.
         self.upstream_requests = Counter(
-            "sidecar_upstream_requests",
-            _REQUESTS_HELP,
-            ["upstream", "code"],
-            registry=self.registry,
+            "sidecar_upstream_requests", _REQUESTS_HELP, ["upstream", "code"], registry=None
         )
+        self.requests = UpstreamRequests(self.upstream_requests, self._traffic.values)
+        self.registry.register(self.requests)
         self.upstream_duration = UpstreamDurations(self.traffic, self._traffic.values)
         self.registry.register(self.upstream_duration)
         self.retries = Counter(
