@@ -59,6 +59,9 @@ log = get_logger("sidecar.proxy")
 REPLAY_LIMIT = 64 * 1024
 #: Body bytes buffered while no upstream is attached before the app is paused.
 BUFFER_LIMIT = 256 * 1024
+#: How often the deadline ticker checks the attempts of task-less exchanges: their
+#: per-try and overall timeouts fire up to this much late (seconds).
+TICK = 0.01
 #: After a 400, what the app still sends is read and dropped this long before closing,
 #: so the close does not reset the connection before the app has read the answer.
 LINGER = 2.0
@@ -186,6 +189,9 @@ class Proxy:
         self._idle_waiter: asyncio.Future[None] | None = None
         self.no_route_errors = metrics.proxy_errors.labels("", ErrorCode.NO_ROUTE.value)
         self._sweeper: asyncio.TimerHandle | None = None
+        # Task-less exchanges waiting for their upstream, checked by one ticker (`watch`).
+        self.watched: dict[Exchange, None] = {}
+        self._ticker: asyncio.TimerHandle | None = None
         # discovery.allow_any_service: finds (or refuses) a name no upstream has; raises
         # ProxyError when it cannot tell. Called only for names not in `by_name`.
         self.lookup: Callable[[str], Awaitable[Upstream | None]] | None = None
@@ -210,6 +216,32 @@ class Proxy:
         while self.active:
             self._idle_waiter = asyncio.get_running_loop().create_future()
             await self._idle_waiter
+
+    def watch(self, exchange: Exchange, loop: asyncio.AbstractEventLoop) -> None:
+        """Check `exchange.due` every TICK until `exchange` is unwatched.
+
+        One repeating timer for every task-less attempt in flight instead of a timer
+        each (a timer costs more than the rest of the exchange's bookkeeping together);
+        it stops when nothing is watched.
+        """
+        self.watched[exchange] = None
+        if self._ticker is None:
+            self._ticker = loop.call_later(TICK, self._tick, loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        watched = self.watched
+        if not watched:
+            self._ticker = None
+            return
+        self._ticker = loop.call_later(TICK, self._tick, loop)  # first: a bug must not stop it
+        now = loop.time()
+        for exchange in [e for e in watched if e.due <= now]:
+            try:
+                exchange.on_due(now)
+            except Exception:
+                log.exception("request_failed_unexpectedly")
+                watched.pop(exchange, None)
+                exchange.down.abort()
 
     def start_sweeping(self) -> None:
         """Periodically close idle app connections and tunnels, answer a request head
@@ -247,6 +279,9 @@ class Proxy:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
 
     def start_closing(self) -> None:
         """Responses from now on close their connection; idle connections close now."""
@@ -1024,6 +1059,7 @@ class Exchange:
         "deadline",
         "down",
         "downstream_chunked",
+        "due",
         "failed",
         "first_byte",
         "host",
@@ -1070,6 +1106,7 @@ class Exchange:
         self.retrying = False  # the attempt that just ended may be followed by another
         self.stats: EndpointStats | None = None  # the endpoint of the current attempt
         self.begun = 0.0  # when the exchange began (loop clock): its latency sample
+        self.due = math.inf  # a task-less attempt's next deadline, for Proxy.watch
         self._fut: asyncio.Future[int] | _Outcome | None = None
         self._body_sent = False  # the whole request body was sent when the answer ended
         self._head_seen = False
@@ -1183,9 +1220,9 @@ class Exchange:
         self.conn = conn
         self._fut = outcome = _Outcome(self)
         if conn.start([head], self, req.method == b"HEAD"):
-            self._timer = loop.call_later(
-                min(config.per_try_timeout, config.timeout), self._on_timer
-            )
+            # The per-try deadline (the whole request is sent); see on_due.
+            self.due = self.begun + min(config.per_try_timeout, config.timeout)
+            down.proxy.watch(self, loop)
         else:
             outcome.set_result(_CONNECT_FAILED)  # reset right after the accept
         return True
@@ -1193,10 +1230,8 @@ class Exchange:
     def fast_ended(self, result: int) -> None:
         """The task-less attempt ended with `result` (see `_Outcome`)."""
         self._fut = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         down = self.down
+        down.proxy.watched.pop(self, None)
         loop = down.loop
         stats = self.stats
         assert stats is not None
@@ -1583,6 +1618,20 @@ class Exchange:
         loop = self.down.loop
         if loop.time() < self.deadline:
             self._timer = loop.call_at(self.deadline, self._on_timer)
+        else:
+            fut.set_result(_CUT)
+
+    def on_due(self, now: float) -> None:
+        """`_on_timer` for a task-less attempt, called by the proxy's ticker once `due`
+        passed: no head yet, the attempt timed out; a response streaming is cut only
+        at the overall deadline."""
+        fut = self._fut
+        if fut is None or fut.done():
+            self.down.proxy.watched.pop(self, None)
+        elif not self._head_seen:
+            fut.set_result(_TIMEOUT)
+        elif now < self.deadline:
+            self.due = self.deadline
         else:
             fut.set_result(_CUT)
 

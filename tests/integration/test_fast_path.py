@@ -69,6 +69,7 @@ class Reply:
     delay: float = 0.0
     hang_up: bool = False
     stall: bool = False
+    partial: bool = False  # send the head and half the body, then stall
 
 
 HANG_UP = Reply(hang_up=True)
@@ -120,6 +121,8 @@ class _UpstreamConnection(asyncio.Protocol):
         assert self.transport is not None
         if reply.hang_up:
             self.transport.close()
+        elif reply.partial:
+            self._answer(target, reply.status, reply.body or target.encode(), partial=True)
         elif not reply.stall:
             body = target.encode() if reply.body is None else reply.body
             if reply.delay:
@@ -130,7 +133,7 @@ class _UpstreamConnection(asyncio.Protocol):
             else:
                 self._answer(target, reply.status, body)
 
-    def _answer(self, target: str, status: int, body: bytes) -> None:
+    def _answer(self, target: str, status: int, body: bytes, partial: bool = False) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -139,7 +142,7 @@ class _UpstreamConnection(asyncio.Protocol):
         transport.write(
             f"HTTP/1.1 {status} {reason}\r\nContent-Length: {len(body)}\r\n"
             f"Content-Type: text/plain\r\nX-Upstream-Conn: {self.no}\r\n\r\n".encode()
-            + body
+            + (body[: len(body) // 2] if partial else body)
         )
 
 
@@ -740,6 +743,36 @@ class TestTimeouts:
         assert (200, 1) == (second.status, conn_of(second))
         assert ["/v1/invoke/billing/b"] == paths.resumed
         await r.settled()
+
+    async def test_overall_timeout_cuts_a_task_less_response_that_stalls(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """The head came within per_try_timeout, then the body stalled: the deadline
+        ticker cuts the response at the overall timeout (the app's connection is
+        closed mid-body, the upstream's failure counted) and stops once nothing is
+        watched."""
+
+        def second_stalls_mid_body(seen: Seen) -> Reply:
+            return Reply(partial=True, body=b"x" * 64) if seen.nth == 1 else Reply()
+
+        r = await rig(second_stalls_mid_body, per_try_timeout=0.1, timeout=0.3)
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+
+        began = time.monotonic()
+        app.send(get("/v1/invoke/billing/b"))
+        cut = await asyncio.wait_for(app.reader.read(), PATIENCE)
+        took = time.monotonic() - began
+
+        head, _, body = cut.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert b"x" * 32 == body
+        assert 0.3 <= took < 1.5
+        assert ["/v1/invoke/billing/b"] == paths.fast
+        await r.settled()
+        assert [True, False] == paths.verdicts
+        assert {} == r.proxy.watched
+        await until("the ticker stopped", lambda: r.proxy._ticker is None)
 
 
 class TestAppLeaves:
