@@ -122,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.check and wanted != current:
             stale.append(str(readme))
     for path in stale:
-        print(f"{path}: values table out of date; run scripts/helm_values_table.py --write",
-              file=sys.stderr)
+        print(
+            f"{path}: values table out of date; run scripts/helm_values_table.py --write",
+            file=sys.stderr,
+        )
     return 1 if stale else 0
 
 

@@ -26,7 +26,7 @@ from sidecar.discovery.base import Endpoint, Listener, Resolver
 from sidecar.discovery.static import StaticResolver
 from sidecar.errors import ConsulError, ErrorCode, ProxyError
 from sidecar.lifecycle import Lifecycle
-from sidecar.proxy.server import Proxy
+from sidecar.proxy.server import Proxy, hot_path_build
 from sidecar.proxy.upstream import Upstream
 from sidecar.telemetry.logging import get_logger
 from sidecar.telemetry.metrics import Metrics
@@ -314,6 +314,7 @@ class Sidecar:
             upstreams=sorted(self.upstreams),
             ready=readiness.ready,
             event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
+            hot_path=hot_path_build(),
         )
 
     async def shutdown(self) -> None:

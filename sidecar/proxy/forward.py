@@ -286,11 +286,11 @@ class UpstreamConnection(asyncio.Protocol):
             return FRAMING_NONE
         framing = FRAMING_CLOSE
         for name, value in self._headers:
-            lname = name.lower()
-            if lname == b"transfer-encoding":
+            size = len(name)  # cheaper than lower-casing every name to compare two
+            if size == 17 and name.lower() == b"transfer-encoding":
                 last = value.rpartition(b",")[2].strip().lower()
                 return FRAMING_CHUNKED if last == b"chunked" else FRAMING_CLOSE
-            if lname == b"content-length":
+            if size == 14 and name.lower() == b"content-length":
                 framing = FRAMING_LENGTH
         return framing
 
@@ -333,7 +333,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self._spare >= 0:
             self._close_spare()
         if reusable and self.keep_alive and not self.closed:
-            self.resume_reading()  # back-pressure from the last app must not outlive it
+            if self.paused:
+                self.resume_reading()  # back-pressure from the last app must not outlive it
             self._pool.put(self)
         else:
             self.abort()

@@ -215,11 +215,9 @@ def request_head(
                 break  # `Connection: close` would remove it: fall back, below
             elif replace_trace:
                 continue  # traceparent or tracestate, replaced below
-        # Four appends beat `b"%s: %s\r\n" %` and concatenation (measured, CPython 3.11).
-        append(name)
-        append(b": ")
-        append(value)
-        append(b"\r\n")
+        # One in-place extend by a tuple beats four appends, `b"%s: %s\r\n" %` and
+        # concatenation (measured, CPython 3.11).
+        parts += (name, b": ", value, b"\r\n")
     else:  # no break: the single pass stands
         if host is not None and not has_host:
             parts[4] = b"Host: " + host + b"\r\n"
@@ -268,10 +266,7 @@ def response_fields(headers: Headers, rechunk: bool) -> bytes:
             elif lname == b"close":
                 break
             continue
-        append(name)
-        append(b": ")
-        append(value)
-        append(b"\r\n")
+        parts += (name, b": ", value, b"\r\n")
     else:  # no break: the single pass stands
         if rechunk:
             append(_rechunked_line(codings))

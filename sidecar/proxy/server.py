@@ -98,6 +98,12 @@ _TRACE_HIDDEN = frozenset((b"authorization", b"proxy-authorization", b"cookie"))
 _REQUEST_LINE = re.compile(rb"(?:^|\n)([!#$%&'*+\-.^_`|~0-9A-Za-z]+) [^ \r\n]+ HTTP/\d\.\d\r?\n")
 
 
+def hot_path_build() -> str:
+    """ "compiled" when this module runs as the mypyc build (scripts/compile.py), else
+    "python"."""
+    return "compiled" if __file__.endswith(".so") else "python"
+
+
 class _Refused(Exception):
     """Raised from a parser callback to refuse a request; the message is the 400's."""
 
@@ -1179,8 +1185,9 @@ class Exchange:
     ) -> None:
         down, up = self.down, self.up
         down.exchange = None
-        down._resume(_PAUSE_UPSTREAM)  # back-pressure from this upstream ends with it
-        down._resume(_PAUSE_BUFFER)  # nothing waits for the buffered body any more
+        if down.paused:
+            down._resume(_PAUSE_UPSTREAM)  # back-pressure from this upstream ends with it
+            down._resume(_PAUSE_BUFFER)  # nothing waits for the buffered body any more
         up.inflight -= 1
         tunnel = self.tunnel
         if tunnel is not None and not tunnel.done.done():

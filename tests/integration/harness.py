@@ -442,6 +442,11 @@ class Upstream:
             self._runner = None
 
 
+#: Set by test_compiled.py for the integration tests it runs on the compiled build: every
+#: sidecar they start must say, in its `started` log line, that it runs that build.
+HOT_PATH_ENV = "HMS_TEST_HOT_PATH"
+
+
 class Sidecar:
     """A `sidecar run` process with a config written for the test."""
 
@@ -492,6 +497,22 @@ class Sidecar:
         """Poll /ready until 200; fail with the sidecar's log if it never comes."""
         assert self.proc is not None
         await wait_http_ok("sidecar", self.proc, f"{self.admin}/ready", self.logs, timeout)
+        expected = os.environ.get(HOT_PATH_ENV)
+        telemetry = self.config.get("telemetry") or {}
+        logged = telemetry.get("log_format") == "json" and telemetry.get("log_level") == "info"
+        if expected and logged:  # test_compiled.py's run: make sure this is that build
+            await self.wait_hot_path(expected, timeout)
+
+    async def wait_hot_path(self, expected: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            started = [e for e in self.log_events() if e.get("event") == "started"]
+            if started:
+                assert expected == started[0].get("hot_path"), started[0]
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no 'started' log line in {timeout}s:\n{self.logs()}")
+            await asyncio.sleep(0.02)
 
     def proc_status(self, field: str) -> str:
         """A field of the process's /proc/<pid>/status (`VmRSS`, `VmHWM`, `SigCgt`, ...)."""

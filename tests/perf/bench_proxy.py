@@ -42,10 +42,13 @@ NGINX = "/usr/sbin/nginx"
 HAPROXY = "/usr/sbin/haproxy"
 WRK = "/usr/bin/wrk"
 CONNECTIONS = (1, 32)
+REPO = Path(__file__).resolve().parents[2]
+#: The tracing every target of the issue is judged with: configured, sampling 1 in 100.
+TRACED: dict[str, object] = {"sampler_ratio": 0.01}
 #: The sidecars measured, by target name: their `telemetry.tracing` (None: tracing off).
 SIDECARS: dict[str, dict[str, object] | None] = {
     "sidecar": None,
-    "sidecar_trace_0.01": {"sampler_ratio": 0.01},
+    "sidecar_trace_0.01": TRACED,
     "sidecar_trace_1": {"sampler_ratio": 1.0},
 }
 #: A minimal keep-alive forwarder on the sidecar's own building blocks (uvloop +
@@ -333,11 +336,37 @@ def versions() -> dict[str, str]:
     }
 
 
+def judge(
+    results: dict[str, dict[str, WrkResult]], target: str, rss_mb: float
+) -> tuple[dict[str, float], dict[str, bool]]:
+    """The issue's measures of one sidecar target, and whether each meets TARGETS_SPEC."""
+    c1, c32 = results["c1"], results["c32"]
+    spec = TARGETS_SPEC
+    measured = {
+        "ratio_rps_vs_haproxy_c32": round(c32[target].rps / c32["haproxy"].rps, 3),
+        "ratio_vs_minimal_forwarder_c32": round(c32[target].rps / c32["minimal"].rps, 3),
+        "added_p50_us_c1": round(c1[target].p50_us - c1["direct"].p50_us, 1),
+        "p99_vs_haproxy_c32": round(c32[target].p99_us / c32["haproxy"].p99_us, 2),
+        "rss_mb": rss_mb,
+    }
+    meets = {
+        "ratio_rps_vs_haproxy_c32": measured["ratio_rps_vs_haproxy_c32"]
+        >= spec["ratio_rps_vs_haproxy_c32_min"],
+        "ratio_vs_minimal_forwarder_c32": measured["ratio_vs_minimal_forwarder_c32"]
+        >= spec["ratio_vs_minimal_forwarder_c32_min"],
+        "added_p50_us_c1": measured["added_p50_us_c1"] <= spec["added_p50_us_c1_max"],
+        "p99_vs_haproxy_c32": measured["p99_vs_haproxy_c32"] <= spec["p99_vs_haproxy_c32_max"],
+        "rss_mb": rss_mb <= spec["rss_mb_max"],
+    }
+    return measured, meets
+
+
 def summarize(
     results: dict[str, dict[str, WrkResult]],
     rss: tuple[float, float],
     duration_s: int,
     cpu_us: dict[str, float],
+    compiled_rss: tuple[float, float] | None = None,
 ) -> dict[str, object]:
     c1 = results["c1"]
     ratio = {c: round(r["sidecar"].rps / r["haproxy"].rps, 3) for c, r in results.items()}
@@ -359,19 +388,20 @@ def summarize(
         targets["off_vs_previous_min"] = 0.97
     added = {t: round(c1[t].p50_us - c1["direct"].p50_us, 1) for t in ("haproxy", "sidecar")}
     spec = TARGETS_SPEC
-    traced = "sidecar_trace_0.01"
-    c32r = results["c32"]
-    p99_vs_haproxy = round(c32r[traced].p99_us / c32r["haproxy"].p99_us, 2)
-    meets = {
-        "ratio_rps_vs_haproxy_c32": c32r[traced].rps / c32r["haproxy"].rps
-        >= spec["ratio_rps_vs_haproxy_c32_min"],
-        "ratio_vs_minimal_forwarder_c32": c32r[traced].rps / c32r["minimal"].rps
-        >= spec["ratio_vs_minimal_forwarder_c32_min"],
-        "added_p50_us_c1": c1[traced].p50_us - c1["direct"].p50_us <= spec["added_p50_us_c1_max"],
-        "p99_vs_haproxy_c32": p99_vs_haproxy <= spec["p99_vs_haproxy_c32_max"],
-        "rss_mb": rss[0] <= spec["rss_mb_max"],
-    }
+    measured, meets = judge(results, "sidecar_trace_0.01", rss[0])
+    p99_vs_haproxy = measured["p99_vs_haproxy_c32"]
     flagged = [f"{c}/{t}" for c, row in results.items() for t, res in row.items() if res.errors]
+    compiled: dict[str, object] = {}
+    if compiled_rss is not None:
+        # The optional mypyc build (scripts/compile.py), tracing at 0.01 like the target.
+        measured_c, meets_c = judge(results, "sidecar_compiled", compiled_rss[0])
+        compiled = {
+            "compiled": {
+                "measured": measured_c,
+                "cpu_us_per_request_c32": cpu_us.get("sidecar_compiled"),
+                "meets_targets": meets_c,
+            }
+        }
     return {
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), **versions()},
         "duration_s": duration_s,
@@ -390,11 +420,33 @@ def summarize(
         "sidecar_rss_mb": rss[0],
         "sidecar_peak_rss_mb": rss[1],
         "targets": spec,
+        "measured_tracing_0.01": measured,
         "meets_targets": meets,
+        **compiled,
     }
 
 
-def bench(duration_s: int, previous: Path | None = None) -> dict[str, object]:
+def compile_copy(workdir: Path) -> Path:
+    """This checkout's package compiled by scripts/compile.py in `workdir`; its root."""
+    root = workdir / "compiled"
+    ignore = shutil.ignore_patterns("__pycache__", "*.so")
+    shutil.copytree(REPO / "sidecar", root / "sidecar", ignore=ignore)
+    log("compiling the hot path (scripts/compile.py, about 30 s)")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "compile.py"), "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"scripts/compile.py failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return root
+
+
+def bench(
+    duration_s: int, previous: Path | None = None, compiled: bool = False
+) -> dict[str, object]:
     for binary in (NGINX, HAPROXY, WRK):
         if shutil.which(binary) is None:
             raise BenchError(f"{binary} not found or not executable")
@@ -420,6 +472,13 @@ def bench(duration_s: int, previous: Path | None = None) -> dict[str, object]:
             )
             pids["sidecar_previous"] = proc.pid
             targets = (*targets, "sidecar_previous")
+        if compiled:
+            root = compile_copy(workdir)
+            proc, ports["sidecar_compiled"] = stack.enter_context(
+                start_sidecar(workdir, nginx_port, "sidecar_compiled", TRACED, root)
+            )
+            pids["sidecar_compiled"] = proc.pid
+            targets = (*targets, "sidecar_compiled")
         log(f"nginx :{nginx_port}, haproxy :{haproxy_port}, sidecars {ports} ready")
         results: dict[str, dict[str, WrkResult]] = {}
         cpu_us: dict[str, float] = {}
@@ -438,7 +497,8 @@ def bench(duration_s: int, previous: Path | None = None) -> dict[str, object]:
                     f"  p50 {res.p50_us:>8.1f}us  p99 {res.p99_us:>9.1f}us{flag}"
                 )
         rss = read_rss_mb(pids["sidecar"])
-        return summarize(results, rss, duration_s, cpu_us)
+        compiled_rss = read_rss_mb(pids["sidecar_compiled"]) if compiled else None
+        return summarize(results, rss, duration_s, cpu_us, compiled_rss)
 
 
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -454,10 +514,15 @@ def main() -> int:
         type=Path,
         help="a checkout of the previous build: its sidecar is measured in the same run",
     )
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also measure this checkout compiled by scripts/compile.py (tracing at 0.01)",
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
-        report = bench(3 if args.quick else args.duration, args.previous)
+        report = bench(3 if args.quick else args.duration, args.previous, args.compiled)
     except (BenchError, subprocess.TimeoutExpired) as exc:
         log(f"bench_proxy: {exc}")
         return 1

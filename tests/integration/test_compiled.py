@@ -1,0 +1,86 @@
+"""The optional mypyc build of the hot path (scripts/compile.py).
+
+A copy of the package is compiled in a temporary directory and the proxy's
+integration tests run again with that copy first on the path: every sidecar
+they start runs the compiled modules (the harness checks each one's `started`
+log line, HMS_TEST_HOT_PATH). The rest of the suite covers the plain-Python
+build, which stays the default.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import HOT_PATH_ENV
+
+REPO = Path(__file__).resolve().parents[2]
+#: The proxy's integration tests: routing, failures and retries, early answers, HTTP
+#: conformance, app-connection limits, header hygiene, streaming and drain, tunnels.
+PROXY_TESTS = (
+    "test_routing.py",
+    "test_failures.py",
+    "test_early_answers.py",
+    "test_http_conformance.py",
+    "test_app_connections.py",
+    "test_proxy_headers.py",
+    "test_streaming_and_lifecycle.py",
+    "test_websocket.py",
+)
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("gcc") is None
+    or not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file(),
+    reason="the compiled build needs gcc and the Python headers",
+)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A compiled copy of the package; its directory."""
+    root = tmp_path_factory.mktemp("compiled")
+    ignore = shutil.ignore_patterns("__pycache__", "*.so")
+    shutil.copytree(REPO / "sidecar", root / "sidecar", ignore=ignore)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "compile.py"), "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return root
+
+
+def test_the_copy_imports_the_compiled_modules(compiled: Path) -> None:
+    probe = (
+        "from sidecar.proxy import balancer, forward, headers, resilience, server, upstream\n"
+        "print(server.hot_path_build(), *(m.__file__.endswith('.so') for m in "
+        "(balancer, forward, headers, resilience, server, upstream)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=compiled, capture_output=True, text=True, check=True
+    )
+    assert "compiled True True True True True True" == done.stdout.strip()
+
+
+def test_the_proxy_integration_tests_pass_on_the_compiled_build(compiled: Path) -> None:
+    tests = [str(REPO / "tests" / "integration" / name) for name in PROXY_TESTS]
+    env = {**os.environ, HOT_PATH_ENV: "compiled"}
+    options = ["-q", "-p", "no:cacheprovider", "-x", "--rootdir", str(REPO)]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", *options, "-c", str(REPO / "pyproject.toml"), *tests],
+        cwd=compiled,  # `python -m sidecar` in every test finds the compiled copy first
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]

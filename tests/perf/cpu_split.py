@@ -1,0 +1,95 @@
+"""Per-request CPU of the proxy alone, split into user (Python) and kernel time.
+
+Starts nginx, the minimal forwarder, this checkout's sidecar and, with `--previous
+DIR`, an older checkout's sidecar, all with tracing at ratio 0.01 as in the
+issue's throughput target; then loads each in turn with `wrk -t1 -c32` for
+`--duration` seconds, `--rounds` times alternating, and reads `utime`/`stime`
+from /proc/<pid>/stat around every run. Prints one JSON object: per target, the
+user and kernel microseconds per request of every round and their medians.
+
+Usage: .venv/bin/python tests/perf/cpu_split.py [--duration 8] [--rounds 3] [--previous DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script, from anywhere
+
+from tests.perf import bench_proxy as bench
+
+TRACING: dict[str, object] = {"sampler_ratio": 0.01}
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, kernel) CPU seconds pid has used so far, every thread."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def measure(duration_s: int, rounds: int, previous: Path | None) -> dict[str, object]:
+    with tempfile.TemporaryDirectory(prefix="cpu-split-") as tmp, ExitStack() as stack:
+        workdir = Path(tmp)
+        nginx_port, minimal_port = bench.free_ports(2)
+        stack.enter_context(bench.start_nginx(workdir, nginx_port))
+        minimal = stack.enter_context(bench.start_minimal(workdir, minimal_port, nginx_port))
+        targets = {"minimal": (minimal.pid, minimal_port)}
+        proc, port = stack.enter_context(
+            bench.start_sidecar(workdir, nginx_port, "sidecar", TRACING)
+        )
+        targets["sidecar"] = (proc.pid, port)
+        if previous is not None:
+            proc, port = stack.enter_context(
+                bench.start_sidecar(workdir, nginx_port, "sidecar_previous", TRACING, previous)
+            )
+            targets["sidecar_previous"] = (proc.pid, port)
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in targets}
+        for _ in range(rounds):
+            for name, (pid, port) in targets.items():
+                bench.run_wrk(port, 32, 1)  # warm-up
+                user0, kernel0 = cpu_times(pid)
+                result = bench.run_wrk(port, 32, duration_s)
+                user1, kernel1 = cpu_times(pid)
+                requests = max(1.0, result.rps * duration_s)
+                user = round((user1 - user0) * 1e6 / requests, 1)
+                kernel = round((kernel1 - kernel0) * 1e6 / requests, 1)
+                runs[name].append((user, kernel))
+                bench.log(
+                    f"{name:18} {result.rps:>9.0f} rps  user {user:5.1f}us  kernel {kernel:5.1f}us"
+                )
+    return {
+        name: {
+            "user_us": [u for u, _ in rows],
+            "kernel_us": [k for _, k in rows],
+            "median_user_us": statistics.median(u for u, _ in rows),
+            "median_kernel_us": statistics.median(k for _, k in rows),
+        }
+        for name, rows in runs.items()
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    parser.add_argument("--previous", type=Path, help="a checkout of the previous build")
+    args = parser.parse_args()
+    try:
+        result = measure(args.duration, args.rounds, args.previous)
+    except bench.BenchError as exc:
+        print(f"cpu_split: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
