@@ -361,6 +361,20 @@ class Tracer:
         return f"<Tracer {self.config.exporter} {self.sampler!r} queued={len(self.queue)}>"
 
 
+#: Spans encoded between two releases of the GIL by the export thread.
+PACE = 8
+
+
+def _paced(records: list[SpanRecord]) -> Iterator[SpanRecord]:
+    """`records`, giving the GIL away every PACE of them: a batch (512 spans, about 5 ms
+    of encoding) must not stall the event loop's thread, and every request in flight
+    with it, for a whole switch interval at a time."""
+    for i, record in enumerate(records):
+        if i and not i % PACE:
+            time.sleep(0)
+        yield record
+
+
 class SpanQueue:
     """A bounded queue of span records and the thread that exports them in batches.
 
@@ -443,7 +457,7 @@ class SpanQueue:
         error = None
         try:
             if self.transport is not None:
-                for body in self.encoder.requests(batch):
+                for body in self.encoder.requests(_paced(batch)):
                     self.transport.send(body, deadline)
             else:
                 error = self._export_sdk(batch)

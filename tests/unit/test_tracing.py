@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from sidecar.config import Config, config_from_mapping
 from sidecar.errors import ConfigError
+from sidecar.telemetry import tracing
 from sidecar.telemetry.tracing import (
     CLIENT,
     SERVER,
@@ -204,6 +205,23 @@ class TestBegin:
 
 
 class TestExport:
+    def test_the_export_thread_gives_the_gil_away_every_few_spans(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A batch is encoded PACE spans at a time with a `time.sleep(0)` between, so
+        the event loop's thread is never held off for a whole batch."""
+        slept: list[float] = []
+        monkeypatch.setattr("sidecar.telemetry.tracing.time.sleep", slept.append)
+        records = [
+            SpanRecord(
+                "s", SERVER, trace_id=1, span_id=i + 1, parent_id=0, start_ns=0, attributes={}
+            )
+            for i in range(3 * tracing.PACE + 1)
+        ]
+
+        assert records == list(tracing._paced(records))
+        assert [0, 0, 0] == slept
+
     def test_records_become_sdk_spans_with_ids_kinds_links_and_status(self) -> None:
         """The export thread builds ReadableSpans the OTLP exporter can encode."""
         t, recorder = tracer()
