@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import HOT_PATH_ENV
+from tests.integration.harness import HOT_PATH_ENV, running_sidecar
 
 REPO = Path(__file__).resolve().parents[2]
 #: The proxy's integration tests: routing, failures and retries, early answers, HTTP
@@ -34,11 +34,21 @@ PROXY_TESTS = (
     "test_websocket.py",
 )
 
-pytestmark = pytest.mark.skipif(
+needs_compiler = pytest.mark.skipif(
     shutil.which("gcc") is None
     or not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file(),
     reason="the compiled build needs gcc and the Python headers",
 )
+
+
+async def test_the_default_build_is_plain_python_and_says_so(tmp_path: Path) -> None:
+    """Without scripts/compile.py the sidecar runs as Python, and its `started` line
+    tells (`hot_path`), as it tells a compiled build (the runs below)."""
+    from sidecar.proxy import server  # noqa: PLC0415 - the package as this run imports it
+
+    assert "python" == server.hot_path_build()
+    async with running_sidecar(tmp_path, {"billing": {"endpoints": ["127.0.0.1:9"]}}) as sc:
+        await sc.wait_hot_path("python", 15.0)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +68,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@needs_compiler
 def test_the_copy_imports_the_compiled_modules(compiled: Path) -> None:
     probe = (
         "from sidecar.proxy import balancer, forward, headers, resilience, server, upstream\n"
@@ -70,6 +81,7 @@ def test_the_copy_imports_the_compiled_modules(compiled: Path) -> None:
     assert "compiled True True True True True True" == done.stdout.strip()
 
 
+@needs_compiler
 def test_the_proxy_integration_tests_pass_on_the_compiled_build(compiled: Path) -> None:
     tests = [str(REPO / "tests" / "integration" / name) for name in PROXY_TESTS]
     env = {**os.environ, HOT_PATH_ENV: "compiled"}

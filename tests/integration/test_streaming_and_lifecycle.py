@@ -20,7 +20,6 @@ import pytest
 
 from tests.integration.conftest import UpstreamFactory
 from tests.integration.harness import (
-    HOT_PATH_ENV,
     Sidecar,
     billing_sidecar,
     poll_json,
@@ -208,8 +207,6 @@ class TestLifecycle:
         assert logged_before == logged_after
         started = next(e for e in sc.log_events() if e["event"] == "started")
         assert "uvloop" == started["event_loop"]
-        # Plain Python unless test_compiled.py runs this on the compiled build.
-        assert os.environ.get(HOT_PATH_ENV, "python") == started["hot_path"]
 
 
 class TestAdminApi:
