@@ -10,7 +10,8 @@ compiles. Measured gain and the reasons are in docs/performance.md.
 
     .venv/bin/python scripts/compile.py            # compile in this checkout
     .venv/bin/python scripts/compile.py --clean    # back to plain Python
-    .venv/bin/python scripts/compile.py --root DIR # compile a copy of the package in DIR
+    .venv/bin/python scripts/compile.py --root DIR # compile the package under DIR
+    .venv/bin/python scripts/compile.py --root DIR --copy  # copy this one there first
 
 Needs what `pip install -e '.[dev]'` installs (mypy, which ships mypyc, and
 setuptools), a C compiler and the Python headers (Debian: gcc, python3-dev).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -81,12 +83,26 @@ def compile_hot_path(root: Path) -> None:
         print(f"built {path.relative_to(root)}")
 
 
+def copy_package(root: Path) -> None:
+    """This checkout's package into `root` (created), without caches or extensions."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.so")
+    shutil.copytree(REPO / "sidecar", root / "sidecar", ignore=ignore)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=REPO, help="the directory holding sidecar/")
     parser.add_argument("--clean", action="store_true", help="remove the compiled modules")
+    parser.add_argument(
+        "--copy", action="store_true", help="copy this checkout's package to --root first"
+    )
     args = parser.parse_args()
     root = args.root.resolve()
+    if args.copy:
+        if (root / "sidecar").exists():
+            print(f"compile: --copy: {root / 'sidecar'} exists already", file=sys.stderr)
+            return 2
+        copy_package(root)
     if not (root / "sidecar" / "proxy" / "server.py").is_file():
         print(f"compile: no sidecar package under {root}", file=sys.stderr)
         return 2

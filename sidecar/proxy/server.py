@@ -34,7 +34,6 @@ from sidecar.proxy.forward import (
     UpstreamConnection,
 )
 from sidecar.proxy.headers import (
-    INVOKE_PREFIX,
     UPGRADE_WEBSOCKET,
     Headers,
     absolute_target,
@@ -593,15 +592,9 @@ class DownstreamProtocol(asyncio.Protocol):
         proxy = self.proxy
         upstream = self.fixed
         if upstream is None:
-            name: bytes | None
-            if target[:11] == INVOKE_PREFIX:
-                name, target = route_target(target)
-            elif target[:12] == b"/v1/publish/":
+            if target[:12] == b"/v1/publish/":
                 return False
-            else:
-                name = None if req.host is None else host_name(req.host)
-            if not name:
-                return False
+            name, target = self._route_name(req)
             upstream = proxy.by_name.get(name)
             if upstream is None:
                 return False
@@ -614,24 +607,40 @@ class DownstreamProtocol(asyncio.Protocol):
         return Exchange(self, req, upstream, target).start_fast()
 
     def served(self, req: Request, keep: bool) -> None:
-        """A task-less exchange finished `req`: what `_serve` does after a request."""
+        """A task-less exchange finished `req`: on to the next request, or idle."""
         self.proxy.end()
+        after = self._after(req, keep)
+        if after is None:
+            self._idle()
+        else:
+            self._dispatch(after)
+
+    def _after(self, req: Request, keep: bool) -> Request | None:
+        """`req` was answered: close (or linger) when the connection can't carry another;
+        else the next queued request, if any; else answer a bad request owed behind it."""
         if not keep or self.closed:
             if req.body_done:
                 self.close()
             else:
-                self._linger()
-            self._idle()
-            return
+                self._linger()  # the app is still sending: let it read the answer
+            return None
         if self.queue:
-            req = self.queue.popleft()
+            after = self.queue.popleft()
             if not self.queue:
                 self._resume(_PAUSE_QUEUE)
-            self._dispatch(req)
-            return
-        self._idle()
-        if self.rejected is not None and not self.closed:
+            return after
+        if self.rejected is not None:
             self._answer_rejected(self.rejected)
+        return None
+
+    @staticmethod
+    def _route_name(req: Request) -> tuple[bytes, bytes]:
+        """The upstream name `req` is routed to (from its target, else its Host; `b""`
+        when neither names one) and the target to forward."""
+        name, target = route_target(req.target)
+        if name is None:
+            return (b"" if req.host is None else host_name(req.host)), target
+        return name, target
 
     def _idle(self) -> None:
         self.busy = False
@@ -671,20 +680,7 @@ class DownstreamProtocol(asyncio.Protocol):
                     proxy.end()
                 if req.upgrade and keep and not self.closed:
                     self._end_upgrade()
-                if not keep or self.closed:
-                    if req.body_done:
-                        self.close()
-                    else:
-                        self._linger()  # the app is still sending: let it read the answer
-                    return
-                if self.queue:
-                    req = self.queue.popleft()
-                    if not self.queue:
-                        self._resume(_PAUSE_QUEUE)
-                else:
-                    req = None
-            if self.rejected is not None and not self.closed:
-                self._answer_rejected(self.rejected)
+                req = self._after(req, keep)
         except asyncio.CancelledError:
             self.abort()
         except Exception:  # a bug must not take down other connections
@@ -746,11 +742,7 @@ class DownstreamProtocol(asyncio.Protocol):
         upstream = self.fixed
         target = req.target
         if upstream is None:
-            name, path = route_target(target)
-            if name is None:
-                name = b"" if req.host is None else host_name(req.host)
-            else:
-                target = path
+            name, target = self._route_name(req)
             upstream = self.proxy.by_name.get(name)
             if upstream is None and self.proxy.lookup is not None and name:
                 try:
@@ -1609,38 +1601,36 @@ class Exchange:
     # -- timers ----------------------------------------------------------------------------------
 
     def _on_timer(self) -> None:
-        """The per-try deadline (`min(per_try_timeout, what is left of timeout)`) passed.
-
-        No response head yet: the attempt timed out. A response is streaming: only the
-        overall `timeout` can cut it, so wait for that (a response that ends first
-        cancels the timer; no second timer is made for the common fast answer).
-        """
+        """The per-try deadline (`min(per_try_timeout, what is left of timeout)`) passed;
+        see `_deadline_passed`. A response that ends first cancels the timer, so no
+        second timer is made for the common fast answer."""
         self._timer = None
-        fut = self._fut
-        if fut is None or fut.done():
-            return
-        if not self._head_seen:
-            fut.set_result(_TIMEOUT)
-            return
         loop = self.down.loop
-        if loop.time() < self.deadline:
+        if not self._deadline_passed(loop.time()):
             self._timer = loop.call_at(self.deadline, self._on_timer)
-        else:
-            fut.set_result(_CUT)
 
     def on_due(self, now: float) -> None:
         """`_on_timer` for a task-less attempt, called by the proxy's ticker once `due`
-        passed: no head yet, the attempt timed out; a response streaming is cut only
-        at the overall deadline."""
+        passed."""
+        if self._deadline_passed(now):
+            self.down.proxy.watched.pop(self, None)
+        else:
+            self.due = self.deadline
+
+    def _deadline_passed(self, now: float) -> bool:
+        """End the attempt at its deadline: no response head yet, it timed out; past the
+        overall deadline, a streaming response is cut. False while a response streams
+        within the overall `timeout`: check again at `deadline`."""
         fut = self._fut
         if fut is None or fut.done():
-            self.down.proxy.watched.pop(self, None)
-        elif not self._head_seen:
+            return True
+        if not self._head_seen:
             fut.set_result(_TIMEOUT)
         elif now < self.deadline:
-            self.due = self.deadline
+            return False
         else:
             fut.set_result(_CUT)
+        return True
 
     def client_gone(self) -> None:
         fut = self._fut

@@ -108,7 +108,7 @@ class Upstream:
     def count(self, status: int) -> None:
         """Count one finished request by the status the app received."""
         self.served += 1
-        codes = self.traffic.codes  # UpstreamTraffic.count, inlined: once per request
+        codes = self.traffic.codes  # exported at scrape time (metrics.UpstreamRequests)
         codes[status] = codes.get(status, 0) + 1
 
     def _on_breaker_change(self, old: str, new: str) -> None:

@@ -56,11 +56,6 @@ class UpstreamTraffic:
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one: above 30 s
         self.sum = 0.0
 
-    def count(self, status: int) -> None:
-        """One finished request, by the status the app received."""
-        codes = self.codes
-        codes[status] = codes.get(status, 0) + 1
-
     def observe(self, seconds: float) -> None:
         """One latency sample (the bucket of an `le` bound, as Prometheus counts them)."""
         self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1

@@ -55,10 +55,8 @@ async def test_the_default_build_is_plain_python_and_says_so(tmp_path: Path) -> 
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A compiled copy of the package; its directory."""
     root = tmp_path_factory.mktemp("compiled")
-    ignore = shutil.ignore_patterns("__pycache__", "*.so")
-    shutil.copytree(REPO / "sidecar", root / "sidecar", ignore=ignore)
     done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "compile.py"), "--root", str(root)],
+        [sys.executable, str(REPO / "scripts" / "compile.py"), "--root", str(root), "--copy"],
         capture_output=True,
         text=True,
         timeout=600,

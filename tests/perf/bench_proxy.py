@@ -429,11 +429,9 @@ def summarize(
 def compile_copy(workdir: Path) -> Path:
     """This checkout's package compiled by scripts/compile.py in `workdir`; its root."""
     root = workdir / "compiled"
-    ignore = shutil.ignore_patterns("__pycache__", "*.so")
-    shutil.copytree(REPO / "sidecar", root / "sidecar", ignore=ignore)
     log("compiling the hot path (scripts/compile.py, about 30 s)")
     done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "compile.py"), "--root", str(root)],
+        [sys.executable, str(REPO / "scripts" / "compile.py"), "--root", str(root), "--copy"],
         capture_output=True,
         text=True,
         timeout=900,
