@@ -1,4 +1,4 @@
-"""The admin API (SPEC §7), served by aiohttp on `admin.listen`.
+"""The admin API (SPEC §7), served on `admin.listen` by a small HTTP/1.1 server of its own.
 
 Endpoints:
   GET  /live                          200 while the event loop runs
@@ -16,27 +16,109 @@ Endpoints:
   POST /v1/shutdown                   starts the SIGTERM sequence (a Job's app ends its legacy
                                       sidecar this way); 202, a second call cuts the drain
                                       short; loopback clients only (403 otherwise)
+
+Every GET endpoint answers HEAD too. Every answer is JSON but /metrics, errors included
+(404 NOT_FOUND, 405 METHOD_NOT_ALLOWED with `Allow`, 400 BAD_REQUEST for a request that is
+not HTTP/1.x, 413 for a body over 64 KiB, 431 for a head over 64 KiB, 500 INTERNAL).
+
+Why not aiohttp's server: it was the only reason a sidecar without Consul, alerts or
+subscriptions imported aiohttp, about 13 MB of its 49 MB RSS (docs/performance.md). The
+endpoints above need little of HTTP: `AdminAPI` answers a parsed request, `AdminServer`
+parses them (httptools, as the proxy does) and writes the answers in order, with
+keep-alive, pipelining, HEAD and `Expect: 100-continue`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
-from collections.abc import Callable, Mapping
-from typing import Any
+import re
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+from urllib.parse import unquote
 
-from aiohttp import web
+import httptools
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from sidecar import __version__
-from sidecar.config import Config
+from sidecar.config import Address, Config
 from sidecar.lifecycle import Readiness
 from sidecar.proxy.upstream import Upstream
 from sidecar.telemetry.logging import LEVELS, current_log_level, get_logger, set_log_level
 from sidecar.telemetry.metrics import Metrics
 
 log = get_logger("sidecar.admin")
+
+JSON = "application/json; charset=utf-8"
+#: A request head larger than this is answered 431; a body larger than `MAX_BODY`, 413.
+#: The only body any endpoint reads is a log level's name.
+MAX_HEAD = 64 * 1024
+MAX_BODY = 64 * 1024
+#: An idle keep-alive connection is closed after this long (aiohttp's default, which the
+#: admin API had before); so is one that has not finished sending a request by then.
+KEEPALIVE_S = 75.0
+#: Requests a client may pipeline before the server stops reading from it.
+MAX_PIPELINED = 16
+
+_REASONS = {
+    200: "OK",
+    202: "Accepted",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What an endpoint answers: status, body, its content type and any extra headers."""
+
+    status: int
+    body: bytes
+    content_type: str = JSON
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AdminRequest:
+    """A complete request as an endpoint sees it; `params` are the path's named parts."""
+
+    method: str
+    path: str
+    remote: str | None
+    body: bytes = b""
+    params: Mapping[str, str] = field(default_factory=dict)
+
+
+Endpoint = Callable[[AdminRequest], Awaitable[Answer]]
+
+
+def json_answer(
+    payload: Any, status: int = 200, headers: tuple[tuple[str, str], ...] = ()
+) -> Answer:
+    return Answer(status, json.dumps(payload).encode(), JSON, headers)
+
+
+def _error(
+    status: int, code: str, message: str, headers: tuple[tuple[str, str], ...] = ()
+) -> Answer:
+    return json_answer({"error": {"code": code, "message": message}}, status, headers)
+
+
+def _head_too_large() -> Answer:
+    return _error(431, "HEADERS_TOO_LARGE", f"the request head is over {MAX_HEAD} bytes")
 
 
 def _is_loopback(remote: str | None) -> bool:
@@ -83,95 +165,129 @@ def _registration_state(consul: Mapping[str, Any]) -> str:
     return str(registration["state"]) if isinstance(registration, Mapping) else "pending"
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
-
-
-@web.middleware
-async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """aiohttp's own 404 and 405 as JSON too, like every other admin answer."""
-    try:
-        response: web.StreamResponse = await handler(request)
-    except web.HTTPNotFound:
-        return _error(404, "NOT_FOUND", f"no admin endpoint at {request.path}")
-    except web.HTTPMethodNotAllowed as exc:
-        allowed = ", ".join(sorted(exc.allowed_methods))
-        response = _error(
-            405, "METHOD_NOT_ALLOWED", f"{request.method} {request.path}: use {allowed}"
-        )
-        response.headers["Allow"] = allowed
-        return response
-    return response
-
-
-def build_admin_app(
-    config: Config,
-    readiness: Readiness,
-    upstreams: Mapping[str, Upstream] | Callable[[], Mapping[str, Upstream]],
-    metrics: Metrics,
-    *,
-    consul_status: Callable[[], Mapping[str, Any]] | None = None,
-    events_status: Callable[[], Mapping[str, Any]] | None = None,
-    alerts_status: Callable[[], Mapping[str, Any]] | None = None,
-    request_shutdown: Callable[[str], None] | None = None,
-) -> web.Application:
-    """The aiohttp application behind the admin listener.
+class AdminAPI:
+    """The endpoints: routes a request to one and returns its answer (no I/O of its own).
 
     `upstreams` may be a callable: the set grows when `allow_any_service` makes one.
     """
-    current = upstreams if callable(upstreams) else (lambda: upstreams)
 
-    async def live(_: web.Request) -> web.Response:
-        return web.json_response({"live": True})
+    def __init__(
+        self,
+        config: Config,
+        readiness: Readiness,
+        upstreams: Mapping[str, Upstream] | Callable[[], Mapping[str, Upstream]],
+        metrics: Metrics,
+        *,
+        consul_status: Callable[[], Mapping[str, Any]] | None = None,
+        events_status: Callable[[], Mapping[str, Any]] | None = None,
+        alerts_status: Callable[[], Mapping[str, Any]] | None = None,
+        request_shutdown: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.readiness = readiness
+        self._upstreams = upstreams if callable(upstreams) else (lambda: upstreams)
+        self.metrics = metrics
+        self._consul_status = consul_status
+        self._events_status = events_status
+        self._alerts_status = alerts_status
+        self._request_shutdown = request_shutdown
+        #: (path pattern, {method: endpoint}); a GET endpoint answers HEAD too.
+        self.routes: list[tuple[re.Pattern[str], dict[str, Endpoint]]] = [
+            (re.compile(r"/live"), {"GET": self.live}),
+            (re.compile(r"/ready"), {"GET": self.ready}),
+            (re.compile(r"/metrics"), {"GET": self.metrics_text}),
+            (re.compile(r"/v1/status"), {"GET": self.status}),
+            (re.compile(r"/v1/breakers/(?P<upstream>[^/]+)/reset"), {"POST": self.reset_breaker}),
+            (re.compile(r"/v1/shutdown"), {"POST": self.shutdown}),
+            (re.compile(r"/v1/log-level"), {"PUT": self.put_log_level}),
+        ]
 
-    async def ready(_: web.Request) -> web.Response:
-        if readiness.ready:
-            return web.json_response({"ready": True})
-        return web.json_response({"ready": False, "reasons": readiness.reasons()}, status=503)
+    def __repr__(self) -> str:
+        return f"AdminAPI(ready={self.readiness.ready}, routes={len(self.routes)})"
 
-    async def metrics_endpoint(_: web.Request) -> web.Response:
+    async def handle(
+        self, method: str, target: str, remote: str | None, body: bytes = b""
+    ) -> Answer:
+        """The answer to `method target` (a request target: path and any query) from
+        `remote`; a HEAD is answered as its GET (the server sends no body)."""
+        path = target.partition("?")[0].partition("#")[0]
+        for pattern, methods in self.routes:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            endpoint = methods.get("GET" if method == "HEAD" else method)
+            if endpoint is None:
+                allowed = sorted({*methods, *(["HEAD"] if "GET" in methods else [])})
+                return _error(
+                    405,
+                    "METHOD_NOT_ALLOWED",
+                    f"{method} {path}: use {', '.join(allowed)}",
+                    (("Allow", ", ".join(allowed)),),
+                )
+            params = {name: unquote(value) for name, value in match.groupdict().items()}
+            return await endpoint(AdminRequest(method, path, remote, body, params))
+        return _error(404, "NOT_FOUND", f"no admin endpoint at {path}")
+
+    async def live(self, _: AdminRequest) -> Answer:
+        return json_answer({"live": True})
+
+    async def ready(self, _: AdminRequest) -> Answer:
+        if self.readiness.ready:
+            return json_answer({"ready": True})
+        return json_answer({"ready": False, "reasons": self.readiness.reasons()}, 503)
+
+    async def metrics_text(self, _: AdminRequest) -> Answer:
         # The classic 0.0.4 text format: every Prometheus 2.x scraper parses it.
-        body = generate_latest(metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+        return Answer(200, generate_latest(self.metrics.registry), CONTENT_TYPE_PLAIN_0_0_4)
 
-    async def status(_: web.Request) -> web.Response:
-        consul = dict(consul_status()) if consul_status else {"enabled": config.consul.enabled}
-        body: dict[str, Any] = {
-            "version": __version__,
-            "service": {
-                "name": config.service.name,
-                "id": config.service.id,
-                "address": config.service.address,
-                "port": config.service.port,
-                "registration": _registration_state(consul),
-            },
-            "consul": consul,
-            "events": dict(events_status()) if events_status else {"enabled": False},
-            "ready": readiness.ready,
-            "not_ready_reasons": readiness.reasons(),
-            "upstreams": {name: up.status() for name, up in current().items()},
-            "alerts": dict(alerts_status()) if alerts_status else {"firing": [], "pending": []},
-        }
-        return web.json_response(body)
+    async def status(self, _: AdminRequest) -> Answer:
+        config = self.config
+        consul = (
+            dict(self._consul_status())
+            if self._consul_status
+            else {"enabled": config.consul.enabled}
+        )
+        events = dict(self._events_status()) if self._events_status else {"enabled": False}
+        alerts = (
+            dict(self._alerts_status()) if self._alerts_status else {"firing": [], "pending": []}
+        )
+        return json_answer(
+            {
+                "version": __version__,
+                "service": {
+                    "name": config.service.name,
+                    "id": config.service.id,
+                    "address": config.service.address,
+                    "port": config.service.port,
+                    "registration": _registration_state(consul),
+                },
+                "consul": consul,
+                "events": events,
+                "ready": self.readiness.ready,
+                "not_ready_reasons": self.readiness.reasons(),
+                "upstreams": {name: up.status() for name, up in self._upstreams().items()},
+                "alerts": alerts,
+            }
+        )
 
-    async def reset_breaker(request: web.Request) -> web.Response:
+    async def reset_breaker(self, request: AdminRequest) -> Answer:
         if not _is_loopback(request.remote):
             return _error(403, "FORBIDDEN", "breaker reset is allowed from loopback clients only")
-        name = request.match_info["upstream"]
-        upstream = current().get(name)
+        name = request.params["upstream"]
+        upstream = self._upstreams().get(name)
         if upstream is None:
             return _error(404, "NO_ROUTE", f"no upstream named {name!r} is configured")
         before = upstream.breaker.state
         upstream.breaker.reset()
         log.info("circuit_reset", upstream=name, before=before, remote=request.remote)
-        return web.json_response({"upstream": name, "before": before, "circuit": "closed"})
+        return json_answer({"upstream": name, "before": before, "circuit": "closed"})
 
-    async def put_log_level(request: web.Request) -> web.Response:
+    async def put_log_level(self, request: AdminRequest) -> Answer:
         if not _is_loopback(request.remote):
             return _error(
                 403, "FORBIDDEN", "log level changes are allowed from loopback clients only"
             )
-        level = _requested_level(await request.read())
+        level = _requested_level(request.body)
         if level is None:
             return _error(
                 400,
@@ -188,35 +304,292 @@ def build_admin_app(
         else:
             set_log_level(level)
             log.info("log_level_changed", old=previous, new=level, remote=request.remote)
-        return web.json_response({"level": level, "previous": previous})
+        return json_answer({"level": level, "previous": previous})
 
-    async def shutdown(request: web.Request) -> web.Response:
+    async def shutdown(self, request: AdminRequest) -> Answer:
         if not _is_loopback(request.remote):
             return _error(403, "FORBIDDEN", "shutdown is allowed from loopback clients only")
-        if request_shutdown is None:
+        if self._request_shutdown is None:
             return _error(404, "NOT_FOUND", "shutdown is not available here")
-        again = readiness.draining
+        again = self.readiness.draining
         log.info("shutdown_requested", remote=request.remote, again=again)
         # The same path as SIGTERM (a second request cuts the drain short, as a second
         # signal does); the answer goes out before the admin listener closes.
-        request_shutdown("POST /v1/shutdown")
-        readiness.draining = True
-        return web.json_response(
+        self._request_shutdown("POST /v1/shutdown")
+        self.readiness.draining = True
+        return json_answer(
             {
                 "shutting_down": True,
                 "forced": again,
-                "drain_s": config.shutdown.drain,
-                "grace_s": config.shutdown.grace,
+                "drain_s": self.config.shutdown.drain,
+                "grace_s": self.config.shutdown.grace,
             },
-            status=202,
+            202,
         )
 
-    app = web.Application(middlewares=[_json_errors])
-    app.router.add_get("/live", live)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_get("/v1/status", status)
-    app.router.add_post("/v1/breakers/{upstream}/reset", reset_breaker)
-    app.router.add_post("/v1/shutdown", shutdown)
-    app.router.add_put("/v1/log-level", put_log_level)
-    return app
+
+def _http_date(now: float) -> str:
+    t = time.gmtime(now)
+    return (
+        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
+    )
+
+
+def _wire(answer: Answer, *, with_body: bool, keep_alive: bool) -> bytes:
+    head = [
+        f"HTTP/1.1 {answer.status} {_REASONS.get(answer.status, 'Unknown')}",
+        f"Content-Type: {answer.content_type}",
+        f"Content-Length: {len(answer.body)}",
+        f"Date: {_http_date(time.time())}",
+    ]
+    head += [f"{name}: {value}" for name, value in answer.headers]
+    if not keep_alive:
+        head.append("Connection: close")
+    wire = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+    return wire + answer.body if with_body else wire
+
+
+@dataclass(slots=True)
+class _Request:
+    method: str
+    target: str
+    body: bytes
+    keep_alive: bool
+    refused: Answer | None  # answered without asking the API (a body over MAX_BODY)
+
+
+class _Connection(asyncio.Protocol):
+    """One admin client: parses its requests and answers them one at a time, in order."""
+
+    def __init__(self, server: AdminServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.remote: str | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: deque[_Request] = deque()
+        self.task: asyncio.Task[None] | None = None
+        self.idle: asyncio.TimerHandle | None = None
+        self.paused = False
+        self.ended = False  # no more requests are read (closing, or answered with close)
+        # The request being parsed: bytes received since its head began (while it is
+        # incomplete) and the size of its parts (once parsed).
+        self.head_bytes = 0
+        self.head_size = 0
+        self.in_head = True
+        self.url = bytearray()
+        self.body = bytearray()
+        self.too_large = False
+        self.expects_continue = False
+
+    def __repr__(self) -> str:
+        return f"_Connection(remote={self.remote!r}, queued={len(self.queue)}, ended={self.ended})"
+
+    # --- transport ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self.remote = str(peer[0]) if peer else None
+        self.server.connections.add(self)
+        self._arm_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ended = True
+        self.queue.clear()
+        self.server.connections.discard(self)
+        if self.idle is not None:
+            self.idle.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self.ended:
+            return
+        if self.in_head:
+            self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The request before the upgrade is queued (on_message_complete ran); the
+            # admin API speaks nothing else, so it is answered and the connection closed.
+            self._stop_reading()
+        except httptools.HttpParserError as exc:
+            self._refuse(_error(400, "BAD_REQUEST", f"not an HTTP/1.x request: {exc}"))
+        else:
+            # A head still incomplete after this many bytes is not going to be one the
+            # admin API wants (a complete one is measured in on_headers_complete).
+            if self.in_head and self.head_bytes > MAX_HEAD:
+                self._refuse(_head_too_large())
+
+    def _refuse(self, answer: Answer) -> None:
+        """Answer after what is queued, then close: the rest of the stream is unreadable."""
+        self.queue.append(_Request("GET", "", b"", False, answer))
+        self._stop_reading()
+        self._serve_soon()
+
+    def _stop_reading(self) -> None:
+        self.ended = True
+        if self.queue and not self.queue[-1].refused:
+            self.queue[-1].keep_alive = False
+        if self.transport is not None and not self.queue and self.task is None:
+            self.transport.close()
+
+    # --- httptools callbacks --------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.head_size = 0
+        self.url.clear()
+        self.body.clear()
+        self.too_large = False
+        self.expects_continue = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_size += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value) + 4
+        if name.lower() == b"expect" and value.strip().lower() == b"100-continue":
+            self.expects_continue = True
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_bytes = 0
+        if self.head_size > MAX_HEAD:
+            return  # refused once complete; the body is read (not kept) to find its end
+        if self.expects_continue and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        if len(self.body) + len(body) > MAX_BODY:
+            self.too_large = True
+            self.body.clear()
+        elif not self.too_large:
+            self.body += body
+
+    def on_message_complete(self) -> None:
+        refused = None
+        keep_alive = self.parser.should_keep_alive()
+        if self.head_size > MAX_HEAD:
+            refused = _head_too_large()
+            keep_alive = False
+        elif self.too_large:
+            refused = _error(413, "BODY_TOO_LARGE", f"the request body is over {MAX_BODY} bytes")
+            keep_alive = False
+        method = self.parser.get_method().decode("latin-1")
+        target = self.url.decode("latin-1")
+        self.queue.append(_Request(method, target, bytes(self.body), keep_alive, refused))
+        self.in_head = True
+        if not keep_alive:
+            self.ended = True  # nothing after this request is read
+        if len(self.queue) >= MAX_PIPELINED and self.transport is not None and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+        self._serve_soon()
+
+    # --- answering ------------------------------------------------------------------
+
+    def _serve_soon(self) -> None:
+        if self.task is None:
+            if self.idle is not None:
+                self.idle.cancel()
+                self.idle = None
+            self.task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _serve(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        while self.queue:
+            request = self.queue.popleft()
+            answer = request.refused
+            if answer is None:
+                try:
+                    answer = await self.server.api.handle(
+                        request.method, request.target, self.remote, request.body
+                    )
+                except Exception:  # one endpoint's bug must not end the server
+                    log.exception(
+                        "admin_request_failed", method=request.method, target=request.target
+                    )
+                    answer = _error(
+                        500, "INTERNAL", "the admin endpoint failed; see the sidecar's log"
+                    )
+            keep_alive = request.keep_alive and not self.server.closing
+            if transport.is_closing():
+                return
+            transport.write(
+                _wire(answer, with_body=request.method != "HEAD", keep_alive=keep_alive)
+            )
+            if not keep_alive:
+                self.ended = True
+                self.queue.clear()
+                transport.close()
+                return
+            if self.paused and len(self.queue) < MAX_PIPELINED // 2:
+                self.paused = False
+                transport.resume_reading()
+        self.task = None
+        if self.ended and not transport.is_closing():
+            transport.close()
+        else:
+            self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+        self.idle = asyncio.get_running_loop().call_later(self.server.keepalive_s, self._expire)
+
+    def _expire(self) -> None:
+        self.idle = None
+        if self.task is None and self.transport is not None:
+            self.ended = True
+            self.transport.close()
+
+    def close_when_idle(self) -> asyncio.Task[None] | None:
+        """Close now if no request is being answered; else after the one in hand (its
+        answer says `Connection: close`). Returns the answering task, if any."""
+        if self.task is None and self.transport is not None:
+            self.ended = True
+            self.transport.close()
+        return self.task
+
+
+class AdminServer:
+    """Serves an `AdminAPI` on one address: `start`, then `close` at shutdown."""
+
+    def __init__(self, api: AdminAPI, *, keepalive_s: float = KEEPALIVE_S) -> None:
+        self.api = api
+        self.keepalive_s = keepalive_s
+        self.connections: set[_Connection] = set()
+        self.closing = False
+        self.server: asyncio.Server | None = None
+
+    def __repr__(self) -> str:
+        where = [sock.getsockname() for sock in self.server.sockets] if self.server else None
+        return f"AdminServer(listening={where}, connections={len(self.connections)})"
+
+    async def start(self, address: Address) -> asyncio.Server:
+        """Bind `address` and serve; OSError if it cannot be bound."""
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: _Connection(self), address.host, address.port, reuse_address=True
+        )
+        return self.server
+
+    async def close(self, within: float = 5.0) -> None:
+        """Stop accepting, close idle connections now and the others once their current
+        answer is written (`within` seconds, then they are cut)."""
+        self.closing = True
+        if self.server is not None:
+            self.server.close()
+        busy = [task for conn in list(self.connections) if (task := conn.close_when_idle())]
+        if busy:
+            _, late = await asyncio.wait(busy, timeout=within)
+            for task in late:
+                task.cancel()
+        for conn in list(self.connections):
+            # One closing already is flushing its last answer (the shutdown's own, say).
+            if conn.transport is not None and not conn.transport.is_closing():
+                conn.transport.abort()
+        if self.server is not None:
+            await self.server.wait_closed()

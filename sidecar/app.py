@@ -16,11 +16,10 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from sidecar import __version__
-from sidecar.admin import build_admin_app
+from sidecar.admin import AdminAPI, AdminServer
 from sidecar.config import Address, Config, UpstreamConfig
 from sidecar.discovery.base import Endpoint, Listener, Resolver
 from sidecar.discovery.static import StaticResolver
@@ -123,7 +122,7 @@ class Sidecar:
             self.alerts = self._build_alerts()
             self.metrics.add_live(self.alerts.collect)
         self._servers: list[asyncio.Server] = []
-        self._admin: web.AppRunner | None = None
+        self._admin: AdminServer | None = None
         self.addresses: dict[str, str] = {}
         self.started = False
 
@@ -252,7 +251,7 @@ class Sidecar:
         for name, up in self.upstreams.items():
             if up.config.listen is not None:
                 await self._bind(f"upstream:{name}", up.config.listen, up)
-        app = build_admin_app(
+        api = AdminAPI(
             config,
             readiness,
             self.all_upstreams,
@@ -262,16 +261,14 @@ class Sidecar:
             alerts_status=self._alerts_status,
             request_shutdown=self.lifecycle.request_shutdown,
         )
-        self._admin = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._admin.setup()
-        site = web.TCPSite(self._admin, config.admin.listen.host, config.admin.listen.port)
+        self._admin = AdminServer(api)
         try:
-            await site.start()
+            server = await self._admin.start(config.admin.listen)
         except OSError as exc:
             raise StartupError(
                 f"cannot listen on {config.admin.listen} for admin: {exc.strerror}"
             ) from exc
-        self._log_bound("admin", site._server)
+        self._log_bound("admin", server)
         bound()
         if self.tracer is not None:
             self.tracer.start()
@@ -373,7 +370,7 @@ class Sidecar:
         if self.consul is not None:
             await self.consul.close()
         if self._admin is not None:
-            await self._admin.cleanup()
+            await self._admin.close()
         for server in self._servers:
             await server.wait_closed()
         if self.tracer is not None:  # last: the spans of everything above are in
