@@ -1,10 +1,12 @@
-"""Lock what the image installs: requirements/runtime.txt and requirements/build.txt.
+"""Lock what the image installs: requirements/runtime.txt, build.txt and compile.txt.
 
-    python scripts/lock.py [--index-url URL]
+    python scripts/lock.py [--index-url URL] [--only compile.txt]
 
 `runtime.txt` pins `[project].dependencies` of pyproject.toml and everything they need;
 `build.txt` pins `[build-system].requires` (setuptools, which builds the project's own
-wheel in the image). Each package gets its exact version and the sha256 of the wheel that
+wheel in the image); `compile.txt` is the whole environment scripts/compile.py runs in
+(runtime.txt's pins, exactly, plus `[project.optional-dependencies].compile`: mypy and
+what it needs). Each package gets its exact version and the sha256 of the wheel that
 each of the image's platforms installs, so the Dockerfile's `pip install --require-hashes
 --only-binary=:all:` gets the same bytes on every build.
 
@@ -158,6 +160,9 @@ def render(what: str, source: str, pins: dict[str, Pin]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--index-url", default=PYPI, help=f"package index (default {PYPI})")
+    parser.add_argument(
+        "--only", metavar="FILE", help="write only this lock (runtime.txt, build.txt, compile.txt)"
+    )
     args = parser.parse_args()
     here = (
         platform.python_implementation(),
@@ -185,9 +190,26 @@ def main() -> int:
     out = ROOT / "requirements"
     out.mkdir(exist_ok=True)
     for filename, what, source, requirements in targets:
+        if args.only and filename != args.only:
+            continue
         text = render(what, source, lock(requirements, args.index_url))
         (out / filename).write_text(text)
         print(f"wrote {(out / filename).relative_to(ROOT)}")
+    if not args.only or args.only == "compile.txt":
+        # After runtime.txt: the compiled code is type-checked against those exact versions.
+        runtime = [
+            f"{line.split()[0]}"
+            for line in (out / "runtime.txt").read_text().splitlines()
+            if "==" in line and not line.startswith("#")
+        ]
+        compile_requirements = [*runtime, *pyproject["project"]["optional-dependencies"]["compile"]]
+        text = render(
+            "What scripts/compile.py runs with in the image: runtime.txt's pins and mypy.",
+            "requirements/runtime.txt and [project.optional-dependencies].compile",
+            lock(compile_requirements, args.index_url),
+        )
+        (out / "compile.txt").write_text(text)
+        print(f"wrote {(out / 'compile.txt').relative_to(ROOT)}")
     return 0
 
 

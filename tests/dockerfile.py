@@ -29,6 +29,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 RUNTIME_LOCK = ROOT / "requirements" / "runtime.txt"
 BUILD_LOCK = ROOT / "requirements" / "build.txt"
+COMPILE_LOCK = ROOT / "requirements" / "compile.txt"
 
 #: PATH in the official python images, which `$PATH` in the Dockerfile extends.
 BASE_IMAGE_PATH = "/usr/local/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

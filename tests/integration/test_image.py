@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import json
 import os
 import shlex
 import shutil
@@ -24,6 +25,7 @@ import signal
 import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,6 +39,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import NormalizedName, canonicalize_name
 
+from scripts.compile import HOT
 from sidecar import __version__
 from tests.dockerfile import (
     BASE_IMAGE_PATH,
@@ -199,6 +202,16 @@ def _config(app_port: int, admin_port: int, endpoints: list[str]) -> dict[str, A
 
 
 class TestImageVenv:
+    def test_the_hot_path_is_compiled(self, image: ImageBuild) -> None:
+        """The builder ran scripts/compile.py on the installed package: every hot-path
+        module has its C extension (and its source, kept for tracebacks), built for the
+        image's Python."""
+        proxy = image.site_packages / "sidecar" / "proxy"
+        suffix = sysconfig.get_config_var("EXT_SUFFIX")  # the image's Python is this one
+        expected = sorted([*(f"{Path(name).stem}{suffix}" for name in HOT), f"_hot__mypyc{suffix}"])
+        assert expected == sorted(p.name for p in proxy.glob("*.so"))
+        assert all((proxy / Path(name).name).exists() for name in HOT)
+
     def test_holds_exactly_the_locked_packages_and_the_project(self, image: ImageBuild) -> None:
         """The venv holds the project and exactly the lock's packages at the lock's
         versions, every requirement of each is met (`pip check`), and every locked
@@ -333,6 +346,8 @@ class TestEntrypoint:
         assert before == after
         assert not home.exists()
         assert "Traceback" not in logs
+        started = [e for e in map(json.loads, logs.splitlines()) if e.get("event") == "started"]
+        assert ["compiled"] == [e.get("hot_path") for e in started]
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from sidecar.stopsignals import STOP_SIGNALS
 from tests.dockerfile import (
     BASE_IMAGE_PATH,
     BUILD_LOCK,
+    COMPILE_LOCK,
     DOCKERFILE,
     ROOT,
     RUNTIME_LOCK,
@@ -42,7 +43,7 @@ from tests.dockerfile import (
 
 PYPROJECT: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())
 UID_GID = "10001:10001"
-LOCKS = (RUNTIME_LOCK, BUILD_LOCK)
+LOCKS = (RUNTIME_LOCK, BUILD_LOCK, COMPILE_LOCK)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +178,11 @@ class TestDockerfile:
             requirement_files.append(command[command.index("--requirement") + 1])
         wheels = [c for c in commands if "pip" in c and "wheel" in c]
         compiles = [c for c in commands if c[1:3] == ["-m", "compileall"]]
-        assert ["requirements/runtime.txt", "requirements/build.txt"] == requirement_files
+        assert [
+            "requirements/runtime.txt",
+            "requirements/compile.txt",
+            "requirements/build.txt",
+        ] == requirement_files
         assert [True] == ["--no-build-isolation" in c for c in wheels]
         assert ["$VENV/lib", "/usr/local/lib/python3.11"] == [c[-1] for c in compiles]
 
@@ -301,8 +306,13 @@ class TestLocks:
         [
             (RUNTIME_LOCK, PYPROJECT["project"]["dependencies"]),
             (BUILD_LOCK, PYPROJECT["build-system"]["requires"]),
+            (
+                COMPILE_LOCK,
+                PYPROJECT["project"]["dependencies"]
+                + PYPROJECT["project"]["optional-dependencies"]["compile"],
+            ),
         ],
-        ids=["runtime", "build"],
+        ids=["runtime", "build", "compile"],
     )
     def test_lock_satisfies_pyproject(self, lock: Path, requirements: list[str]) -> None:
         """Every requirement in pyproject.toml that applies in the image (Linux, its
@@ -322,7 +332,9 @@ class TestLocks:
                 problems.append(f"{requirement.name}: {pin.version} not in {requirement.specifier}")
         assert [] == problems, "regenerate with: python scripts/lock.py"
 
-    @pytest.mark.parametrize("lock", [RUNTIME_LOCK, BUILD_LOCK], ids=["runtime", "build"])
+    @pytest.mark.parametrize(
+        "lock", [RUNTIME_LOCK, BUILD_LOCK, COMPILE_LOCK], ids=["runtime", "build", "compile"]
+    )
     def test_every_pin_is_exact_and_hashed(self, lock: Path) -> None:
         """Each entry is `name==version` with one or more sha256 hashes, no markers or
         extras: pip's --require-hashes mode accepts nothing less."""
@@ -338,6 +350,15 @@ class TestLocks:
             or not all(sha256.fullmatch(h) for h in pin.hashes)
         ]
         assert [] == bad
+
+    def test_the_compile_lock_holds_the_runtime_pins_exactly(self) -> None:
+        """scripts/compile.py type-checks the hot path against the versions the image
+        runs: every runtime pin is in compile.txt at the same version."""
+        runtime, compile_env = read_lock(RUNTIME_LOCK), read_lock(COMPILE_LOCK)
+        assert {name: pin.version for name, pin in runtime.items()} == {
+            name: compile_env[name].version for name in runtime if name in compile_env
+        }
+        assert set(runtime) <= set(compile_env)
 
     def test_project_itself_is_not_locked(self) -> None:
         """The lock holds dependencies only; the project is installed from its own wheel."""
