@@ -19,6 +19,7 @@ import contextlib
 import importlib.metadata
 import json
 import os
+import runpy
 import shlex
 import shutil
 import signal
@@ -39,10 +40,10 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import NormalizedName, canonicalize_name
 
-from scripts.compile import HOT
 from sidecar import __version__
 from tests.dockerfile import (
     BASE_IMAGE_PATH,
+    ROOT,
     RUNTIME_LOCK,
     Stage,
     base_python_version,
@@ -207,10 +208,12 @@ class TestImageVenv:
         module has its C extension (and its source, kept for tracebacks), built for the
         image's Python."""
         proxy = image.site_packages / "sidecar" / "proxy"
+        compile_script = runpy.run_path(str(ROOT / "scripts" / "compile.py"))
+        hot: tuple[str, ...] = compile_script["HOT"]
         suffix = sysconfig.get_config_var("EXT_SUFFIX")  # the image's Python is this one
-        expected = sorted([*(f"{Path(name).stem}{suffix}" for name in HOT), f"_hot__mypyc{suffix}"])
+        expected = sorted([*(f"{Path(name).stem}{suffix}" for name in hot), f"_hot__mypyc{suffix}"])
         assert expected == sorted(p.name for p in proxy.glob("*.so"))
-        assert all((proxy / Path(name).name).exists() for name in HOT)
+        assert all((proxy / Path(name).name).exists() for name in hot)
 
     def test_holds_exactly_the_locked_packages_and_the_project(self, image: ImageBuild) -> None:
         """The venv holds the project and exactly the lock's packages at the lock's
