@@ -34,10 +34,11 @@ import asyncio
 import ipaddress
 import json
 import re
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any, cast
 from urllib.parse import unquote
 
@@ -64,21 +65,6 @@ MAX_BODY = 64 * 1024
 KEEPALIVE_S = 75.0
 #: Requests a client may pipeline before the server stops reading from it.
 MAX_PIPELINED = 16
-
-_REASONS = {
-    200: "OK",
-    202: "Accepted",
-    400: "Bad Request",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    413: "Content Too Large",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,20 +314,12 @@ class AdminAPI:
         )
 
 
-def _http_date(now: float) -> str:
-    t = time.gmtime(now)
-    return (
-        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
-        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
-    )
-
-
 def _wire(answer: Answer, *, with_body: bool, keep_alive: bool) -> bytes:
     head = [
-        f"HTTP/1.1 {answer.status} {_REASONS.get(answer.status, 'Unknown')}",
+        f"HTTP/1.1 {answer.status} {HTTPStatus(answer.status).phrase}",
         f"Content-Type: {answer.content_type}",
         f"Content-Length: {len(answer.body)}",
-        f"Date: {_http_date(time.time())}",
+        f"Date: {formatdate(usegmt=True)}",
     ]
     head += [f"{name}: {value}" for name, value in answer.headers]
     if not keep_alive:
