@@ -21,8 +21,8 @@ Every GET endpoint answers HEAD too. Every answer is JSON but /metrics, errors i
 (404 NOT_FOUND, 405 METHOD_NOT_ALLOWED with `Allow`, 400 BAD_REQUEST for a request that is
 not HTTP/1.x, 413 for a body over 64 KiB, 431 for a head over 64 KiB, 500 INTERNAL).
 
-Why not aiohttp's server: it was the only reason a sidecar without Consul, alerts or
-subscriptions imported aiohttp, about 13 MB of its 49 MB RSS (docs/performance.md). The
+Why not aiohttp's server: it made every sidecar import aiohttp, about 13 MB of its
+49 MB RSS (docs/performance.md). The
 endpoints above need little of HTTP: `AdminAPI` answers a parsed request, `AdminServer`
 parses them (httptools, as the proxy does) and writes the answers in order, with
 keep-alive, pipelining, HEAD and `Expect: 100-continue`.
