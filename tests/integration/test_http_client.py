@@ -5,34 +5,13 @@ large answer), delimited by the close, closed while idle, cut mid-answer, malfor
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from sidecar.discovery.http_client import HTTPClientError, Pool
 from tests.integration.consul_harness import ConsulSidecar, running_consul, service_config
-
-Answerer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@contextlib.asynccontextmanager
-async def raw_server(answer: Answerer) -> AsyncIterator[str]:
-    """A TCP server on 127.0.0.1 running `answer` per connection; its base URL."""
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            await answer(reader, writer)
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.close()
-        await server.wait_closed()
+from tests.integration.harness import raw_upstream
 
 
 async def read_request(reader: asyncio.StreamReader) -> bytes:
@@ -66,7 +45,8 @@ class TestAnswers:
                 seen.append(await read_request(reader))
                 writer.write(OK)
 
-        async with raw_server(answer) as url:
+        async with raw_upstream(answer) as endpoint:
+            url = f"http://{endpoint}"
             client = pool(url)
             first = await client.request("PUT", f"{url}/v1/agent/x?a=1", b"{}", {"X-T": "t"})
             second = await client.request("GET", f"{url}/v1/status/leader")
@@ -103,7 +83,8 @@ class TestAnswers:
             writer.write(next(answers))
             await writer.drain()
 
-        async with raw_server(answer) as url:
+        async with raw_upstream(answer) as endpoint:
+            url = f"http://{endpoint}"
             client = pool(url)
             chunked = await client.request("GET", f"{url}/a")
             delimited = await client.request("GET", f"{url}/b")
@@ -118,7 +99,8 @@ class TestAnswers:
             await read_request(reader)
             writer.write(b"HTTP/1.1 200 OK\r\nVary: a\r\nvary: b\r\nContent-Length: 0\r\n\r\n")
 
-        async with raw_server(answer) as url:
+        async with raw_upstream(answer) as endpoint:
+            url = f"http://{endpoint}"
             client = pool(url)
             got = await client.request("GET", f"{url}/")
             await client.close()
@@ -138,7 +120,8 @@ class TestFailures:
             writer.write(OK)
             await writer.drain()
 
-        async with raw_server(answer) as url:
+        async with raw_upstream(answer) as endpoint:
+            url = f"http://{endpoint}"
             client = pool(url)
             await client.request("GET", f"{url}/1")
             while not client._idle[-1][0].at_eof():  # the close has reached the client
@@ -169,7 +152,8 @@ class TestFailures:
             writer.write(sent)
             await writer.drain()
 
-        async with raw_server(answer) as url:
+        async with raw_upstream(answer) as endpoint:
+            url = f"http://{endpoint}"
             client = pool(url)
             with pytest.raises(HTTPClientError) as info:
                 await client.request("GET", f"{url}/")
@@ -187,7 +171,8 @@ class TestFailures:
             writer.write(OK)
             await writer.drain()
 
-        async with raw_server(answer) as url:
+        async with raw_upstream(answer) as endpoint:
+            url = f"http://{endpoint}"
             client = pool(url)
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.1):
