@@ -50,7 +50,7 @@ from sidecar.proxy.tunnel import Tunnel
 from sidecar.proxy.upstream import Upstream
 from sidecar.telemetry.logging import get_logger
 from sidecar.telemetry.metrics import Metrics
-from sidecar.telemetry.tracing import CLIENT, SERVER, TraceContext, Tracer
+from sidecar.telemetry.tracing import CLIENT, SERVER, SpanRecord, TraceContext, Tracer
 
 log = get_logger("sidecar.proxy")
 
@@ -577,12 +577,13 @@ class DownstreamProtocol(asyncio.Protocol):
     def _fast(self, req: Request) -> bool:
         """Start the common case without a task: a complete request without a body,
         routed to a configured upstream whose circuit is closed and which has an idle
-        pooled connection, unsampled. The request is sent from here (a parser callback)
+        pooled connection. The request is sent from here (a parser callback)
         and finished from the upstream's response callbacks (`Exchange.fast_ended`).
 
         False, having changed nothing that `_serve` would redo, when anything else
         applies: connecting, publishing, Max-Forwards, absolute-form targets, WebSocket
-        handshakes, bodies, an on-demand lookup, an error answer, a sampled trace.
+        handshakes, bodies, an on-demand lookup, an error answer. A sampled request
+        goes task-less too: its spans are recorded from the same callbacks.
         """
         if not req.body_done or req.has_body or req.upgrade or req.method in _MAX_FORWARDS_METHODS:
             return False
@@ -601,9 +602,7 @@ class DownstreamProtocol(asyncio.Protocol):
         tracer = proxy.tracer
         if tracer is not None:
             # Begun once: `_serve` goes on with this context if the request ends up there.
-            trace = req.trace = tracer.begin(req.traceparent, req.tracestate)
-            if trace.span is not None:
-                return False
+            req.trace = tracer.begin(req.traceparent, req.tracestate)
         return Exchange(self, req, upstream, target).start_fast()
 
     def served(self, req: Request, keep: bool) -> None:
@@ -663,7 +662,11 @@ class DownstreamProtocol(asyncio.Protocol):
                 try:
                     tracer = proxy.tracer
                     if resumed is not None:
-                        keep = await resumed.retry()
+                        trace = req.trace
+                        if tracer is None or trace is None or trace.span is None:
+                            keep = await resumed.retry()
+                        else:  # its SERVER span was begun task-less
+                            keep = await self._handle_traced(req, tracer, trace, resumed)
                         resumed = None
                     elif tracer is None:
                         keep = await self._handle(req)
@@ -690,46 +693,28 @@ class DownstreamProtocol(asyncio.Protocol):
             self.task = None
             self._idle()
 
-    async def _handle_traced(self, req: Request, tracer: Tracer, trace: TraceContext) -> bool:
+    async def _handle_traced(
+        self,
+        req: Request,
+        tracer: Tracer,
+        trace: TraceContext,
+        resumed: Exchange | None = None,
+    ) -> bool:
         """`_handle` for a sampled request: its SERVER span, and its ids on every log line
-        written meanwhile."""
-        method = req.method.decode("latin-1")
-        target = req.target
-        path = target.split(b"?", 1)[0]
-        if target[:1] != b"/" and target != b"*":  # absolute-form: the path after the authority
-            path = b"/" + path[scheme_length(path) :].partition(b"/")[2]
-        span = trace.span
-        assert span is not None
-        span.kind = SERVER
-        span.name = method
-        span.attributes = {
-            "http.request.method": method,
-            "url.path": path.decode("latin-1"),
-            "url.scheme": "http",
-            "network.protocol.version": req.version,
-        }
+        written meanwhile. `resumed`: a task-less exchange whose first attempt may be
+        retried, its SERVER span begun already."""
+        if resumed is None:
+            server_span_begin(req, trace)
         tokens = structlog.contextvars.bind_contextvars(**trace.log_ids())
         error: str | None = None
         try:
-            return await self._handle(req)
+            return await (self._handle(req) if resumed is None else resumed.retry())
         except BaseException as exc:
             error = type(exc).__name__
             raise
         finally:
             structlog.contextvars.reset_contextvars(**tokens)
-            attributes = span.attributes
-            if req.route:
-                span.name = f"{method} {req.route}"
-                attributes["http.route"] = req.route
-            if req.status:
-                attributes["http.response.status_code"] = req.status
-            code = attributes.get("error.type")
-            if code is None and req.status >= 500:
-                attributes["error.type"] = code = str(req.status)
-            elif code is None and error is not None:
-                attributes["error.type"] = code = error
-            # A server span's status is an error for 5xx only (4xx is the client's).
-            tracer.end(trace, str(code) if req.status >= 500 or error else None)
+            server_span_end(req, tracer, trace, error)
 
     async def _handle(self, req: Request) -> bool:
         """Serve one request; return whether the connection may carry another."""
@@ -768,9 +753,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 target = b"*" if req.method == b"OPTIONS" else b"/"
         trace = req.trace
         if trace is not None and trace.span is not None:
-            trace.span.attributes["sidecar.upstream"] = upstream.name
-            if req.target.startswith(b"/v1/invoke/"):
-                req.route = f"/v1/invoke/{upstream.name}/*"
+            server_span_route(req, trace.span, upstream)
         return await Exchange(self, req, upstream, target, host).run()
 
     async def _publish(self, req: Request) -> bool:
@@ -1051,6 +1034,7 @@ class Exchange:
         "_head_seen",
         "_out",
         "_timer",
+        "attempt_span",
         "attempts",
         "begun",
         "conn",
@@ -1091,6 +1075,7 @@ class Exchange:
         self.conn: UpstreamConnection | None = None
         self.status = 0  # the status relayed to the app; 0 until a final head is relayed
         self.attempts = 0
+        self.attempt_span: TraceContext | None = None  # a sampled task-less attempt's span
         self.deadline = math.inf  # the overall timeout's end, once the request is all in
         self.keep = False
         self.downstream_chunked = False
@@ -1218,6 +1203,14 @@ class Exchange:
         self.started = balancer.begin(stats)
         self.conn = conn
         self._fut = outcome = _Outcome(self)
+        trace = req.trace
+        if trace is not None and trace.span is not None:
+            tracer = down.proxy.tracer
+            assert tracer is not None
+            server_span_begin(req, trace)
+            server_span_route(req, trace.span, up)
+            self.attempt_span = attempt = self._attempt_span(tracer, trace, stats)
+            head = head.replace(trace.header, attempt.header, 1)
         if conn.start([head], self, req.method == b"HEAD"):
             # The per-try deadline (the whole request is sent); see on_due.
             self.due = self.begun + min(config.per_try_timeout, config.timeout)
@@ -1231,6 +1224,10 @@ class Exchange:
         self._fut = None
         down = self.down
         down.proxy.watched.pop(self, None)
+        attempt = self.attempt_span
+        if attempt is not None:
+            self._fast_ended_traced(attempt, result)
+            return
         loop = down.loop
         stats = self.stats
         assert stats is not None
@@ -1248,6 +1245,45 @@ class Exchange:
             self._close(loop, False, verdict, False)
         finally:
             down.served(self.req, self.keep)
+
+    def _fast_ended_traced(self, attempt: TraceContext, result: int) -> None:
+        """`fast_ended` for a sampled request: its CLIENT span ends with the attempt, its
+        SERVER span with the exchange (or in the task a retry goes on in), and the log
+        lines written meanwhile carry its ids, as on the coroutine path."""
+        self.attempt_span = None
+        down, req = self.down, self.req
+        tracer = down.proxy.tracer
+        trace = req.trace
+        assert tracer is not None
+        assert trace is not None
+        self._end_attempt_span(tracer, attempt, result)
+        loop = down.loop
+        stats = self.stats
+        assert stats is not None
+        tokens = structlog.contextvars.bind_contextvars(**trace.log_ids())
+        error: str | None = None
+        resumed = False
+        try:
+            try:
+                verdict = self._outcome(loop, stats, result)
+                if self.retrying:
+                    down.resume_in_task(self)  # the task ends the SERVER span
+                    resumed = True
+                    return
+            except Exception as exc:  # a bug must not take down other connections
+                log.exception("request_failed_unexpectedly")
+                error = type(exc).__name__
+                self.keep = False
+                verdict = None
+                down.abort()
+            self._close(loop, False, verdict, False)
+        finally:
+            structlog.contextvars.reset_contextvars(**tokens)
+            if not resumed:
+                try:
+                    server_span_end(req, tracer, trace, error)
+                finally:
+                    down.served(req, self.keep)
 
     async def retry(self) -> bool:
         """Go on after a task-less first attempt that may be retried (in a task)."""
@@ -1786,6 +1822,52 @@ _ATTEMPT_ERRORS = {
     _CLIENT_GONE: "client_gone",
     _APP_STALLED: ErrorCode.REQUEST_TIMEOUT.value,
 }
+
+
+def server_span_begin(req: Request, trace: TraceContext) -> None:
+    """Name a sampled request's SERVER span and give it the request's attributes."""
+    span = trace.span
+    assert span is not None
+    method = req.method.decode("latin-1")
+    target = req.target
+    path = target.split(b"?", 1)[0]
+    if target[:1] != b"/" and target != b"*":  # absolute-form: the path after the authority
+        path = b"/" + path[scheme_length(path) :].partition(b"/")[2]
+    span.kind = SERVER
+    span.name = method
+    span.attributes = {
+        "http.request.method": method,
+        "url.path": path.decode("latin-1"),
+        "url.scheme": "http",
+        "network.protocol.version": req.version,
+    }
+
+
+def server_span_route(req: Request, span: SpanRecord, upstream: Upstream) -> None:
+    """The request was routed to `upstream`: its span says so (and its http.route)."""
+    span.attributes["sidecar.upstream"] = upstream.name
+    if req.target.startswith(b"/v1/invoke/"):
+        req.route = f"/v1/invoke/{upstream.name}/*"
+
+
+def server_span_end(req: Request, tracer: Tracer, trace: TraceContext, error: str | None) -> None:
+    """End a sampled request's SERVER span with its route, status and error, if any
+    (`error`: what interrupted serving it)."""
+    span = trace.span
+    assert span is not None
+    attributes = span.attributes
+    if req.route:
+        span.name = f"{span.name} {req.route}"
+        attributes["http.route"] = req.route
+    if req.status:
+        attributes["http.response.status_code"] = req.status
+    code = attributes.get("error.type")
+    if code is None and req.status >= 500:
+        attributes["error.type"] = code = str(req.status)
+    elif code is None and error is not None:
+        attributes["error.type"] = code = error
+    # A server span's status is an error for 5xx only (4xx is the client's).
+    tracer.end(trace, str(code) if req.status >= 500 or error else None)
 
 
 def _bad_request(message: str) -> ProxyError:

@@ -22,6 +22,8 @@ from http import HTTPStatus
 from typing import Any, cast
 
 import pytest
+import structlog
+import structlog.testing
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
@@ -911,34 +913,164 @@ def _tracer(ratio: float) -> tuple[Tracer, _Recorder]:
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 PARENT = "b7ad6b7169203331"
+THEIRS = f"00-{TRACE}-{PARENT}-01"
+
+
+def _spans_by_path(recorder: _Recorder) -> dict[str, list[ReadableSpan]]:
+    """The recorded spans by the upstream path they served (their upstream target, with
+    the /v1/invoke/billing prefix taken off): each request's SERVER span first, then its
+    CLIENT spans in order."""
+    spans: dict[str, list[ReadableSpan]] = {}
+    for span in sorted(recorder.spans, key=lambda s: (s.kind.name != "SERVER", s.start_time)):
+        path = str((span.attributes or {})["url.path"]).removeprefix("/v1/invoke/billing")
+        spans.setdefault(path, []).append(span)
+    return spans
+
+
+def _shape(spans: list[ReadableSpan]) -> list[tuple[str, str, list[str], bool]]:
+    """What a request's spans must share whichever path served it."""
+    return [
+        (s.name, s.kind.name, sorted((s.attributes or {}).keys()), s.status.is_ok) for s in spans
+    ]
 
 
 class TestTracing:
-    async def test_sampled_request_takes_the_coroutine_path(
+    async def test_sampled_request_is_task_less_and_records_its_spans(
         self, rig: RigFactory, paths: Paths
     ) -> None:
-        """With every trace sampled, a request with a pooled connection at hand is still
-        served in a task, which records its SERVER and CLIENT spans and sends the
-        CLIENT span's context upstream."""
+        """With every trace sampled, a request with a pooled connection at hand is served
+        task-less like any other, and records the same SERVER and CLIENT spans as one
+        served in a task; the CLIENT span's context is what goes upstream."""
         tracer, recorder = _tracer(1.0)
         r = await rig(tracer=tracer)
         app = await r.connect()
         await app.get("/v1/invoke/billing/a")
 
-        second = await app.get("/v1/invoke/billing/b")
+        second = await app.get("/v1/invoke/billing/b?x=1", extra=[("traceparent", THEIRS)])
 
         assert 200 == second.status
-        assert ["/v1/invoke/billing/a", "/v1/invoke/billing/b"] == paths.tasks
-        assert [] == paths.fast
+        assert ["/v1/invoke/billing/a"] == paths.tasks
+        assert ["/v1/invoke/billing/b?x=1"] == paths.fast
         await r.settled()
         tracer.shutdown(1.0)  # never started: exports what is queued, here
-        client = [s for s in recorder.spans if s.kind.name == "CLIENT"]
         assert 4 == len(recorder.spans)
-        assert 2 == len(client)
+        by_path = _spans_by_path(recorder)
+        # Task and task-less: the same names, kinds, attributes and status.
+        assert _shape(by_path["/a"]) == _shape(by_path["/b"])
+        server, client = by_path["/b"]
+        assert "GET /v1/invoke/billing/*" == server.name
+        assert {
+            "http.request.method": "GET",
+            "url.path": "/v1/invoke/billing/b",
+            "url.scheme": "http",
+            "network.protocol.version": "1.1",
+            "sidecar.upstream": "billing",
+            "http.route": "/v1/invoke/billing/*",
+            "http.response.status_code": 200,
+        } == dict(server.attributes or {})
+        assert server.parent is not None
+        assert server.context is not None
+        assert (int(TRACE, 16), int(PARENT, 16)) == (server.context.trace_id, server.parent.span_id)
+        assert client.parent is not None
+        assert client.context is not None
+        assert server.context.span_id == client.parent.span_id
+        assert "/b" == (client.attributes or {})["url.path"]
+        assert 200 == (client.attributes or {})["http.response.status_code"]
+        assert "http.request.resend_count" not in (client.attributes or {})
         sent = r.backend.seen[1].headers["traceparent"]
-        context = client[1].context
-        assert context is not None
+        context = client.context
         assert f"00-{context.trace_id:032x}-{context.span_id:016x}-01" == sent
+        assert server.start_time is not None
+        assert client.start_time is not None
+        assert server.end_time is not None
+        assert client.end_time is not None
+        assert server.start_time <= client.start_time <= client.end_time <= server.end_time
+
+    async def test_sampled_request_retried_in_a_task_ends_its_spans_there(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """A sampled task-less attempt answered 503 (retryable) ends its CLIENT span with
+        the 503; the retry, in a task, adds a second CLIENT span (resend_count 1) under
+        the same SERVER span, which ends once, with the retry's 200."""
+
+        def second_is_503(seen: Seen) -> Reply:
+            return Reply(503, b"try again") if seen.nth == 1 else Reply()
+
+        tracer, recorder = _tracer(1.0)
+        r = await rig(
+            second_is_503, tracer=tracer, retries=RetryConfig(on_statuses=frozenset({503}))
+        )
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+
+        second = await app.get("/v1/invoke/billing/b")
+
+        assert (200, b"/b") == (second.status, second.body)
+        assert ["/v1/invoke/billing/b"] == paths.fast
+        assert ["/v1/invoke/billing/b"] == paths.resumed
+        await r.settled()
+        tracer.shutdown(1.0)
+        server, first, retry = _spans_by_path(recorder)["/b"]
+        assert server.context is not None
+        assert server.status.is_ok
+        assert 200 == (server.attributes or {})["http.response.status_code"]
+        for client in (first, retry):
+            assert client.parent is not None
+            assert server.context.span_id == client.parent.span_id
+        assert 503 == (first.attributes or {})["http.response.status_code"]
+        assert "503" == (first.attributes or {})["error.type"]
+        assert not first.status.is_ok
+        assert 200 == (retry.attributes or {})["http.response.status_code"]
+        assert 1 == (retry.attributes or {})["http.request.resend_count"]
+        assert retry.status.is_ok
+        # Each attempt carried its own CLIENT span's context upstream.
+        sent = [s.headers["traceparent"].split("-")[2] for s in r.backend.seen[1:]]
+        assert [f"{c.context.span_id:016x}" for c in (first, retry) if c.context] == sent
+
+    async def test_sampled_request_answered_with_an_error_from_the_callback(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """A sampled task-less attempt that times out (no retry) is answered 504 from the
+        callback: both spans end as errors, and the log line about it carries the
+        request's trace and span ids."""
+
+        def second_stalls(seen: Seen) -> Reply:
+            return STALL if seen.nth == 1 else Reply()
+
+        tracer, recorder = _tracer(1.0)
+        r = await rig(
+            second_stalls,
+            tracer=tracer,
+            per_try_timeout=0.05,
+            circuit_breaker=BreakerConfig(failure_threshold=1),
+        )
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+
+        with structlog.testing.capture_logs([structlog.contextvars.merge_contextvars]) as logs:
+            second = await app.get("/v1/invoke/billing/b")
+            after = await app.get("/v1/invoke/billing/c")  # no ids leak to the next one
+
+        assert (504, 503) == (second.status, after.status)
+        assert ["/v1/invoke/billing/b"] == paths.fast
+        assert [] == paths.resumed
+        await r.settled()
+        tracer.shutdown(1.0)
+        server, client = _spans_by_path(recorder)["/b"]
+        assert "UPSTREAM_TIMEOUT" == (server.attributes or {})["error.type"]
+        assert 504 == (server.attributes or {})["http.response.status_code"]
+        assert not server.status.is_ok
+        assert "UPSTREAM_TIMEOUT" == (client.attributes or {})["error.type"]
+        assert not client.status.is_ok
+        assert client.end_time is not None
+        assert server.end_time is not None
+        assert client.end_time <= server.end_time
+        assert server.context is not None
+        context = server.context
+        ids = {"trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"}
+        (opened,) = [e for e in logs if e["event"] == "circuit_state_changed"]
+        assert ids == {k: opened.get(k) for k in ids}
+        assert all(e.get("span_id") != ids["span_id"] for e in logs if e is not opened), logs
 
     async def test_unsampled_request_is_task_less_and_carries_its_context(
         self, rig: RigFactory, paths: Paths

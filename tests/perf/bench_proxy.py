@@ -361,12 +361,13 @@ def judge(
     return measured, meets
 
 
-def summarize(
+def summarize(  # noqa: PLR0917 - the report of one run, all of it
     results: dict[str, dict[str, WrkResult]],
     rss: tuple[float, float],
     duration_s: int,
     cpu_us: dict[str, float],
     compiled_rss: tuple[float, float] | None = None,
+    previous_traced: bool = False,
 ) -> dict[str, object]:
     c1 = results["c1"]
     ratio = {c: round(r["sidecar"].rps / r["haproxy"].rps, 3) for c, r in results.items()}
@@ -384,8 +385,18 @@ def summarize(
     if "sidecar_previous" in c32:
         previous = c32["sidecar_previous"].rps / c32["haproxy"].rps
         ratios["sidecar_previous"] = round(previous, 3)
-        tracing["off_vs_previous_c32"] = round(ratio["c32"] / previous, 3)
-        targets["off_vs_previous_min"] = 0.97
+        if previous_traced:  # both at ratio 0.01: this build against the previous one
+            this = c32["sidecar_trace_0.01"]
+            tracing["0.01_vs_previous_0.01_c32"] = {
+                "rps": round(this.rps / c32["sidecar_previous"].rps, 3),
+                "p99": round(this.p99_us / c32["sidecar_previous"].p99_us, 3),
+                "previous_p99_vs_haproxy": round(
+                    c32["sidecar_previous"].p99_us / c32["haproxy"].p99_us, 2
+                ),
+            }
+        else:
+            tracing["off_vs_previous_c32"] = round(ratio["c32"] / previous, 3)
+            targets["off_vs_previous_min"] = 0.97
     added = {t: round(c1[t].p50_us - c1["direct"].p50_us, 1) for t in ("haproxy", "sidecar")}
     spec = TARGETS_SPEC
     measured, meets = judge(results, "sidecar_trace_0.01", rss[0])
@@ -443,7 +454,10 @@ def compile_copy(workdir: Path) -> Path:
 
 
 def bench(
-    duration_s: int, previous: Path | None = None, compiled: bool = False
+    duration_s: int,
+    previous: Path | None = None,
+    compiled: bool = False,
+    previous_traced: bool = False,
 ) -> dict[str, object]:
     for binary in (NGINX, HAPROXY, WRK):
         if shutil.which(binary) is None:
@@ -465,8 +479,9 @@ def bench(
         targets: tuple[str, ...] = TARGETS
         if previous is not None:
             # The previous build's sidecar in the same run, for a like-for-like ratio.
+            tracing = TRACED if previous_traced else None
             proc, ports["sidecar_previous"] = stack.enter_context(
-                start_sidecar(workdir, nginx_port, "sidecar_previous", None, previous)
+                start_sidecar(workdir, nginx_port, "sidecar_previous", tracing, previous)
             )
             pids["sidecar_previous"] = proc.pid
             targets = (*targets, "sidecar_previous")
@@ -496,7 +511,7 @@ def bench(
                 )
         rss = read_rss_mb(pids["sidecar"])
         compiled_rss = read_rss_mb(pids["sidecar_compiled"]) if compiled else None
-        return summarize(results, rss, duration_s, cpu_us, compiled_rss)
+        return summarize(results, rss, duration_s, cpu_us, compiled_rss, previous_traced)
 
 
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -517,10 +532,19 @@ def main() -> int:
         action="store_true",
         help="also measure this checkout compiled by scripts/compile.py (tracing at 0.01)",
     )
+    parser.add_argument(
+        "--previous-traced",
+        action="store_true",
+        help="run the previous build with tracing at 0.01 (default: off) and compare it"
+        " with this build's sidecar at 0.01",
+    )
     args = parser.parse_args()
+    if args.previous_traced and args.previous is None:
+        parser.error("--previous-traced needs --previous")
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
-        report = bench(3 if args.quick else args.duration, args.previous, args.compiled)
+        duration = 3 if args.quick else args.duration
+        report = bench(duration, args.previous, args.compiled, args.previous_traced)
     except (BenchError, subprocess.TimeoutExpired) as exc:
         log(f"bench_proxy: {exc}")
         return 1
