@@ -146,20 +146,28 @@ class Encoder:
         scope = _string(1, "hms-sidecar") + _string(2, __version__)
         self.scope = _field(1, scope)  # ScopeSpans.scope
 
+    @staticmethod
+    def span(record: SpanRecord) -> bytes:
+        """One encoded span, as a `ScopeSpans.spans` field: what `batch` joins."""
+        return _field(2, encode_span(record))
+
     def requests(self, records: Iterable[SpanRecord]) -> list[bytes]:
-        """The batch as requests of at most about MAX_REQUEST_BYTES each."""
+        """The records as requests of at most about MAX_REQUEST_BYTES each."""
+        return self.batch([self.span(record) for record in records])
+
+    def batch(self, spans: Iterable[bytes]) -> list[bytes]:
+        """Spans encoded by `span` as requests of at most about MAX_REQUEST_BYTES each."""
         out: list[bytes] = []
-        spans: list[bytes] = []
+        chunk: list[bytes] = []
         size = 0
-        for record in records:
-            span = _field(2, encode_span(record))
-            if spans and size + len(span) > MAX_REQUEST_BYTES:
-                out.append(self._request(spans))
-                spans, size = [], 0
-            spans.append(span)
+        for span in spans:
+            if chunk and size + len(span) > MAX_REQUEST_BYTES:
+                out.append(self._request(chunk))
+                chunk, size = [], 0
+            chunk.append(span)
             size += len(span)
-        if spans:
-            out.append(self._request(spans))
+        if chunk:
+            out.append(self._request(chunk))
         return out
 
     def _request(self, spans: list[bytes]) -> bytes:

@@ -361,29 +361,19 @@ class Tracer:
         return f"<Tracer {self.config.exporter} {self.sampler!r} queued={len(self.queue)}>"
 
 
-#: Spans encoded between two releases of the GIL by the export thread.
-PACE = 8
-
-
-def _paced(records: list[SpanRecord]) -> Iterator[SpanRecord]:
-    """`records`, giving the GIL away every PACE of them: a batch (512 spans, about 5 ms
-    of encoding) must not stall the event loop's thread, and every request in flight
-    with it, for a whole switch interval at a time."""
-    for i, record in enumerate(records):
-        if i and not i % PACE:
-            time.sleep(0)
-        yield record
-
-
 class SpanQueue:
-    """A bounded queue of span records and the thread that exports them in batches.
+    """A bounded queue of ended spans and the thread that exports them in batches.
 
-    `put` is called on the event loop: an append and a length check. The thread
-    wakes every `schedule_delay`, or as soon as a batch is full, and exports up to
-    `max_export_batch_size` spans per call - encoded by `otlp.Encoder` and sent by
-    an OTLP transport, or (console, tests) as SDK spans handed to an SDK exporter.
-    Retries of a slow or failing collector run in this thread while the loop keeps
-    queueing, and counting what no longer fits.
+    `put` is called on the event loop. With an OTLP transport it encodes the span
+    there and then (`otlp.Encoder.span`, about 10 µs) and queues the bytes: the
+    export thread only joins and sends them, so it never holds the GIL for long
+    while the loop's thread waits for it (encoding in the thread, even a few spans
+    at a time, cost the loop's requests more than the encoding itself, and widened
+    their tail). With an SDK exporter (console, tests) it queues the record, which
+    the thread turns into an SDK span. The thread wakes every `schedule_delay`, or
+    as soon as a batch is full, and exports up to `max_export_batch_size` spans
+    per call. Retries of a slow or failing collector run in this thread while the
+    loop keeps queueing, and counting what no longer fits.
     """
 
     def __init__(
@@ -402,7 +392,8 @@ class SpanQueue:
         self.encoder = Encoder(resource)
         self.limit = config.max_queue_size
         self.batch = config.max_export_batch_size
-        self._records: deque[SpanRecord] = deque()
+        # Encoded spans (transport) or records (SDK exporter), in the order they ended.
+        self._records: deque[Any] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._stop_by = math.inf  # monotonic deadline of the final flush
@@ -423,7 +414,15 @@ class SpanQueue:
         if len(records) >= self.limit:
             self.dropped_full += 1
             return
-        records.append(record)
+        if self.transport is None:
+            records.append(record)
+        else:
+            try:
+                records.append(self.encoder.span(record))
+            except Exception as exc:  # never the request's problem: counted and logged
+                self.failed += 1
+                self._log_failure(1, f"cannot encode span {record!r}: {exc!r}")
+                return
         if len(records) >= self.batch:
             self._wake.set()
 
@@ -452,12 +451,12 @@ class SpanQueue:
             finally:
                 self.sending = 0
 
-    def _export(self, batch: list[SpanRecord]) -> None:
+    def _export(self, batch: list[Any]) -> None:
         deadline = min(time.monotonic() + self.config.export_timeout, self._stop_by)
         error = None
         try:
             if self.transport is not None:
-                for body in self.encoder.requests(_paced(batch)):
+                for body in self.encoder.batch(batch):
                     self.transport.send(body, deadline)
             else:
                 error = self._export_sdk(batch)
@@ -469,12 +468,15 @@ class SpanQueue:
             self.exported += len(batch)
             return
         self.failed += len(batch)
+        self._log_failure(len(batch), error)
+
+    def _log_failure(self, spans: int, error: str) -> None:
         now = time.monotonic()
         if now - self._logged_failure >= 10.0:  # at most one line per 10 s
             self._logged_failure = now
             log.warning(
                 "span_export_failed",
-                spans=len(batch),
+                spans=spans,
                 endpoint=self.config.endpoint,
                 protocol=self.config.protocol,
                 error=error,

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+import structlog.testing
 from google.protobuf.json_format import MessageToDict
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -205,22 +206,84 @@ class TestBegin:
 
 
 class TestExport:
-    def test_the_export_thread_gives_the_gil_away_every_few_spans(
-        self, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        """A batch is encoded PACE spans at a time with a `time.sleep(0)` between, so
-        the event loop's thread is never held off for a whole batch."""
-        slept: list[float] = []
-        monkeypatch.setattr("sidecar.telemetry.tracing.time.sleep", slept.append)
+    def test_spans_are_encoded_when_they_end_and_the_thread_only_sends(self) -> None:
+        """With an OTLP transport, a span is encoded by `put` on the caller's thread (the
+        event loop's) and the export thread only joins the bytes and sends them: it never
+        holds the GIL for long while the loop's thread waits for it."""
+        sent: list[tuple[str, bytes]] = []
+
+        class Transport:
+            def send(self, body: bytes, deadline: float) -> None:
+                sent.append((threading.current_thread().name, body))
+
+            def close(self) -> None:
+                pass
+
+        encoded: list[str] = []
+        queue = tracing.SpanQueue(
+            config({"exporter": "otlp"}).telemetry.tracing,
+            {"service.name": "orders"},
+            transport=Transport(),
+        )
+        span = queue.encoder.span
+
+        def spy(record: SpanRecord) -> bytes:
+            encoded.append(threading.current_thread().name)
+            return span(record)
+
+        queue.encoder.span = spy  # type: ignore[method-assign]
+        queue.start()
         records = [
             SpanRecord(
-                "s", SERVER, trace_id=1, span_id=i + 1, parent_id=0, start_ns=0, attributes={}
+                "s", SERVER, trace_id=1, span_id=i + 1, parent_id=0, start_ns=i, attributes={}
             )
-            for i in range(3 * tracing.PACE + 1)
+            for i in range(3)
         ]
+        for record in records:
+            queue.put(record)
+        assert ["MainThread"] * 3 == encoded
+        queue.shutdown(5.0)
 
-        assert records == list(tracing._paced(records))
-        assert [0, 0, 0] == slept
+        assert ["span-export"] == [thread for thread, _ in sent]
+        ours = ExportTraceServiceRequest.FromString(sent[0][1])
+        assert ExportTraceServiceRequest.FromString(queue.encoder.requests(records)[0]) == ours
+        assert 3 == queue.exported
+
+    def test_a_span_that_cannot_be_encoded_is_counted_failed_not_raised(self) -> None:
+        """Encoding runs on the request's path: a span it cannot encode (here a name that
+        is not valid Unicode) is counted as failed and logged; the others go out."""
+        sent: list[bytes] = []
+
+        class Transport:
+            def send(self, body: bytes, deadline: float) -> None:
+                sent.append(body)
+
+            def close(self) -> None:
+                pass
+
+        queue = tracing.SpanQueue(
+            config({"exporter": "otlp"}).telemetry.tracing, {}, transport=Transport()
+        )
+        bad = SpanRecord(
+            "\ud800", SERVER, trace_id=1, span_id=1, parent_id=0, start_ns=0, attributes={}
+        )
+        good = SpanRecord(
+            "ok", SERVER, trace_id=1, span_id=2, parent_id=0, start_ns=0, attributes={}
+        )
+        with structlog.testing.capture_logs() as logs:
+            queue.put(bad)
+            queue.put(good)
+        queue.shutdown(5.0)
+
+        assert (1, 1) == (queue.failed, queue.exported)
+        (spans,) = [
+            r.scope_spans[0].spans
+            for r in ExportTraceServiceRequest.FromString(sent[0]).resource_spans
+        ]
+        assert ["ok"] == [s.name for s in spans]
+        (line,) = [e for e in logs if e["event"] == "span_export_failed"]
+        assert "cannot encode span" in line["error"]
+        assert 1 == line["spans"]
 
     def test_records_become_sdk_spans_with_ids_kinds_links_and_status(self) -> None:
         """The export thread builds ReadableSpans the OTLP exporter can encode."""
