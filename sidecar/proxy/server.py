@@ -11,6 +11,7 @@ each of them decides lives in `balancer` and `resilience`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import random
 import re
@@ -572,7 +573,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 self._idle()
             return
         if not fast:
-            self.task = self.loop.create_task(self._serve(req))
+            self.task = self.loop.create_task(self._serve(req), context=contextvars.Context())
 
     def _fast(self, req: Request) -> bool:
         """Start the common case without a task: a complete request without a body,
@@ -649,7 +650,9 @@ class DownstreamProtocol(asyncio.Protocol):
         """A task-less exchange's first attempt failed and may be retried: the retry
         loop (back-off, further attempts) and the requests queued after it go on in a
         task, exactly as if the exchange had started there."""
-        self.task = self.loop.create_task(self._serve(exchange.req, exchange))
+        self.task = self.loop.create_task(
+            self._serve(exchange.req, exchange), context=contextvars.Context()
+        )
 
     async def _serve(self, req: Request | None, resumed: Exchange | None = None) -> None:
         proxy = self.proxy
@@ -1262,24 +1265,26 @@ class Exchange:
         assert stats is not None
         tokens = structlog.contextvars.bind_contextvars(**trace.log_ids())
         error: str | None = None
-        resumed = False
+        retrying = False
         try:
             try:
                 verdict = self._outcome(loop, stats, result)
-                if self.retrying:
-                    down.resume_in_task(self)  # the task ends the SERVER span
-                    resumed = True
-                    return
+                retrying = self.retrying
             except Exception as exc:  # a bug must not take down other connections
                 log.exception("request_failed_unexpectedly")
                 error = type(exc).__name__
                 self.keep = False
                 verdict = None
                 down.abort()
-            self._close(loop, False, verdict, False)
+            if not retrying:
+                self._close(loop, False, verdict, False)
         finally:
+            # Unbound before anything else runs: the retry's task (and the requests
+            # queued behind it, served in that task) must not inherit these ids.
             structlog.contextvars.reset_contextvars(**tokens)
-            if not resumed:
+            if retrying:
+                down.resume_in_task(self)  # the task ends the SERVER span
+            else:
                 try:
                     server_span_end(req, tracer, trace, error)
                 finally:
@@ -1506,7 +1511,9 @@ class Exchange:
                 # The connect is bounded by the per-try budget; the attempt's own timer
                 # starts once the request is sent.
                 self._timer = loop.call_later(budget, self._on_timer)
-                connect = loop.create_task(pool.connect())
+                # A new connection's callbacks run in the context it was made in: an
+                # empty one, or every later request on it would log this one's trace ids.
+                connect = loop.create_task(pool.connect(), context=contextvars.Context())
                 await asyncio.wait((connect, fut), return_when=asyncio.FIRST_COMPLETED)
                 if fut.done():  # timed out, or the app went away (or stalled)
                     connect.cancel()

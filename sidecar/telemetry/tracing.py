@@ -4,11 +4,13 @@ The hot path never touches the SDK. `Tracer.begin` parses the app's `traceparent
 itself, decides sampling the way the SDK's samplers do (parent-based, trace-id
 ratio), and makes W3C ids from a plain PRNG; a request that is not sampled only
 carries the context on (the app's own header, or a fresh one). A sampled request
-records its timestamps and attributes in `SpanRecord`s; the export thread turns
-them into SDK `ReadableSpan`s and hands them to the OTLP (HTTP/protobuf or gRPC)
-or console exporter, so building and encoding spans stays off the event loop.
-The queue between the two is bounded: a span that does not fit is dropped and
-counted, never held in unbounded memory.
+records its timestamps and attributes in `SpanRecord`s. When a span ends it is
+encoded to OTLP protobuf on the caller's thread (`otlp.Encoder`, about 10 µs) and
+the export thread only joins and sends the bytes (HTTP/protobuf or gRPC), so it
+never holds the GIL for long against the event loop; for the console exporter
+the thread turns records into SDK `ReadableSpan`s. The queue between the two is
+bounded: a span that does not fit is dropped and counted, never held in
+unbounded memory.
 """
 
 from __future__ import annotations
@@ -401,6 +403,7 @@ class SpanQueue:
         self.exported = 0
         self.dropped_full = 0
         self.failed = 0
+        self.unencodable = 0  # counted with `failed` in the metric
         self.sending = 0  # spans taken from the queue by the export in progress
         self._sdk_resource: Any = None
         self._scope: Any = None
@@ -420,7 +423,7 @@ class SpanQueue:
             try:
                 records.append(self.encoder.span(record))
             except Exception as exc:  # never the request's problem: counted and logged
-                self.failed += 1
+                self.unencodable += 1  # the loop's own count: `failed` is the thread's
                 self._log_failure(1, f"cannot encode span {record!r}: {exc!r}")
                 return
         if len(records) >= self.batch:
@@ -569,7 +572,7 @@ class SpanQueue:
         )
         spans.add_metric(["exported"], self.exported)
         spans.add_metric(["dropped"], self.dropped_full)
-        spans.add_metric(["failed"], self.failed)
+        spans.add_metric(["failed"], self.failed + self.unencodable)
         yield spans
         queued = GaugeMetricFamily(
             "sidecar_trace_export_queue_spans",

@@ -914,6 +914,7 @@ def _tracer(ratio: float) -> tuple[Tracer, _Recorder]:
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 PARENT = "b7ad6b7169203331"
 THEIRS = f"00-{TRACE}-{PARENT}-01"
+UNSAMPLED = f"00-{TRACE}-{PARENT}-00"
 
 
 def _spans_by_path(recorder: _Recorder) -> dict[str, list[ReadableSpan]]:
@@ -1071,6 +1072,69 @@ class TestTracing:
         (opened,) = [e for e in logs if e["event"] == "circuit_state_changed"]
         assert ids == {k: opened.get(k) for k in ids}
         assert all(e.get("span_id") != ids["span_id"] for e in logs if e is not opened), logs
+
+    async def test_ids_of_a_retried_request_stay_off_the_requests_queued_behind_it(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """A sampled task-less request retried in a task, with an unsampled request
+        pipelined behind it (served in that task): the log line the second one causes
+        (its timeout opens the circuit) carries no trace ids, not the first one's."""
+
+        def script(seen: Seen) -> Reply:
+            if seen.target == "/b":
+                return Reply(503, b"again") if seen.nth == 1 else Reply()
+            return STALL if seen.target == "/c" else Reply()
+
+        tracer, _ = _tracer(1.0)
+        r = await rig(
+            script,
+            tracer=tracer,
+            per_try_timeout=0.2,
+            retries=RetryConfig(on_statuses=frozenset({503}), on_timeout=False),
+            circuit_breaker=BreakerConfig(failure_threshold=1),
+        )
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+
+        with structlog.testing.capture_logs([structlog.contextvars.merge_contextvars]) as logs:
+            app.send(
+                get("/v1/invoke/billing/b")
+                + get("/v1/invoke/billing/c", extra=[("traceparent", UNSAMPLED)])
+            )
+            retried, timed_out = await app.answer(), await app.answer()
+
+        assert (200, 504) == (retried.status, timed_out.status)
+        assert ["/v1/invoke/billing/b"] == paths.resumed
+        (opened,) = [e for e in logs if e["event"] == "circuit_state_changed"]
+        assert "trace_id" not in opened, opened
+        await r.settled()
+        tracer.shutdown(1.0)
+
+    async def test_ids_of_the_request_that_opened_a_connection_stay_off_its_later_use(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """A sampled request connects (the coroutine path); an unsampled one from another
+        app connection later reuses that upstream connection task-less and its 500 opens
+        the circuit: that log line carries no trace ids (a connection's callbacks run in
+        the context it was made in, which must not be the sampled request's)."""
+        tracer, _ = _tracer(1.0)
+        r = await rig(
+            lambda seen: Reply(500) if seen.target == "/c" else Reply(),
+            tracer=tracer,
+            circuit_breaker=BreakerConfig(failure_threshold=1),
+        )
+        first, other = await r.connect(), await r.connect()
+        assert 200 == (await first.get("/v1/invoke/billing/a")).status
+
+        with structlog.testing.capture_logs([structlog.contextvars.merge_contextvars]) as logs:
+            failed = await other.get("/v1/invoke/billing/c", extra=[("traceparent", UNSAMPLED)])
+
+        assert 500 == failed.status
+        assert (["/v1/invoke/billing/a"], ["/v1/invoke/billing/c"]) == (paths.tasks, paths.fast)
+        (opened,) = [e for e in logs if e["event"] == "circuit_state_changed"]
+        assert "trace_id" not in opened, opened
+        await r.settled()
+        tracer.shutdown(1.0)
 
     async def test_unsampled_request_is_task_less_and_carries_its_context(
         self, rig: RigFactory, paths: Paths

@@ -275,7 +275,9 @@ class TestExport:
             queue.put(good)
         queue.shutdown(5.0)
 
-        assert (1, 1) == (queue.failed, queue.exported)
+        assert (1, 1) == (queue.unencodable, queue.exported)
+        failed = next(m for m in queue.collect() if m.name == "sidecar_trace_spans")
+        assert 1.0 == next(s.value for s in failed.samples if s.labels["outcome"] == "failed")
         (spans,) = [
             r.scope_spans[0].spans
             for r in ExportTraceServiceRequest.FromString(sent[0]).resource_spans
