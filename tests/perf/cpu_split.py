@@ -5,9 +5,13 @@ DIR`, an older checkout's sidecar, all with tracing at ratio 0.01 as in the
 issue's throughput target; then loads each in turn with `wrk -t1 -c32` for
 `--duration` seconds, `--rounds` times alternating, and reads `utime`/`stime`
 from /proc/<pid>/stat around every run. Prints one JSON object: per target, the
-user and kernel microseconds per request of every round and their medians.
+user and kernel microseconds per request of every round and their medians, and
+the median requests/s and p99; with `--haproxy`, HAProxy (1 thread) is loaded in
+every round too and each target's p99 is also given against HAProxy's of the
+same round.
 
 Usage: .venv/bin/python tests/perf/cpu_split.py [--duration 8] [--rounds 3] [--previous DIR]
+       [--haproxy]
 """
 
 from __future__ import annotations
@@ -35,13 +39,19 @@ def cpu_times(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def measure(duration_s: int, rounds: int, previous: Path | None) -> dict[str, object]:
+def measure(
+    duration_s: int, rounds: int, previous: Path | None, haproxy: bool = False
+) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="cpu-split-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
-        nginx_port, minimal_port = bench.free_ports(2)
+        nginx_port, minimal_port, haproxy_port = bench.free_ports(3)
         stack.enter_context(bench.start_nginx(workdir, nginx_port))
+        targets: dict[str, tuple[int, int]] = {}
+        if haproxy:
+            proc = stack.enter_context(bench.start_haproxy(workdir, haproxy_port, nginx_port))
+            targets["haproxy"] = (proc.pid, haproxy_port)
         minimal = stack.enter_context(bench.start_minimal(workdir, minimal_port, nginx_port))
-        targets = {"minimal": (minimal.pid, minimal_port)}
+        targets["minimal"] = (minimal.pid, minimal_port)
         proc, port = stack.enter_context(
             bench.start_sidecar(workdir, nginx_port, "sidecar", TRACING)
         )
@@ -52,6 +62,7 @@ def measure(duration_s: int, rounds: int, previous: Path | None) -> dict[str, ob
             )
             targets["sidecar_previous"] = (proc.pid, port)
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in targets}
+        loads: dict[str, list[bench.WrkResult]] = {name: [] for name in targets}
         for _ in range(rounds):
             for name, (pid, port) in targets.items():
                 bench.run_wrk(port, 32, 1)  # warm-up
@@ -62,18 +73,29 @@ def measure(duration_s: int, rounds: int, previous: Path | None) -> dict[str, ob
                 user = round((user1 - user0) * 1e6 / requests, 1)
                 kernel = round((kernel1 - kernel0) * 1e6 / requests, 1)
                 runs[name].append((user, kernel))
+                loads[name].append(result)
                 bench.log(
                     f"{name:18} {result.rps:>9.0f} rps  user {user:5.1f}us  kernel {kernel:5.1f}us"
+                    f"  p50 {result.p50_us:6.0f}us  p99 {result.p99_us:6.0f}us"
                 )
-    return {
-        name: {
+    report: dict[str, object] = {}
+    for name, rows in runs.items():
+        results = loads[name]
+        entry: dict[str, object] = {
             "user_us": [u for u, _ in rows],
             "kernel_us": [k for _, k in rows],
             "median_user_us": statistics.median(u for u, _ in rows),
             "median_kernel_us": statistics.median(k for _, k in rows),
+            "median_rps": statistics.median(r.rps for r in results),
+            "median_p99_us": statistics.median(r.p99_us for r in results),
         }
-        for name, rows in runs.items()
-    }
+        if haproxy:  # each round against HAProxy's run of the same round
+            baseline = loads["haproxy"]
+            entry["p99_vs_haproxy"] = [
+                round(r.p99_us / h.p99_us, 2) for r, h in zip(results, baseline, strict=True)
+            ]
+        report[name] = entry
+    return report
 
 
 def main() -> int:
@@ -81,9 +103,12 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     parser.add_argument("--previous", type=Path, help="a checkout of the previous build")
+    parser.add_argument(
+        "--haproxy", action="store_true", help="also load HAProxy each round (p99 baseline)"
+    )
     args = parser.parse_args()
     try:
-        result = measure(args.duration, args.rounds, args.previous)
+        result = measure(args.duration, args.rounds, args.previous, args.haproxy)
     except bench.BenchError as exc:
         print(f"cpu_split: {exc}", file=sys.stderr)
         return 1
