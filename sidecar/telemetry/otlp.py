@@ -155,8 +155,12 @@ class Encoder:
         """The records as requests of at most about MAX_REQUEST_BYTES each."""
         return self.batch([self.span(record) for record in records])
 
-    def batch(self, spans: Iterable[bytes]) -> list[bytes]:
+    def batch(self, spans: list[bytes]) -> list[bytes]:
         """Spans encoded by `span` as requests of at most about MAX_REQUEST_BYTES each."""
+        if sum(map(len, spans)) <= MAX_REQUEST_BYTES:
+            # The usual case, without a Python loop: the export thread holds the GIL
+            # for a few µs here instead of about 0.15 ms per 512 spans.
+            return [self._request(spans)] if spans else []
         out: list[bytes] = []
         chunk: list[bytes] = []
         size = 0
