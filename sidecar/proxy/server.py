@@ -117,6 +117,7 @@ class Request:
         "body_size",
         "chunked",
         "conn",
+        "content_length",
         "expect_continue",
         "has_body",
         "headers",
@@ -144,6 +145,7 @@ class Request:
         self.keep_alive = True
         self.chunked = False
         self.has_body = False
+        self.content_length = b""  # the Content-Length field's value, if any
         self.expect_continue = False
         self.idempotency_key = False
         self.body: list[bytes] = []
@@ -329,6 +331,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.head_bytes = 0  # bytes received since that head began
         self.head_started = 0.0  # when a request head began; 0.0 while none is pending
         self.dispatched = False  # the request being parsed is served or queued
+        # Its small body is being read, within this read: dispatched at its end.
+        self.deferred: Request | None = None
         self.rejected: ProxyError | None = None  # a bad request's answer, owed after earlier ones
         self.lingering = False  # answered 400: input is dropped until the close
         self.write_paused = False  # the app's transport is over its write high mark
@@ -387,6 +391,10 @@ class DownstreamProtocol(asyncio.Protocol):
             else:
                 self._reject(_bad_request(f"malformed HTTP request: {exc}"))
             return
+        deferred = self.deferred
+        if deferred is not None:  # its body did not all come with its head: stream it
+            self.deferred = None
+            self._dispatch(deferred)
         # Counted per read, so it also bounds a single endless header httptools would
         # otherwise buffer whole; bytes after the end of the head reset the count.
         if self.in_head and self.head_bytes > self.proxy.max_header_bytes:
@@ -458,7 +466,8 @@ class DownstreamProtocol(asyncio.Protocol):
             size += len(name) + len(value)
             lname = name.lower()
             if lname == b"content-length":
-                req.has_body = value.strip() != b"0"
+                req.content_length = length = value.strip()
+                req.has_body = length != b"0"
             elif lname == b"transfer-encoding":
                 # Only plain chunked can be relayed: the body is re-chunked on the way
                 # out, so any other coding (gzip, ...) would reach the upstream unnamed.
@@ -495,11 +504,18 @@ class DownstreamProtocol(asyncio.Protocol):
         else:
             self.body_last = time.monotonic()
         self.dispatched = True
-        if not self.busy:
-            self._dispatch(req)
-        else:
+        if self.busy:
             self.queue.append(req)
             self._pause(_PAUSE_QUEUE)
+        elif req.body_done or not _small_body(req) or parser.should_upgrade():
+            self._dispatch(req)
+        else:
+            # A small body usually comes in the same read as its head: the request is
+            # dispatched at its end (on_message_complete), whole, so it can go task-less;
+            # if the read ends first, it is dispatched then (data_received) and its body
+            # streams as before. Either way before anything else runs.
+            self.busy = True
+            self.deferred = req
 
     def on_body(self, body: bytes) -> None:
         req = self.req
@@ -558,6 +574,9 @@ class DownstreamProtocol(asyncio.Protocol):
         ex = self.exchange
         if req.has_body and ex is not None and ex.req is req:
             ex.on_body_done()
+        if self.deferred is req:
+            self.deferred = None
+            self._dispatch(req)
 
     # -- serving ---------------------------------------------------------------------------------
 
@@ -576,17 +595,19 @@ class DownstreamProtocol(asyncio.Protocol):
             self.task = self.loop.create_task(self._serve(req), context=contextvars.Context())
 
     def _fast(self, req: Request) -> bool:
-        """Start the common case without a task: a complete request without a body,
-        routed to a configured upstream whose circuit is closed and which has an idle
-        pooled connection. The request is sent from here (a parser callback)
-        and finished from the upstream's response callbacks (`Exchange.fast_ended`).
+        """Start the common case without a task: a complete request (no body, or a whole
+        small Content-Length body, see on_headers_complete), routed to a configured
+        upstream whose circuit is closed and which has an idle pooled connection. The
+        request is sent from here (a parser callback) and finished from the upstream's
+        response callbacks (`Exchange.fast_ended`). A sampled request goes task-less
+        too: its spans are recorded from the same callbacks.
 
         False, having changed nothing that `_serve` would redo, when anything else
         applies: connecting, publishing, Max-Forwards, absolute-form targets, WebSocket
-        handshakes, bodies, an on-demand lookup, an error answer. A sampled request
-        goes task-less too: its spans are recorded from the same callbacks.
+        handshakes, bodies still arriving or chunked, an on-demand lookup, an error
+        answer.
         """
-        if not req.body_done or req.has_body or req.upgrade or req.method in _MAX_FORWARDS_METHODS:
+        if not req.body_done or req.chunked or req.upgrade or req.method in _MAX_FORWARDS_METHODS:
             return False
         target = req.target
         if target[:1] != b"/":
@@ -1214,7 +1235,7 @@ class Exchange:
             server_span_route(req, trace.span, up)
             self.attempt_span = attempt = self._attempt_span(tracer, trace, stats)
             head = head.replace(trace.header, attempt.header, 1)
-        if conn.start([head], self, req.method == b"HEAD"):
+        if conn.start([head, *req.body] if req.has_body else [head], self, req.method == b"HEAD"):
             # The per-try deadline (the whole request is sent); see on_due.
             self.due = self.begun + min(config.per_try_timeout, config.timeout)
             down.proxy.watch(self, loop)
@@ -1829,6 +1850,19 @@ _ATTEMPT_ERRORS = {
     _CLIENT_GONE: "client_gone",
     _APP_STALLED: ErrorCode.REQUEST_TIMEOUT.value,
 }
+
+
+def _small_body(req: Request) -> bool:
+    """A Content-Length body of at most REPLAY_LIMIT bytes (kept for a retry as it is),
+    without `Expect: 100-continue` (the app waits before sending it)."""
+    length = req.content_length
+    return (
+        bool(length)
+        and not req.chunked
+        and not req.expect_continue
+        and length.isdigit()
+        and int(length) <= REPLAY_LIMIT
+    )
 
 
 def server_span_begin(req: Request, trace: TraceContext) -> None:

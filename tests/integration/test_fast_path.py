@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class Seen:
     method: str
     target: str
     headers: dict[str, str]
+    body: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -100,22 +102,27 @@ class _UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        while b"\r\n\r\n" in self.buffer:  # requests without a body only
-            head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-            self._handle(head)
+        while b"\r\n\r\n" in self.buffer:  # Content-Length bodies, or none
+            head, rest = self.buffer.split(b"\r\n\r\n", 1)
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            size = int(length[1]) if length else 0
+            if len(rest) < size:
+                return  # the rest of the body is still coming
+            self.buffer = rest[size:]
+            self._handle(head, rest[:size])
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.timeline.append(f"lost {self.no}")
 
-    def _handle(self, head: bytes) -> None:
+    def _handle(self, head: bytes, body: bytes) -> None:
         line, *fields = head.decode("latin-1").split("\r\n")
         method, target, _ = line.split(" ")
         headers = {}
         for text in fields:
             name, _, value = text.partition(":")
             headers[name.strip().lower()] = value.strip()
-        seen = Seen(self.no, self.requests, method, target, headers)
+        seen = Seen(self.no, self.requests, method, target, headers, body)
         self.requests += 1
         self.server.seen.append(seen)
         self.server.timeline.append(f"recv {target}")
@@ -191,6 +198,15 @@ class Answer:
 def get(target: str, host: str = "localhost", extra: Sequence[tuple[str, str]] = ()) -> bytes:
     fields = "".join(f"{name}: {value}\r\n" for name, value in ((("Host", host), *extra)))
     return f"GET {target} HTTP/1.1\r\n{fields}\r\n".encode()
+
+
+def with_body(
+    method: str, target: str, body: bytes, extra: Sequence[tuple[str, str]] = ()
+) -> tuple[bytes, bytes]:
+    """A request's head (with its Content-Length) and its body, to send together or not."""
+    fields = "".join(f"{name}: {value}\r\n" for name, value in extra)
+    head = f"{method} {target} HTTP/1.1\r\nHost: localhost\r\n{fields}"
+    return f"{head}Content-Length: {len(body)}\r\n\r\n".encode(), body
 
 
 class AppConnection:
@@ -447,6 +463,102 @@ class TestCommonCase:
         assert "closed" == r.upstream.breaker.state
         assert 0 == r.upstream.breaker.failure_count
         assert 0 == r.stats.consecutive_failures
+
+    async def test_a_small_body_that_came_with_its_head_is_sent_task_less(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """A POST whose Content-Length body arrives in the same read as its head is
+        dispatched once the body is in and sent whole, head and body, without a task;
+        a GET pipelined behind it in that read waits its turn."""
+        r = await rig()
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+        head, body = with_body("POST", "/v1/invoke/billing/b", b'{"order": 42}')
+
+        app.send(head + body + get("/v1/invoke/billing/c"))
+        posted, after = await app.answer(), await app.answer()
+
+        assert (200, b"/b", 200, b"/c") == (posted.status, posted.body, after.status, after.body)
+        assert ["/v1/invoke/billing/a"] == paths.tasks
+        assert ["/v1/invoke/billing/b", "/v1/invoke/billing/c"] == paths.fast
+        _, seen_b, seen_c = r.backend.seen
+        assert ("POST", b'{"order": 42}', "13") == (
+            seen_b.method,
+            seen_b.body,
+            seen_b.headers["content-length"],
+        )
+        assert ("GET", b"", 0) == (seen_c.method, seen_c.body, seen_c.conn)
+        await r.settled()
+        assert 3.0 == r.sample("sidecar_upstream_requests_total", code="200")
+        assert 1 == len(r.pool.idle)
+
+    async def test_a_body_still_arriving_after_its_head_streams_from_a_task(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """When the read ends before the body does, the request is dispatched at once,
+        on the coroutine path, and the rest of its body streams to the upstream as
+        it arrives."""
+        r = await rig()
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+        head, body = with_body("PUT", "/v1/invoke/billing/b", b"x" * 1000)
+
+        app.send(head + body[:10])
+        await until("the upstream connection taken", lambda: not r.pool.idle)
+        app.send(body[10:])
+        put = await app.answer()
+
+        assert (200, b"/b") == (put.status, put.body)
+        assert ["/v1/invoke/billing/a", "/v1/invoke/billing/b"] == paths.tasks
+        assert [] == paths.fast
+        assert (b"x" * 1000, 0) == (r.backend.seen[1].body, r.backend.seen[1].conn)
+        await r.settled()
+
+    async def test_a_task_less_body_is_sent_again_on_a_retry(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """The kept-alive connection a PUT was sent on task-less is closed unanswered:
+        the retry, in a task, sends the same body on a new connection."""
+
+        def second_hangs_up(seen: Seen) -> Reply:
+            return HANG_UP if (seen.conn, seen.nth) == (0, 1) else Reply()
+
+        r = await rig(second_hangs_up)
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+        head, body = with_body("PUT", "/v1/invoke/billing/b", b"payload")
+
+        app.send(head + body)
+        put = await app.answer()
+
+        assert (200, b"/b", 1) == (put.status, put.body, conn_of(put))
+        assert ["/v1/invoke/billing/b"] == paths.fast
+        assert ["/v1/invoke/billing/b"] == paths.retried
+        assert [(0, b"payload"), (1, b"payload")] == [(s.conn, s.body) for s in r.backend.seen[1:]]
+        await r.settled()
+
+    async def test_expect_continue_keeps_the_coroutine_path(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """With `Expect: 100-continue` the app waits before sending its body: the request
+        is dispatched at its head, as before, and the 100 goes out."""
+        r = await rig()
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/a")
+        head, body = with_body(
+            "POST", "/v1/invoke/billing/b", b"later", extra=[("Expect", "100-continue")]
+        )
+
+        app.send(head)
+        async with asyncio.timeout(PATIENCE):
+            interim = await app.reader.readuntil(b"\r\n\r\n")
+        app.send(body)
+        posted = await app.answer()
+
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        assert (200, b"later") == (posted.status, r.backend.seen[1].body)
+        assert ["/v1/invoke/billing/a", "/v1/invoke/billing/b"] == paths.tasks
+        await r.settled()
 
     async def test_unknown_upstream_is_404_on_the_coroutine_path(
         self, rig: RigFactory, paths: Paths
