@@ -295,8 +295,11 @@ def parse_wrk(output: str) -> WrkResult:
     )
 
 
-def run_wrk(port: int, connections: int, duration_s: int) -> WrkResult:
+def run_wrk(port: int, connections: int, duration_s: int, script: Path | None = None) -> WrkResult:
+    """`script`: a wrk Lua script (cpu_split.py's `--body` sends POSTs with one)."""
     argv = [WRK, "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency"]
+    if script is not None:
+        argv += ["-s", str(script)]
     done = subprocess.run(
         [*argv, f"http://127.0.0.1:{port}/"],
         capture_output=True,

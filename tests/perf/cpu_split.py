@@ -8,10 +8,10 @@ from /proc/<pid>/stat around every run. Prints one JSON object: per target, the
 user and kernel microseconds per request of every round and their medians, and
 the median requests/s and p99; with `--haproxy`, HAProxy (1 thread) is loaded in
 every round too and each target's p99 is also given against HAProxy's of the
-same round.
+same round. With `--body N`, wrk sends POSTs with an N-byte body instead of GETs.
 
 Usage: .venv/bin/python tests/perf/cpu_split.py [--duration 8] [--rounds 3] [--previous DIR]
-       [--haproxy]
+       [--haproxy] [--body N]
 """
 
 from __future__ import annotations
@@ -40,10 +40,21 @@ def cpu_times(pid: int) -> tuple[float, float]:
 
 
 def measure(
-    duration_s: int, rounds: int, previous: Path | None, haproxy: bool = False
+    duration_s: int,
+    rounds: int,
+    previous: Path | None,
+    haproxy: bool = False,
+    body: int = 0,
 ) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="cpu-split-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
+        script = None
+        if body:  # POSTs of `body` bytes instead of GETs
+            script = workdir / "post.lua"
+            script.write_text(
+                f'wrk.method = "POST"\nwrk.body = string.rep("x", {body})\n'
+                'wrk.headers["Content-Type"] = "application/octet-stream"\n'
+            )
         nginx_port, minimal_port, haproxy_port = bench.free_ports(3)
         stack.enter_context(bench.start_nginx(workdir, nginx_port))
         targets: dict[str, tuple[int, int]] = {}
@@ -65,9 +76,9 @@ def measure(
         loads: dict[str, list[bench.WrkResult]] = {name: [] for name in targets}
         for _ in range(rounds):
             for name, (pid, port) in targets.items():
-                bench.run_wrk(port, 32, 1)  # warm-up
+                bench.run_wrk(port, 32, 1, script)  # warm-up
                 user0, kernel0 = cpu_times(pid)
-                result = bench.run_wrk(port, 32, duration_s)
+                result = bench.run_wrk(port, 32, duration_s, script)
                 user1, kernel1 = cpu_times(pid)
                 requests = max(1.0, result.rps * duration_s)
                 user = round((user1 - user0) * 1e6 / requests, 1)
@@ -106,9 +117,12 @@ def main() -> int:
     parser.add_argument(
         "--haproxy", action="store_true", help="also load HAProxy each round (p99 baseline)"
     )
+    parser.add_argument(
+        "--body", type=int, default=0, help="send POSTs with a body of this many bytes"
+    )
     args = parser.parse_args()
     try:
-        result = measure(args.duration, args.rounds, args.previous, args.haproxy)
+        result = measure(args.duration, args.rounds, args.previous, args.haproxy, args.body)
     except bench.BenchError as exc:
         print(f"cpu_split: {exc}", file=sys.stderr)
         return 1
