@@ -581,7 +581,16 @@ class DownstreamProtocol(asyncio.Protocol):
     # -- serving ---------------------------------------------------------------------------------
 
     def _dispatch(self, req: Request) -> None:
-        """Serve `req`, the next in order: task-less when `_fast` can, else in a task."""
+        """Serve `req`, the next in order: task-less when `_fast` can, else in a task.
+
+        Not once the connection is ending (an earlier request in the same read was
+        answered with a close, or failed): nobody would read the answer, and a request
+        sent anyway might change something upstream.
+        """
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            self._idle()
+            return
         self.busy = True
         try:
             fast = self._fast(req)
@@ -609,6 +618,8 @@ class DownstreamProtocol(asyncio.Protocol):
         """
         if not req.body_done or req.chunked or req.upgrade or req.method in _MAX_FORWARDS_METHODS:
             return False
+        if req.has_body and not req.replayable:
+            return False  # a large body queued whole: sent, then dropped, by _one_attempt
         target = req.target
         if target[:1] != b"/":
             return False

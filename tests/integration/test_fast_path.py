@@ -537,6 +537,58 @@ class TestCommonCase:
         assert [(0, b"payload"), (1, b"payload")] == [(s.conn, s.body) for s in r.backend.seen[1:]]
         await r.settled()
 
+    async def test_a_body_after_a_request_that_ended_the_connection_is_not_sent(
+        self, rig: RigFactory, paths: Paths, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A request fails while starting (a bug) and the app's connection is aborted; a
+        small POST that came in the same read is dispatched when its body ends, after
+        that: it must not reach the upstream (nobody would get its answer)."""
+        r = await rig()
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/w")
+        request_head = Exchange._request_head
+
+        def broken(exchange: Exchange) -> bytes:
+            if exchange.req.target.endswith(b"/a"):
+                raise RuntimeError("injected")
+            return request_head(exchange)
+
+        monkeypatch.setattr(Exchange, "_request_head", broken)
+        head, body = with_body("POST", "/v1/invoke/billing/b", b"charge-card")
+
+        app.send(get("/v1/invoke/billing/a") + head + body)
+        async with asyncio.timeout(PATIENCE):
+            assert b"" == await app.reader.read()  # aborted, nothing answered
+
+        await r.settled()
+        assert ["/w"] == [s.target for s in r.backend.seen]
+        assert [] == paths.fast
+
+    async def test_a_large_body_queued_whole_takes_the_coroutine_path(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """A PUT over the replay limit pipelined behind a slow GET is all buffered by its
+        turn; it is still sent from a task, which drops the body once sent."""
+
+        def slow_first(seen: Seen) -> Reply:
+            return Reply(delay=0.2) if seen.target == "/slow" else Reply()
+
+        r = await rig(slow_first)
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/w")
+        head, body = with_body("PUT", "/v1/invoke/billing/big", b"y" * (100 * 1024))
+
+        app.send(get("/v1/invoke/billing/slow"))
+        await until("the slow request sent", lambda: len(r.backend.seen) == 2)
+        app.send(head + body)
+        slow, big = await app.answer(), await app.answer()
+
+        assert (200, 200) == (slow.status, big.status)
+        assert ["/v1/invoke/billing/slow"] == paths.fast
+        assert ["/v1/invoke/billing/w", "/v1/invoke/billing/big"] == paths.tasks
+        assert b"y" * (100 * 1024) == r.backend.seen[2].body
+        await r.settled()
+
     async def test_expect_continue_keeps_the_coroutine_path(
         self, rig: RigFactory, paths: Paths
     ) -> None:
