@@ -495,7 +495,8 @@ class DownstreamProtocol(asyncio.Protocol):
                 req.tracestate = value if req.tracestate is None else req.tracestate + b"," + value
         if size > self.proxy.max_header_bytes:
             raise _Refused(self._head_too_large())
-        if parser.should_upgrade():
+        upgrade = parser.should_upgrade()
+        if upgrade:
             req.upgrade = (
                 not req.has_body and req.version == "1.1" and websocket_upgrade(req.headers)
             )
@@ -507,7 +508,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.busy:
             self.queue.append(req)
             self._pause(_PAUSE_QUEUE)
-        elif req.body_done or not _small_body(req) or parser.should_upgrade():
+        elif req.body_done or upgrade or not _small_body(req):
             self._dispatch(req)
         else:
             # A small body usually comes in the same read as its head: the request is
@@ -1255,47 +1256,25 @@ class Exchange:
         return True
 
     def fast_ended(self, result: int) -> None:
-        """The task-less attempt ended with `result` (see `_Outcome`)."""
+        """The task-less attempt ended with `result` (see `_Outcome`). A sampled request's
+        CLIENT span ends with the attempt and its SERVER span with the exchange (or in
+        the task a retry goes on in); log lines written meanwhile carry its ids, as on
+        the coroutine path."""
         self._fut = None
-        down = self.down
-        down.proxy.watched.pop(self, None)
-        attempt = self.attempt_span
-        if attempt is not None:
-            self._fast_ended_traced(attempt, result)
-            return
-        loop = down.loop
-        stats = self.stats
-        assert stats is not None
-        try:
-            verdict = self._outcome(loop, stats, result)
-            if self.retrying:
-                down.resume_in_task(self)
-                return
-        except Exception:  # a bug must not take down other connections (as in _serve)
-            log.exception("request_failed_unexpectedly")
-            self.keep = False
-            verdict = None
-            down.abort()
-        try:
-            self._close(loop, False, verdict, False)
-        finally:
-            down.served(self.req, self.keep)
-
-    def _fast_ended_traced(self, attempt: TraceContext, result: int) -> None:
-        """`fast_ended` for a sampled request: its CLIENT span ends with the attempt, its
-        SERVER span with the exchange (or in the task a retry goes on in), and the log
-        lines written meanwhile carry its ids, as on the coroutine path."""
-        self.attempt_span = None
         down, req = self.down, self.req
-        tracer = down.proxy.tracer
-        trace = req.trace
-        assert tracer is not None
-        assert trace is not None
-        self._end_attempt_span(tracer, attempt, result)
+        down.proxy.watched.pop(self, None)
         loop = down.loop
         stats = self.stats
         assert stats is not None
-        tokens = structlog.contextvars.bind_contextvars(**trace.log_ids())
+        attempt = self.attempt_span
+        tracer, trace = down.proxy.tracer, req.trace
+        tokens = None
+        if attempt is not None:
+            self.attempt_span = None
+            assert tracer is not None
+            assert trace is not None
+            self._end_attempt_span(tracer, attempt, result)
+            tokens = structlog.contextvars.bind_contextvars(**trace.log_ids())
         error: str | None = None
         retrying = False
         try:
@@ -1311,14 +1290,18 @@ class Exchange:
             if not retrying:
                 self._close(loop, False, verdict, False)
         finally:
-            # Unbound before anything else runs: the retry's task (and the requests
-            # queued behind it, served in that task) must not inherit these ids.
-            structlog.contextvars.reset_contextvars(**tokens)
+            if tokens is not None:
+                # Unbound before anything else runs: the retry's task (and the requests
+                # queued behind it, served in that task) must not inherit these ids.
+                structlog.contextvars.reset_contextvars(**tokens)
             if retrying:
-                down.resume_in_task(self)  # the task ends the SERVER span
+                down.resume_in_task(self)  # a sampled request's task ends its SERVER span
             else:
                 try:
-                    server_span_end(req, tracer, trace, error)
+                    if attempt is not None:
+                        assert tracer is not None
+                        assert trace is not None
+                        server_span_end(req, tracer, trace, error)
                 finally:
                     down.served(req, self.keep)
 
@@ -1866,14 +1849,8 @@ _ATTEMPT_ERRORS = {
 def _small_body(req: Request) -> bool:
     """A Content-Length body of at most REPLAY_LIMIT bytes (kept for a retry as it is),
     without `Expect: 100-continue` (the app waits before sending it)."""
-    length = req.content_length
-    return (
-        bool(length)
-        and not req.chunked
-        and not req.expect_continue
-        and length.isdigit()
-        and int(length) <= REPLAY_LIMIT
-    )
+    length = req.content_length  # b"" without one; never with chunked (llhttp refuses it)
+    return not req.expect_continue and length.isdigit() and int(length) <= REPLAY_LIMIT
 
 
 def server_span_begin(req: Request, trace: TraceContext) -> None:

@@ -86,6 +86,21 @@ def answer_all(_: Seen) -> Reply:
     return Reply()
 
 
+def second_hangs_up(seen: Seen) -> Reply:
+    """The first connection's second request: closed without a byte."""
+    return HANG_UP if (seen.conn, seen.nth) == (0, 1) else Reply()
+
+
+def second_stalls(seen: Seen) -> Reply:
+    """A connection's second request: never answered."""
+    return STALL if seen.nth == 1 else Reply()
+
+
+def second_is_503(seen: Seen) -> Reply:
+    """A connection's second request: 503 (the test makes it retryable or not)."""
+    return Reply(503, b"try again") if seen.nth == 1 else Reply()
+
+
 class _UpstreamConnection(asyncio.Protocol):
     def __init__(self, server: ScriptedUpstream) -> None:
         self.server = server
@@ -520,9 +535,6 @@ class TestCommonCase:
         """The kept-alive connection a PUT was sent on task-less is closed unanswered:
         the retry, in a task, sends the same body on a new connection."""
 
-        def second_hangs_up(seen: Seen) -> Reply:
-            return HANG_UP if (seen.conn, seen.nth) == (0, 1) else Reply()
-
         r = await rig(second_hangs_up)
         app = await r.connect()
         await app.get("/v1/invoke/billing/a")
@@ -743,9 +755,6 @@ class TestRetriesAfterATaskLessAttempt:
         byte: like a connect failure, retried in a task on a new connection; the app
         sees only the retry's 200."""
 
-        def second_hangs_up(seen: Seen) -> Reply:
-            return HANG_UP if (seen.conn, seen.nth) == (0, 1) else Reply()
-
         r = await rig(second_hangs_up)
         app = await r.connect()
         first = await app.get("/v1/invoke/billing/a")
@@ -781,9 +790,6 @@ class TestRetriesAfterATaskLessAttempt:
         """A 503 (in retries.on_statuses) to a task-less attempt is discarded before it
         reaches the app; the retry, in a task, answers 200."""
 
-        def second_is_503(seen: Seen) -> Reply:
-            return Reply(503, b"try again") if seen.nth == 1 else Reply()
-
         r = await rig(second_is_503, retries=RetryConfig(on_statuses=frozenset({503})))
         app = await r.connect()
         await app.get("/v1/invoke/billing/a")
@@ -810,10 +816,10 @@ class TestRetriesAfterATaskLessAttempt:
         (no x-sidecar-error) from the response callback, no task; the breaker counts a
         failure and the kept-alive connection goes back to the pool."""
 
-        def second_is_503(seen: Seen) -> Reply:
+        def second_is_busy(seen: Seen) -> Reply:
             return Reply(503, b'{"busy": true}') if seen.nth == 1 else Reply()
 
-        r = await rig(second_is_503, retries=RetryConfig(max=0, on_statuses=frozenset({503})))
+        r = await rig(second_is_busy, retries=RetryConfig(max=0, on_statuses=frozenset({503})))
         app = await r.connect()
         await app.get("/v1/invoke/billing/a")
 
@@ -862,9 +868,6 @@ class TestTimeouts:
         per_try_timeout the app gets 504 UPSTREAM_TIMEOUT in the error contract, that
         connection is closed, nothing leaks, and the app's connection carries on."""
 
-        def second_stalls(seen: Seen) -> Reply:
-            return STALL if seen.nth == 1 else Reply()
-
         r = await rig(second_stalls, per_try_timeout=0.2)
         app = await r.connect()
         await app.get("/v1/invoke/billing/a")
@@ -896,9 +899,6 @@ class TestTimeouts:
 
     async def test_timeout_retried_when_allowed(self, rig: RigFactory, paths: Paths) -> None:
         """With retries.on_timeout the timed-out task-less attempt is retried in a task."""
-
-        def second_stalls(seen: Seen) -> Reply:
-            return STALL if seen.nth == 1 else Reply()
 
         r = await rig(second_stalls, per_try_timeout=0.2, retries=RetryConfig(on_timeout=True))
         app = await r.connect()
@@ -948,9 +948,6 @@ class TestAppLeaves:
         """The app closes its connection while a task-less request waits for the
         upstream: the attempt ends without a verdict, the upstream connection is closed
         (not pooled) and every count is given back."""
-
-        def second_stalls(seen: Seen) -> Reply:
-            return STALL if seen.nth == 1 else Reply()
 
         r = await rig(second_stalls)
         app = await r.connect()
@@ -1158,9 +1155,6 @@ class TestTracing:
         the 503; the retry, in a task, adds a second CLIENT span (resend_count 1) under
         the same SERVER span, which ends once, with the retry's 200."""
 
-        def second_is_503(seen: Seen) -> Reply:
-            return Reply(503, b"try again") if seen.nth == 1 else Reply()
-
         tracer, recorder = _tracer(1.0)
         r = await rig(
             second_is_503, tracer=tracer, retries=RetryConfig(on_statuses=frozenset({503}))
@@ -1198,9 +1192,6 @@ class TestTracing:
         """A sampled task-less attempt that times out (no retry) is answered 504 from the
         callback: both spans end as errors, and the log line about it carries the
         request's trace and span ids."""
-
-        def second_stalls(seen: Seen) -> Reply:
-            return STALL if seen.nth == 1 else Reply()
 
         tracer, recorder = _tracer(1.0)
         r = await rig(
