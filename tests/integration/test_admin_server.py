@@ -100,18 +100,18 @@ class TestClients:
         """requests.Session: three GETs on one connection, each answered as JSON."""
         async with serving() as (server, port):
 
-            def three() -> list[tuple[int, str, object]]:
-                with requests.Session() as session:
-                    answers = []
-                    for path in ("/live", "/ready", "/live"):
-                        resp = session.get(f"http://127.0.0.1:{port}{path}", timeout=5)
-                        answers.append(
-                            (resp.status_code, resp.headers["Content-Type"], resp.json())
-                        )
-                    return answers
+            def three(session: requests.Session) -> list[tuple[int, str, object]]:
+                answers = []
+                for path in ("/live", "/ready", "/live"):
+                    resp = session.get(f"http://127.0.0.1:{port}{path}", timeout=5)
+                    answers.append((resp.status_code, resp.headers["Content-Type"], resp.json()))
+                return answers
 
-            answers = await asyncio.to_thread(three)
-            connections = len(server.connections)
+            # Counted while the session is still open: once it closes, the server may
+            # already have dropped the connection.
+            with requests.Session() as session:
+                answers = await asyncio.to_thread(three, session)
+                connections = len(server.connections)
         assert [
             (200, "application/json; charset=utf-8", {"live": True}),
             (200, "application/json; charset=utf-8", {"ready": True}),
