@@ -4,7 +4,8 @@ One run starts nginx (the upstream), HAProxy in front of it and three sidecars i
 front of it - tracing off, tracing on at ratio 0.01 and at ratio 1.0 (spans
 exported over OTLP/HTTP to an nginx location that accepts them; requests carry
 no trace context, so the ratio decides) - loads each with wrk at 1 and 32
-connections, and prints one JSON object to stdout; progress goes to stderr.
+connections, and prints one JSON object to stdout (`tail_c32` gives every target's
+p99 against HAProxy's and its p99/p50 spread); progress goes to stderr.
 Each sidecar's CPU time per request is read from /proc around its runs.
 Everything runs on this machine in one run, interleaved per connection count, so
 the ratios between targets mean something even though the absolute numbers
@@ -429,6 +430,7 @@ def summarize(  # noqa: PLR0917 - the report of one run, all of it
         "minimal_forwarder_vs_haproxy": {
             c: round(r["minimal"].rps / r["haproxy"].rps, 3) for c, r in results.items()
         },
+        "tail_c32": tails(c32),
         "tracing": tracing,
         "added_p50_us_c1": added,
         "sidecar_rss_mb": rss[0],
@@ -437,6 +439,21 @@ def summarize(  # noqa: PLR0917 - the report of one run, all of it
         "measured_tracing_0.01": measured,
         "meets_targets": meets,
         **compiled,
+    }
+
+
+def tails(c32: dict[str, WrkResult]) -> dict[str, dict[str, float]]:
+    """Every target's p99 against HAProxy's and its own p99/p50 at 32 connections.
+
+    wrk keeps 32 requests in flight, so a target's median latency is about 32 / its
+    requests per second (Little's law) and its p99 against HAProxy's is about HAProxy's
+    throughput over its own, times the ratio of their spreads (p99/p50). The spread is
+    what a target's own stalls (a GC pause, a thread holding the GIL) would widen.
+    """
+    haproxy = c32["haproxy"].p99_us
+    return {
+        "p99_vs_haproxy": {t: round(r.p99_us / haproxy, 2) for t, r in c32.items()},
+        "p99_over_p50": {t: round(r.p99_us / r.p50_us, 2) for t, r in c32.items()},
     }
 
 

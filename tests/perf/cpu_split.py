@@ -2,16 +2,19 @@
 
 Starts nginx, the minimal forwarder, this checkout's sidecar and, with `--previous
 DIR`, an older checkout's sidecar, all with tracing at ratio 0.01 as in the
-issue's throughput target; then loads each in turn with `wrk -t1 -c32` for
+issue's throughput target; then loads each in turn with `wrk -t1 -c32` (or
+`--connections N`) for
 `--duration` seconds, `--rounds` times alternating, and reads `utime`/`stime`
 from /proc/<pid>/stat around every run. Prints one JSON object: per target, the
 user and kernel microseconds per request of every round and their medians, and
 the median requests/s and p99; with `--haproxy`, HAProxy (1 thread) is loaded in
 every round too and each target's p99 is also given against HAProxy's of the
-same round. With `--body N`, wrk sends POSTs with an N-byte body instead of GETs.
+same round. With `--body N`, wrk sends POSTs with an N-byte body instead of GETs;
+with `--direct`, nginx itself is loaded in every round too (the added latency at
+one connection is each target's p50 less nginx's of the same round).
 
 Usage: .venv/bin/python tests/perf/cpu_split.py [--duration 8] [--rounds 3] [--previous DIR]
-       [--haproxy] [--body N]
+       [--haproxy] [--body N] [--connections N] [--direct]
 """
 
 from __future__ import annotations
@@ -43,8 +46,11 @@ def measure(
     duration_s: int,
     rounds: int,
     previous: Path | None,
+    *,
     haproxy: bool = False,
     body: int = 0,
+    connections: int = 32,
+    direct: bool = False,
 ) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="cpu-split-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
@@ -56,8 +62,10 @@ def measure(
                 'wrk.headers["Content-Type"] = "application/octet-stream"\n'
             )
         nginx_port, minimal_port, haproxy_port = bench.free_ports(3)
-        stack.enter_context(bench.start_nginx(workdir, nginx_port))
+        nginx = stack.enter_context(bench.start_nginx(workdir, nginx_port))
         targets: dict[str, tuple[int, int]] = {}
+        if direct:  # nginx runs without a master process: its pid is the worker's
+            targets["direct"] = (nginx.pid, nginx_port)
         if haproxy:
             proc = stack.enter_context(bench.start_haproxy(workdir, haproxy_port, nginx_port))
             targets["haproxy"] = (proc.pid, haproxy_port)
@@ -76,9 +84,9 @@ def measure(
         loads: dict[str, list[bench.WrkResult]] = {name: [] for name in targets}
         for _ in range(rounds):
             for name, (pid, port) in targets.items():
-                bench.run_wrk(port, 32, 1, script)  # warm-up
+                bench.run_wrk(port, connections, 1, script)  # warm-up
                 user0, kernel0 = cpu_times(pid)
-                result = bench.run_wrk(port, 32, duration_s, script)
+                result = bench.run_wrk(port, connections, duration_s, script)
                 user1, kernel1 = cpu_times(pid)
                 requests = max(1.0, result.rps * duration_s)
                 user = round((user1 - user0) * 1e6 / requests, 1)
@@ -98,8 +106,13 @@ def measure(
             "median_user_us": statistics.median(u for u, _ in rows),
             "median_kernel_us": statistics.median(k for _, k in rows),
             "median_rps": statistics.median(r.rps for r in results),
+            "median_p50_us": statistics.median(r.p50_us for r in results),
             "median_p99_us": statistics.median(r.p99_us for r in results),
         }
+        if direct:  # each round against nginx's p50 of the same round
+            entry["added_p50_us"] = [
+                round(r.p50_us - d.p50_us, 1) for r, d in zip(results, loads["direct"], strict=True)
+            ]
         if haproxy:  # each round against HAProxy's run of the same round
             baseline = loads["haproxy"]
             entry["p99_vs_haproxy"] = [
@@ -120,9 +133,21 @@ def main() -> int:
     parser.add_argument(
         "--body", type=int, default=0, help="send POSTs with a body of this many bytes"
     )
+    parser.add_argument("--connections", type=int, default=32, help="wrk's connections")
+    parser.add_argument(
+        "--direct", action="store_true", help="also load nginx directly (added p50 baseline)"
+    )
     args = parser.parse_args()
     try:
-        result = measure(args.duration, args.rounds, args.previous, args.haproxy, args.body)
+        result = measure(
+            args.duration,
+            args.rounds,
+            args.previous,
+            haproxy=args.haproxy,
+            body=args.body,
+            connections=args.connections,
+            direct=args.direct,
+        )
     except bench.BenchError as exc:
         print(f"cpu_split: {exc}", file=sys.stderr)
         return 1
