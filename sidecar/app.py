@@ -43,6 +43,9 @@ log = get_logger("sidecar.app")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+#: How long the requests aborted at the end of the grace get to wind down (their
+#: connections' `connection_lost`, their tasks' cancellation): their spans end then.
+ABORTED_SETTLE_S = 1.0
 
 
 class StartupError(Exception):
@@ -355,6 +358,14 @@ class Sidecar:
             event = "shutdown_forced_abort" if forced else "shutdown_grace_exceeded"
             log.warning(event, aborted_requests=self.proxy.active)
         self.proxy.abort_all()
+        if self.proxy.active:
+            # Aborting only schedules their ends: let the loop run them, so that their
+            # spans are queued before the tracing flush below (and nothing after this
+            # point sees a request half torn down).
+            try:
+                await asyncio.wait_for(self.proxy.wait_idle(), ABORTED_SETTLE_S)
+            except TimeoutError:
+                log.warning("aborted_requests_not_ended", requests=self.proxy.active)
         if self.alerts is not None:
             # Evaluation ends before requests are torn down (no alert about this sidecar
             # going away); queued alert events reach the relay before it closes below.

@@ -1426,6 +1426,11 @@ class Exchange:
             up.count(self.status)
             self.keep = False
             self.down.abort()
+            trace = self.req.trace
+            if trace is not None and trace.span is not None:
+                # The app got a head and part of a body: serving it failed, whatever
+                # the status code says (a span's status is ERROR on a network error).
+                trace.span.attributes["error.type"] = trace.span.error = _ATTEMPT_ERRORS[_CUT]
             return False
         if result == _RETRY_STATUS:
             # Decided when the head arrived (on_response_head); nothing reached the app.

@@ -455,23 +455,32 @@ class SpanQueue:
                 self.sending = 0
 
     def _export(self, batch: list[Any]) -> None:
+        """Export `batch`, counting each span exported or failed. Over the OTLP transport
+        a batch too big for one request goes as several, each an export of its own: a
+        refused one fails its own spans, and the others are still sent."""
         deadline = min(time.monotonic() + self.config.export_timeout, self._stop_by)
+        exported = 0
         error = None
         try:
-            if self.transport is not None:
-                for body in self.encoder.batch(batch):
-                    self.transport.send(body, deadline)
-            else:
+            if self.transport is None:
                 error = self._export_sdk(batch)
-        except ExportError as exc:
-            error = str(exc)
+                if error is None:
+                    exported = len(batch)
+            else:
+                for body, spans in self.encoder.batch(batch):
+                    try:
+                        self.transport.send(body, deadline)
+                    except ExportError as exc:
+                        error = str(exc)
+                    else:
+                        exported += spans
         except Exception as exc:  # an exporter bug must not kill the thread
             error = f"{type(exc).__name__}: {exc}"
-        if error is None:
-            self.exported += len(batch)
-            return
-        self.failed += len(batch)
-        self._log_failure(len(batch), error)
+        self.exported += exported
+        if error is not None:
+            failed = len(batch) - exported
+            self.failed += failed
+            self._log_failure(failed, error)
 
     def _log_failure(self, spans: int, error: str) -> None:
         now = time.monotonic()
@@ -539,9 +548,9 @@ class SpanQueue:
     def shutdown(self, timeout: float) -> None:
         """Export what is left within `timeout` seconds, then stop (blocking: call it in a
         thread). A collector that hangs is given up on at the deadline."""
+        exported, failed = self.exported, self.failed  # before anything can move them
         deadline = time.monotonic() + timeout
         self._stop_by = deadline
-        left = len(self._records)
         thread = self._thread
         if thread is None:
             self._drain()
@@ -559,7 +568,8 @@ class SpanQueue:
         self._thread = None
         log.info(
             "tracing_stopped",
-            flushed=left - len(self._records) - self.sending,
+            flushed=self.exported - exported,  # exported by this final flush
+            failed=self.failed - failed,
             exported=self.exported,
         )
 

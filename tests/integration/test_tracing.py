@@ -8,6 +8,8 @@ deletes what it declared.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import signal
 from collections.abc import AsyncIterator
@@ -360,6 +362,63 @@ class TestExport:
             p.signal(signal.SIGTERM)
             assert await p.wait_exit() == 0
         assert len(collector.spans) == 6
+
+    async def test_requests_aborted_when_the_grace_runs_out_still_export_their_spans(
+        self, tmp_path: Path, collector: OtlpCollector, upstream: Upstream
+    ) -> None:
+        """A request still waiting for its upstream when the grace ends is aborted; its
+        SERVER and CLIENT spans end then, and the final flush exports them."""
+        upstreams = {"stock": {"endpoints": [upstream.endpoint]}}
+        shutdown = {"drain": "0s", "grace": "1s"}
+        async with (
+            sidecar(
+                tmp_path,
+                "aborted",
+                upstreams=upstreams,
+                telemetry=tracing(collector, schedule_delay="1h"),
+                shutdown=shutdown,
+            ) as p,
+            aiohttp.ClientSession() as session,
+        ):
+
+            async def call() -> None:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"{p.url}/v1/invoke/stock/slow?delay=30") as resp:
+                        await resp.read()
+
+            calling = asyncio.ensure_future(call())
+            await eventually("the request reached the upstream", lambda: upstream.hits == 1)
+            p.signal(signal.SIGTERM)
+            assert await p.wait_exit() == 0
+            await calling
+            events = [e.get("event") for e in p.log_events()]
+        assert "shutdown_grace_exceeded" in events
+        assert "spans_not_flushed" not in events
+        server = one(collector.spans, kind="SERVER")
+        (attempt,) = collector.children(server)
+        assert attempt.attributes["url.path"] == "/slow"
+
+    async def test_a_response_cut_after_its_head_fails_the_server_span_too(
+        self, tmp_path: Path, collector: OtlpCollector, upstream: Upstream
+    ) -> None:
+        """The upstream promises 1000 bytes and sends 10: the app got a 200 head and a
+        cut body, so the SERVER span is an error (`response_cut`) like its attempt."""
+        upstreams = {"stock": {"endpoints": [upstream.endpoint]}}
+        async with (
+            sidecar(tmp_path, "cut", upstreams=upstreams, telemetry=tracing(collector)) as p,
+            aiohttp.ClientSession() as session,
+        ):
+            async with session.get(f"{p.url}/v1/invoke/stock/truncate") as resp:
+                assert resp.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await resp.read()
+            spans = await collector.wait_for(count=2)
+        server = one(spans, kind="SERVER")
+        (attempt,) = collector.children(server)
+        assert attempt.attributes["error.type"] == "response_cut"
+        assert server.attributes["http.response.status_code"] == 200
+        assert server.attributes["error.type"] == "response_cut"
+        assert (server.status_code, attempt.status_code) == ("ERROR", "ERROR")
 
     async def test_a_stuck_collector_costs_dropped_spans_not_memory(
         self, tmp_path: Path, collector: OtlpCollector, upstream: Upstream

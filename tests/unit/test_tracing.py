@@ -287,6 +287,91 @@ class TestExport:
         assert "cannot encode span" in line["error"]
         assert 1 == line["spans"]
 
+    @pytest.mark.parametrize("refused", [0, 1])
+    def test_each_request_of_a_split_batch_counts_its_own_spans(self, refused: int) -> None:
+        """A batch too big for one request goes out as several, each an export of its
+        own: the collector refusing one fails that request's spans only, the others are
+        still sent and counted exported, and the log line gives the spans lost."""
+        from sidecar.telemetry.otlp import ExportError  # noqa: PLC0415
+
+        sent: list[int] = []
+
+        class Transport:
+            def __init__(self) -> None:
+                self.calls = 0
+
+            def send(self, body: bytes, deadline: float) -> None:
+                call, self.calls = self.calls, self.calls + 1
+                if call == refused:
+                    raise ExportError("HTTP 400: b'too big'")
+                sent.append(
+                    len(
+                        ExportTraceServiceRequest.FromString(body)
+                        .resource_spans[0]
+                        .scope_spans[0]
+                        .spans
+                    )
+                )
+
+            def close(self) -> None:
+                pass
+
+        queue = tracing.SpanQueue(
+            config({"exporter": "otlp", "max_export_batch_size": 512}).telemetry.tracing,
+            {},
+            transport=Transport(),
+        )
+        for i in range(500):  # about 12 KB each, 2 MiB a request: three requests
+            queue.put(
+                SpanRecord(
+                    "GET",
+                    SERVER,
+                    trace_id=1,
+                    span_id=i + 1,
+                    parent_id=0,
+                    start_ns=0,
+                    attributes={f"a{n}": "x" * 4000 for n in range(3)},
+                )
+            )
+        with structlog.testing.capture_logs() as logs:
+            queue.shutdown(5.0)
+
+        assert len(sent) >= 2  # every request but the refused one went out
+        assert (sum(sent), 500 - sum(sent)) == (queue.exported, queue.failed)
+        assert queue.failed > 0
+        (line,) = [e for e in logs if e["event"] == "span_export_failed"]
+        assert queue.failed == line["spans"]
+
+    @pytest.mark.parametrize("fail", [False, True])
+    def test_tracing_stopped_says_what_the_shutdown_exported(self, fail: bool) -> None:
+        """`flushed` is what was exported after the shutdown began (a batch being sent
+        then included), `failed` what was given up on meanwhile: never a negative count,
+        and never spans the collector did not take."""
+        t, recorder = tracer({"max_export_batch_size": 4})
+        recorder.gate.clear()
+        t.start()
+        for _ in range(4):
+            t.end(t.begin(None, None, "GET", SERVER))
+        for _ in range(500):  # the export thread is sending these four
+            if t.queue.sending:
+                break
+            threading.Event().wait(0.01)
+        for _ in range(2):
+            t.end(t.begin(None, None, "GET", SERVER))
+        recorder.fail = fail
+        with structlog.testing.capture_logs() as logs:
+            stopping = threading.Thread(target=t.shutdown, args=(5.0,))
+            stopping.start()
+            for _ in range(500):  # the shutdown has begun (its counts are taken)
+                if t.queue._stop_by != float("inf"):
+                    break
+                threading.Event().wait(0.01)
+            recorder.gate.set()
+            stopping.join(10)
+        (line,) = [e for e in logs if e["event"] == "tracing_stopped"]
+        expected = (0, 6, 0) if fail else (6, 0, 6)
+        assert expected == (line["flushed"], line["failed"], line["exported"])
+
     def test_records_become_sdk_spans_with_ids_kinds_links_and_status(self) -> None:
         """The export thread builds ReadableSpans the OTLP exporter can encode."""
         t, recorder = tracer()
