@@ -246,6 +246,10 @@ class UpstreamConnection(asyncio.Protocol):
         status = self._parser.get_status_code()
         sink = self._sink
         if status < 200:
+            if status < 100:
+                # llhttp takes any three digits; `000`-`099` is no status at all (RFC
+                # 9110 §15): the same as garbage, never an interim answer to relay.
+                raise httptools.HttpParserError(f"invalid status code {status:03d}")
             if sink is None:
                 return
             if status == 101:

@@ -309,6 +309,28 @@ class TestBrokenUpstream:
         assert (502, "UPSTREAM_CONNECT_FAILED") == answer
         assert took < 1.0
 
+    async def test_a_status_code_under_100_is_no_answer(self, tmp_path: Path) -> None:
+        """`HTTP/1.1 000 Zero` (llhttp accepts any three digits) is as bad as garbage: 502
+        at once and the connection dropped, never relayed as an interim answer after
+        which the app waits for a final one that never comes."""
+
+        async def zero(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 000 Zero\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await reader.read()  # until the sidecar drops the connection
+
+        async with raw_upstream(zero) as endpoint:
+            cfg = {"endpoints": [endpoint], "per_try_timeout": "3s", "retries": {"max": 0}}
+            async with running_sidecar(tmp_path, {"billing": cfg}) as sc:
+                answer = await raw_until_close(
+                    sc.app_port,
+                    b"GET /v1/invoke/billing/x HTTP/1.1\r\nConnection: close\r\n\r\n",
+                )
+        head = answer.split(b"\r\n\r\n", 1)[0].lower()
+        assert head.startswith(b"http/1.1 502 "), answer
+        assert b"\r\nx-sidecar-error: upstream_connect_failed" in head, answer
+
     async def test_transfer_codings_other_than_chunked_reach_the_app(self, tmp_path: Path) -> None:
         """`Transfer-Encoding: gzip, chunked` from the upstream is re-chunked but keeps
         `gzip`, so the app can still decode the body it gets."""
