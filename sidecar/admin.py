@@ -65,6 +65,10 @@ MAX_BODY = 64 * 1024
 KEEPALIVE_S = 75.0
 #: Requests a client may pipeline before the server stops reading from it.
 MAX_PIPELINED = 16
+#: After refusing a request whose rest is still coming (413, 431, 400), the server
+#: half-closes and reads on, discarding, this long at most: closing at once would make
+#: the kernel reset the connection, and the client could lose the answer.
+LINGER_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +109,20 @@ def _error(
 
 def _head_too_large() -> Answer:
     return _error(431, "HEADERS_TOO_LARGE", f"the request head is over {MAX_HEAD} bytes")
+
+
+def _body_too_large() -> Answer:
+    return _error(413, "BODY_TOO_LARGE", f"the request body is over {MAX_BODY} bytes")
+
+
+def _origin_form(target: str) -> str:
+    """`http://host:port/path?q` as `/path?q` (RFC 9112 §3.2.2: a server accepts the
+    absolute form); any other target as it is."""
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return target
+    path = rest[len(rest.split("/", 1)[0]) :]
+    return path or "/"
 
 
 def _is_loopback(remote: str | None) -> bool:
@@ -359,6 +377,12 @@ class _Connection(asyncio.Protocol):
         self.body = bytearray()
         self.too_large = False
         self.expects_continue = False
+        # After the head: bytes received (body, chunk framing, trailers) and the body's
+        # declared length (-1: none).
+        self.rest_bytes = 0
+        self.declared = -1
+        # Write back-pressure: answers wait while the client is not reading.
+        self.writable: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
         return f"_Connection(remote={self.remote!r}, queued={len(self.queue)}, ended={self.ended})"
@@ -378,12 +402,51 @@ class _Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         if self.idle is not None:
             self.idle.cancel()
+        self._wake_writer()
+
+    def pause_writing(self) -> None:
+        if self.writable is None:
+            self.writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        writable, self.writable = self.writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    def _linger(self) -> None:
+        """Half-close after the answer and discard what the client still sends (ended:
+        data_received drops it) until it closes too, or LINGER_S passes."""
+        transport = self.transport
+        assert transport is not None
+        transport.write_eof()
+        if self.idle is not None:
+            self.idle.cancel()
+        self.idle = asyncio.get_running_loop().call_later(LINGER_S, transport.abort)
+
+    def _close(self) -> None:
+        """Close once what is written has gone out; cut it if the client does not read
+        it within the keep-alive timeout (a close alone would wait forever)."""
+        transport = self.transport
+        if transport is None:
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            if self.idle is not None:
+                self.idle.cancel()
+            self.idle = asyncio.get_running_loop().call_later(
+                self.server.keepalive_s, transport.abort
+            )
 
     def data_received(self, data: bytes) -> None:
         if self.ended:
             return
         if self.in_head:
             self.head_bytes += len(data)
+        else:
+            self.rest_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -395,8 +458,14 @@ class _Connection(asyncio.Protocol):
         else:
             # A head still incomplete after this many bytes is not going to be one the
             # admin API wants (a complete one is measured in on_headers_complete).
-            if self.in_head and self.head_bytes > MAX_HEAD:
-                self._refuse(_head_too_large())
+            if self.in_head:
+                if self.head_bytes > MAX_HEAD:
+                    self._refuse(_head_too_large())
+            elif self.declared > MAX_BODY or self.rest_bytes > MAX_BODY + MAX_HEAD:
+                # Known too large from its head (no `100 Continue` was sent), or a body,
+                # its chunk framing and trailers past any sane size: answered now, not
+                # after reading it all (trailers are buffered whole by the parser).
+                self._refuse(_body_too_large())
 
     def _refuse(self, answer: Answer) -> None:
         """Answer after what is queued, then close: the rest of the stream is unreadable."""
@@ -408,8 +477,8 @@ class _Connection(asyncio.Protocol):
         self.ended = True
         if self.queue and not self.queue[-1].refused:
             self.queue[-1].keep_alive = False
-        if self.transport is not None and not self.queue and self.task is None:
-            self.transport.close()
+        if not self.queue and self.task is None:
+            self._close()
 
     # --- httptools callbacks --------------------------------------------------------
 
@@ -420,6 +489,8 @@ class _Connection(asyncio.Protocol):
         self.body.clear()
         self.too_large = False
         self.expects_continue = False
+        self.rest_bytes = 0
+        self.declared = -1
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -427,15 +498,29 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_size += len(name) + len(value) + 4
-        if name.lower() == b"expect" and value.strip().lower() == b"100-continue":
+        if not self.in_head:
+            return  # a trailer field: counted with the rest of the message
+        lname = name.lower()
+        if lname == b"expect" and value.strip().lower() == b"100-continue":
             self.expects_continue = True
+        elif lname == b"content-length" and value.strip().isdigit():
+            self.declared = int(value)  # a bad or second one is the parser's to refuse
 
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.head_bytes = 0
-        if self.head_size > MAX_HEAD:
-            return  # refused once complete; the body is read (not kept) to find its end
-        if self.expects_continue and self.transport is not None:
+        self.rest_bytes = 0
+        if self.head_size > MAX_HEAD or self.declared > MAX_BODY:
+            return  # refused (431 once complete; 413 at once, data_received)
+        if (
+            self.expects_continue
+            and self.transport is not None
+            and self.parser.get_http_version() == "1.1"  # RFC 9110 §10.1.1: not to 1.0
+            and not self.queue
+            and self.task is None
+        ):
+            # Only to the request answered next, so it cannot come before the answer to
+            # an earlier one; a pipelined one just sends its body (RFC 9110 §10.1.1).
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
@@ -452,10 +537,13 @@ class _Connection(asyncio.Protocol):
             refused = _head_too_large()
             keep_alive = False
         elif self.too_large:
-            refused = _error(413, "BODY_TOO_LARGE", f"the request body is over {MAX_BODY} bytes")
+            refused = _body_too_large()
+            keep_alive = False
+        elif (version := self.parser.get_http_version()) not in ("1.0", "1.1"):
+            refused = _error(400, "BAD_REQUEST", f"HTTP/{version}: the admin API speaks HTTP/1.1")
             keep_alive = False
         method = self.parser.get_method().decode("latin-1")
-        target = self.url.decode("latin-1")
+        target = _origin_form(self.url.decode("latin-1"))
         self.queue.append(_Request(method, target, bytes(self.body), keep_alive, refused))
         self.in_head = True
         if not keep_alive:
@@ -501,16 +589,34 @@ class _Connection(asyncio.Protocol):
             if not keep_alive:
                 self.ended = True
                 self.queue.clear()
-                transport.close()
+                if request.refused is not None and transport.can_write_eof():
+                    self._linger()
+                else:
+                    self._close()
                 return
             if self.paused and len(self.queue) < MAX_PIPELINED // 2:
                 self.paused = False
                 transport.resume_reading()
+            if self.writable is not None:
+                # The client is not reading its answers: wait for it, and cut it after
+                # the keep-alive timeout rather than buffer answers without end.
+                try:
+                    await asyncio.wait_for(asyncio.shield(self.writable), self.server.keepalive_s)
+                except TimeoutError:
+                    self.ended = True
+                    self.queue.clear()
+                    transport.abort()
+                    return
+            elif self.queue:
+                # Endpoints rarely await anything: without this, a long pipeline would be
+                # answered in one go while every other connection, the proxy's included,
+                # waited.
+                await asyncio.sleep(0)
         self.task = None
-        if self.ended and not transport.is_closing():
-            transport.close()
-        else:
+        if not self.ended:
             self._arm_idle()
+        elif not transport.is_closing():
+            self._close()
 
     def _arm_idle(self) -> None:
         if self.idle is not None:
@@ -521,14 +627,17 @@ class _Connection(asyncio.Protocol):
         self.idle = None
         if self.task is None and self.transport is not None:
             self.ended = True
-            self.transport.close()
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()  # idle this long with answers still unread
+            else:
+                self.transport.close()
 
     def close_when_idle(self) -> asyncio.Task[None] | None:
         """Close now if no request is being answered; else after the one in hand (its
         answer says `Connection: close`). Returns the answering task, if any."""
         if self.task is None and self.transport is not None:
             self.ended = True
-            self.transport.close()
+            self._close()
         return self.task
 
 

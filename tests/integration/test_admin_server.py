@@ -13,7 +13,7 @@ import asyncio
 import json
 import re
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -333,6 +333,146 @@ class TestLifetime:
             await writer.wait_closed()
         assert 202 == status_of(raw)
         assert json.loads(raw.partition(b"\r\n\r\n")[2])["shutting_down"]
+
+
+def big_api(size: int, handled: list[str] | None = None) -> AdminAPI:
+    """The admin API plus `/big` (a `size`-byte answer) and `/a`, `/b` (tiny ones), each
+    call recorded in `handled`."""
+    api = make_api()
+    seen = handled if handled is not None else []
+
+    def endpoint(name: str, body: bytes) -> Callable[[AdminRequest], Awaitable[Answer]]:
+        async def answer(_: AdminRequest) -> Answer:
+            seen.append(name)
+            return Answer(200, body, "application/octet-stream")
+
+        return answer
+
+    api.routes[:0] = [
+        (re.compile("/big"), {"GET": endpoint("big", b"x" * size)}),
+        (re.compile("/a"), {"GET": endpoint("a", b"a")}),
+        (re.compile("/b"), {"GET": endpoint("b", b"b")}),
+    ]
+    return api
+
+
+async def until(what: str, done: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not done():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+class TestHostileClients:
+    """Found by a review: one admin client must not stall the sidecar or grow its memory."""
+
+    async def test_a_long_pipeline_does_not_hold_up_other_connections(self) -> None:
+        """A thousand pipelined requests are answered one turn of the loop at a time: a
+        request on another connection, sent once the first answer is in, is answered
+        before the pipeline is done."""
+        handled: list[str] = []
+        async with serving(big_api(1, handled)) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(get("/a") * 1000)
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                answers = await raw_responses(port, get("/b"))
+            finally:
+                writer.close()
+                await writer.wait_closed()
+        assert 200 == status_of(answers[0][0])
+        assert handled.index("b") < len(handled) - 1, "the whole pipeline went first"
+
+    async def test_a_client_that_does_not_read_is_not_buffered_without_end(self) -> None:
+        """Pipelined requests for 1 MB answers, never read: the server stops answering
+        once its buffer is full, and cuts the client after the keep-alive timeout."""
+        handled: list[str] = []
+        async with serving(big_api(1 << 20, handled), keepalive_s=0.5) as (server, port):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(get("/big") * 100)
+                await until("writing paused", lambda: any(c.writable for c in server.connections))
+                await until("the client cut", lambda: not server.connections)
+            finally:
+                writer.close()
+        # Only what the kernel's buffers took was answered (a few, as they filled).
+        assert len(handled) < 100
+
+    async def test_a_closing_connection_whose_answer_is_never_read_is_cut(self) -> None:
+        """HTTP/1.0: the answer, then a close that waits for it to be read, but not
+        forever: cut after the keep-alive timeout."""
+        async with serving(big_api(8 << 20), keepalive_s=0.3) as (server, port):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(b"GET /big HTTP/1.0\r\n\r\n")
+                await until("the answer buffered", lambda: bool(server.connections))
+                await until("the client cut", lambda: not server.connections)
+            finally:
+                writer.close()
+
+    async def test_a_body_declared_too_large_is_refused_at_once(self) -> None:
+        """Content-Length over MAX_BODY with `Expect: 100-continue`: 413 straight away,
+        no `100 Continue` inviting a body the server would not keep."""
+        data = b"PUT /v1/log-level HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+        data += b"Content-Length: %d\r\n\r\n" % (200 << 20)
+        async with serving() as (_, port):
+            raw = await raw_until_close(port, data)
+        assert raw.startswith(b"HTTP/1.1 413 "), raw
+        assert b"100 Continue" not in raw
+
+    async def test_endless_trailers_are_refused(self) -> None:
+        """A chunked body whose trailer section never ends (the parser buffers a field
+        whole): 413 once the message passes MAX_BODY + MAX_HEAD bytes, then closed."""
+        start = b"PUT /v1/log-level HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        start += b"4\r\ninfo\r\n0\r\nX-Trailer: "
+        async with serving() as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(start)
+                for _ in range(64):  # 4 MiB of one trailer value, unless cut before
+                    writer.write(b"t" * 65536)
+                    try:
+                        await writer.drain()
+                    except ConnectionError:
+                        break
+                raw = await asyncio.wait_for(reader.read(), 5)
+            finally:
+                writer.close()
+        assert raw.startswith(b"HTTP/1.1 413 "), raw[:200]
+
+    async def test_100_continue_only_to_http11_and_in_order(self) -> None:
+        """Not to HTTP/1.0 (RFC 9110 §10.1.1), and never ahead of the answer to an
+        earlier pipelined request."""
+        body = b'{"level": "info"}'
+        put = b"PUT /v1/log-level HTTP/1.%d\r\nHost: a\r\nExpect: 100-continue\r\n"
+        put += b"Content-Length: %d\r\n\r\n" % len(body)
+        async with serving() as (_, port):
+            old = await raw_until_close(port, (put % 0) + body)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(get("/live") + (put % 1))
+                first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                await reader.readexactly(int(header(first, "Content-Length") or 0))
+                writer.write(body)
+                second = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            finally:
+                writer.close()
+                await writer.wait_closed()
+        assert b"100 Continue" not in old
+        assert old.startswith(b"HTTP/1.1 200 ")
+        assert (200, 200) == (status_of(first), status_of(second))
+
+    async def test_absolute_form_targets_and_other_versions(self) -> None:
+        """`GET http://host/live` is `/live` (RFC 9112 §3.2.2); HTTP/2.0 in a request
+        line is not HTTP/1.x: 400."""
+        async with serving() as (_, port):
+            answers = await raw_responses(
+                port, b"GET http://127.0.0.1/live?x=1 HTTP/1.1\r\nHost: a\r\n\r\n"
+            )
+            other = await raw_until_close(port, b"GET /live HTTP/2.0\r\nHost: a\r\n\r\n")
+        assert {"live": True} == json.loads(answers[0][1])
+        assert 400 == status_of(other)
 
 
 async def test_a_sidecar_without_consul_does_not_load_aiohttp(tmp_path: Path) -> None:
