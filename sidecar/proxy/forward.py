@@ -79,6 +79,8 @@ class UpstreamConnection(asyncio.Protocol):
         "_reason",
         "_sink",
         "_spare",
+        "_trailer_bytes",
+        "_trailing",
         "_upgrade",
         "closed",
         "got_bytes",
@@ -110,6 +112,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.paused = False
         self._framing_is_close = False
         self._head_bytes = 0
+        # After a chunk header and before its data: what comes may be the trailer
+        # section, which llhttp hands over field by field (a value buffered whole).
+        self._trailing = False
+        self._trailer_bytes = 0
         self.idle_since = 0.0  # when it was last put in the pool
         self.write_paused = False  # the transport's write buffer is over its high mark
 
@@ -129,9 +135,13 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             if not self.head_seen:
                 self._head_bytes += len(data)
+            elif self._trailing:
+                self._trailer_bytes += len(data)
             self._parser.feed_data(data)
             if not self.head_seen and self._head_bytes > MAX_RESPONSE_HEAD:
                 raise httptools.HttpParserError("response head too large")
+            if self._trailer_bytes > MAX_RESPONSE_HEAD:
+                raise httptools.HttpParserError("response trailers too large")
             if self._sink is not None:
                 self._sink.flush()
         except httptools.HttpParserUpgrade as upgrade:
@@ -240,7 +250,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if not self.head_seen:  # else a trailer field: not relayed (counted, data_received)
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -273,7 +284,13 @@ class UpstreamConnection(asyncio.Protocol):
             self._parser = httptools.HttpResponseParser(self)
             self._finish()
 
+    def on_chunk_header(self) -> None:
+        self._trailing = True
+
     def on_body(self, body: bytes) -> None:
+        if self._trailing:
+            self._trailing = False
+            self._trailer_bytes = 0
         if self._sink is not None:
             self._sink.on_response_body(body)
 
@@ -317,6 +334,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False
         self.head_seen = False
         self._head_bytes = 0
+        self._trailing = False
+        self._trailer_bytes = 0
         transport.writelines(data)
         if self.write_paused:  # still full from the last exchange
             sink.pause_source()

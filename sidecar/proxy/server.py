@@ -328,7 +328,10 @@ class DownstreamProtocol(asyncio.Protocol):
         self.closed = False
         self.last_active = time.monotonic()  # when the connection last became idle
         self.in_head = True  # parsing a request head (or waiting for the next one)
-        self.head_bytes = 0  # bytes received since that head began
+        self.head_bytes = 0  # bytes received since that head began (or trailers, below)
+        # After a chunk header and before its data: what comes may be the trailer
+        # section, bounded like a head (llhttp buffers a field's value whole).
+        self.trailing = False
         self.head_started = 0.0  # when a request head began; 0.0 while none is pending
         self.dispatched = False  # the request being parsed is served or queued
         # Its small body is being read, within this read: dispatched at its end.
@@ -355,7 +358,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.lingering:
             return
-        if self.in_head:
+        if self.in_head or self.trailing:
             self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
@@ -397,7 +400,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self._dispatch(deferred)
         # Counted per read, so it also bounds a single endless header httptools would
         # otherwise buffer whole; bytes after the end of the head reset the count.
-        if self.in_head and self.head_bytes > self.proxy.max_header_bytes:
+        if (self.in_head or self.trailing) and self.head_bytes > self.proxy.max_header_bytes:
             self._reject(_bad_request(self._head_too_large()))
 
     def eof_received(self) -> bool:
@@ -445,7 +448,11 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.req is not None
-        self.req.headers.append((name, value))
+        if self.in_head:  # else a trailer field: dropped, never merged (RFC 9110 §6.5.1)
+            self.req.headers.append((name, value))
+
+    def on_chunk_header(self) -> None:
+        self.trailing = True
 
     def on_headers_complete(self) -> None:
         req = self.req
@@ -521,6 +528,9 @@ class DownstreamProtocol(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         req = self.req
         assert req is not None
+        if self.trailing:
+            self.trailing = False
+            self.head_bytes = 0
         self.body_last = time.monotonic()
         req.body_size += len(body)
         conn = req.conn
@@ -566,6 +576,7 @@ class DownstreamProtocol(asyncio.Protocol):
         assert req is not None
         req.body_done = True
         self.in_head = True
+        self.trailing = False
         self.head_bytes = 0
         waiter = self.body_waiter
         if waiter is not None and not waiter.done():

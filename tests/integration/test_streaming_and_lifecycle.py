@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gzip
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -538,3 +539,81 @@ class TestBrokenUpstream:
                 writer.close()
         assert b"0123456789" == body
         assert 2.4 < took < 5.0
+
+
+class TestTrailers:
+    """Trailer sections (found by a review): never merged into a header section, and
+    bounded like a head, on both sides of the proxy."""
+
+    async def test_request_trailers_are_not_forwarded_as_headers(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """`Host`, `X-Forwarded-For` and `Authorization` sent as trailers of a chunked
+        body reach the upstream as nothing at all (RFC 9110 §6.5.1: never merged)."""
+        up = await upstreams("billing")
+        request = (
+            b"PUT /v1/invoke/billing/echo HTTP/1.1\r\nHost: app\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n"
+            b"Host: evil.example\r\nX-Forwarded-For: 10.9.9.9\r\nAuthorization: secret\r\n\r\n"
+        )
+        async with running_sidecar(tmp_path, {"billing": {"endpoints": [up.endpoint]}}) as sc:
+            ((head, body),) = await raw_responses(sc.app_port, request)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        seen = json.loads(body)
+        names = {name.lower(): value for name, value in seen["headers"]}
+        assert "body" == seen["body"]
+        assert "authorization" not in names
+        assert "127.0.0.1" == names["x-forwarded-for"]
+        assert "evil.example" not in str(seen["headers"])
+
+    async def test_endless_request_trailers_end_the_connection(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """A trailer section that never ends is cut off past `max_header_bytes`: the app's
+        connection is closed instead of buffering it whole."""
+        up = await upstreams("billing")
+        start = (
+            b"PUT /v1/invoke/billing/echo HTTP/1.1\r\nHost: app\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\nX-Trailer: "
+        )
+        async with running_sidecar(tmp_path, {"billing": {"endpoints": [up.endpoint]}}) as sc:
+            reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
+            try:
+                writer.write(start)
+                with contextlib.suppress(ConnectionError):
+                    for _ in range(64):  # 4 MiB of one trailer value, unless cut before
+                        writer.write(b"t" * 65536)
+                        await writer.drain()
+                with contextlib.suppress(ConnectionError):
+                    rest = await asyncio.wait_for(reader.read(), 5)
+                    assert b"" == rest or rest.startswith(b"HTTP/1.1 4")
+            finally:
+                writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
+
+    async def test_endless_response_trailers_cut_the_response(self, tmp_path: Path) -> None:
+        """An upstream whose trailer section never ends: the app gets the head and the
+        body, then its connection is cut, long before the request's timeout."""
+
+        async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: "
+            )
+            with contextlib.suppress(ConnectionError):
+                for _ in range(256):  # 16 MiB unless the sidecar hangs up first
+                    writer.write(b"t" * 65536)
+                    await writer.drain()
+            await reader.read()
+
+        async with raw_upstream(endless) as endpoint:
+            cfg = {"endpoints": [endpoint], "timeout": "30s", "retries": {"max": 0}}
+            async with running_sidecar(tmp_path, {"billing": cfg}) as sc:
+                answer = await raw_until_close(
+                    sc.app_port,
+                    b"GET /v1/invoke/billing/x HTTP/1.1\r\nConnection: close\r\n\r\n",
+                )
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        assert b"hello" in answer
+        assert b"X-T" not in answer
