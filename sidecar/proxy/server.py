@@ -490,8 +490,9 @@ class DownstreamProtocol(asyncio.Protocol):
                     value.strip().lower() == b"100-continue" and req.version == "1.1"
                 )
             elif lname == b"host":
-                if req.host is None:
-                    req.host = value
+                if req.host is not None:  # RFC 9112 §3.2: 400, whichever would be used
+                    raise _Refused("a request must have one Host field, not several")
+                req.host = value
             elif lname == b"idempotency-key":
                 req.idempotency_key = True
             elif lname == b"traceparent":

@@ -302,3 +302,24 @@ def _error(answer: bytes) -> tuple[int, str | None, Any]:
     except (ValueError, KeyError, TypeError):
         code = body
     return status, _headers(head).get("x-sidecar-error"), code
+
+
+class TestHost:
+    async def test_two_host_fields_are_400(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """RFC 9112 §3.2: a request with more than one Host field line gets 400; nothing
+        reaches the upstream (which Host would it be for?)."""
+        up = await upstreams("billing")
+        request = b"GET /v1/invoke/billing/echo HTTP/1.1\r\nHost: app\r\nHost: evil.example\r\n\r\n"
+        async with billing_sidecar(tmp_path, up.endpoint) as sc:
+            answer = await raw_until_close(sc.app_port, request)
+            one = await raw_until_close(
+                sc.app_port,
+                b"GET /v1/invoke/billing/echo HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n",
+            )
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), answer
+        assert "Host" in json.loads(body)["error"]["message"]
+        assert one.startswith(b"HTTP/1.1 200 "), one
+        assert 1 == up.hits
