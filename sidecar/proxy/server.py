@@ -1969,6 +1969,9 @@ class _BodyAfterUpgrade:
         if not self.priming:
             self.down.on_headers_complete()
 
+    def on_chunk_header(self) -> None:
+        self.down.on_chunk_header()  # the primed head has no body
+
     def on_body(self, body: bytes) -> None:
         self.down.on_body(body)
 

@@ -566,15 +566,19 @@ class TestTrailers:
         assert "127.0.0.1" == names["x-forwarded-for"]
         assert "evil.example" not in str(seen["headers"])
 
+    @pytest.mark.parametrize(
+        "upgrade", [b"", b"Connection: Upgrade\r\nUpgrade: h2c\r\n"], ids=["plain", "h2c"]
+    )
     async def test_endless_request_trailers_end_the_connection(
-        self, tmp_path: Path, upstreams: UpstreamFactory
+        self, tmp_path: Path, upstreams: UpstreamFactory, upgrade: bytes
     ) -> None:
         """A trailer section that never ends is cut off past `max_header_bytes`: the app's
-        connection is closed instead of buffering it whole."""
+        connection is closed instead of buffering it whole (also after an ignored
+        `Upgrade: h2c`, whose body a second parser reads)."""
         up = await upstreams("billing")
         start = (
-            b"PUT /v1/invoke/billing/echo HTTP/1.1\r\nHost: app\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\nX-Trailer: "
+            b"PUT /v1/invoke/billing/echo HTTP/1.1\r\nHost: app\r\n%s"
+            b"Transfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\nX-Trailer: " % upgrade
         )
         async with running_sidecar(tmp_path, {"billing": {"endpoints": [up.endpoint]}}) as sc:
             reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
