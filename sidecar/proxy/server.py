@@ -332,6 +332,11 @@ class DownstreamProtocol(asyncio.Protocol):
         # After a chunk header and before its data: what comes may be the trailer
         # section, bounded like a head (llhttp buffers a field's value whole).
         self.trailing = False
+        # A chunked body's chunks parsed in this read, re-framed for `chunks_to`: sent
+        # in one write when the read is parsed (a write per chunk let one app sending
+        # 1-byte chunks make tens of thousands of system calls per read).
+        self.chunks: list[bytes] = []
+        self.chunks_to: UpstreamConnection | None = None
         self.head_started = 0.0  # when a request head began; 0.0 while none is pending
         self.dispatched = False  # the request being parsed is served or queued
         # Its small body is being read, within this read: dispatched at its end.
@@ -361,7 +366,11 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.in_head or self.trailing:
             self.head_bytes += len(data)
         try:
-            self.parser.feed_data(data)
+            try:
+                self.parser.feed_data(data)
+            finally:
+                if self.chunks_to is not None:
+                    self._send_chunks()
         except httptools.HttpParserUpgrade as upgrade:
             req = self.req
             if req is None or req.method == b"CONNECT":
@@ -537,7 +546,11 @@ class DownstreamProtocol(asyncio.Protocol):
         conn = req.conn
         if conn is not None:
             if req.chunked:
-                conn.write(b"%x\r\n" % len(body) + body + _CRLF)
+                if self.chunks_to is not conn:
+                    if self.chunks_to is not None:
+                        self._send_chunks()
+                    self.chunks_to = conn
+                self.chunks += (b"%x\r\n" % len(body), body, _CRLF)
             else:
                 conn.write(body)
             if req.replayable:
@@ -555,6 +568,13 @@ class DownstreamProtocol(asyncio.Protocol):
         waiter = self.body_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _send_chunks(self) -> None:
+        conn, chunks = self.chunks_to, self.chunks
+        assert conn is not None
+        self.chunks_to = None
+        self.chunks = []
+        conn.write(b"".join(chunks))
 
     def _body_after_upgrade(self, req: Request) -> None:
         """Parse the body of an upgrade request whose upgrade is ignored (`Upgrade: h2c`
@@ -583,6 +603,8 @@ class DownstreamProtocol(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         if req.conn is not None and req.chunked:
+            if self.chunks_to is not None:
+                self._send_chunks()
             req.conn.write(_CHUNK_END)
         ex = self.exchange
         if req.has_body and ex is not None and ex.req is req:

@@ -621,3 +621,47 @@ class TestTrailers:
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
         assert b"hello" in answer
         assert b"X-T" not in answer
+
+
+def _write_calls(pid: int) -> int:
+    """The write system calls a process has made so far (`syscw`, /proc/<pid>/io)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("syscw:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no syscw in /proc/{pid}/io")
+
+
+class TestTinyChunks:
+    async def test_tiny_chunks_go_upstream_in_one_write_per_read(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """20,000 one-byte chunks: the upstream gets the body intact, and the sidecar
+        writes it in a few system calls, not one per chunk (found by a review: one app
+        sending 1-byte chunks held the event loop for seconds)."""
+        up = await upstreams("billing")
+        count = 20_000
+        body = bytes(i % 251 for i in range(count))
+        framed = b"".join(b"1\r\n%s\r\n" % body[i : i + 1] for i in range(count))
+        head = (
+            b"PUT /v1/invoke/billing/upload HTTP/1.1\r\nHost: app\r\nConnection: close\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        async with running_sidecar(tmp_path, {"billing": {"endpoints": [up.endpoint]}}) as sc:
+            assert sc.proc is not None
+            reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
+            try:
+                writer.write(head)
+                deadline = time.monotonic() + 10
+                while up.hits == 0:  # the request is upstream: its body now streams
+                    assert time.monotonic() < deadline, "the request never reached it"
+                    await asyncio.sleep(0.01)
+                before = _write_calls(sc.proc.pid)
+                writer.write(framed + b"0\r\n\r\n")
+                answer = await asyncio.wait_for(reader.read(), 10)
+                writes = _write_calls(sc.proc.pid) - before
+            finally:
+                writer.close()
+                await writer.wait_closed()
+        seen = json.loads(answer.partition(b"\r\n\r\n")[2])
+        assert (count, hashlib.sha256(body).hexdigest()) == (seen["size"], seen["sha256"])
+        assert writes < 1_000, writes
