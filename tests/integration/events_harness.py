@@ -49,15 +49,6 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-async def eventually(what: str, done: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll `done()` until it holds; AssertionError naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout}s")
-        await asyncio.sleep(0.01)
-
-
 async def eventually_equal(
     what: str, expected: object, probe: Callable[[], Awaitable[object]], timeout: float = 10.0
 ) -> None:

@@ -51,6 +51,15 @@ def free_port() -> int:
     raise RuntimeError(f"no free port found in {_PORT_RANGE}")
 
 
+async def eventually(what: str, done: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll `done()` until it holds; AssertionError naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
 async def serve(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
     """Run `app` on 127.0.0.1 (`port`, or a free one); its runner (to clean up) and port."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)

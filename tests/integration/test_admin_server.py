@@ -37,7 +37,12 @@ from sidecar.lifecycle import Readiness
 from sidecar.proxy.upstream import Upstream
 from sidecar.telemetry.logging import current_log_level, set_log_level
 from sidecar.telemetry.metrics import Metrics
-from tests.integration.harness import billing_sidecar, raw_responses, raw_until_close
+from tests.integration.harness import (
+    billing_sidecar,
+    eventually,
+    raw_responses,
+    raw_until_close,
+)
 
 CONFIG = config_from_mapping(
     {
@@ -356,14 +361,6 @@ def big_api(size: int, handled: list[str] | None = None) -> AdminAPI:
     return api
 
 
-async def until(what: str, done: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not done():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        await asyncio.sleep(0.01)
-
-
 class TestHostileClients:
     """Found by a review: one admin client must not stall the sidecar or grow its memory."""
 
@@ -392,8 +389,9 @@ class TestHostileClients:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             try:
                 writer.write(get("/big") * 100)
-                await until("writing paused", lambda: any(c.writable for c in server.connections))
-                await until("the client cut", lambda: not server.connections)
+                paused = lambda: any(c.writable for c in server.connections)  # noqa: E731
+                await eventually("writing paused", paused)
+                await eventually("the client cut", lambda: not server.connections)
             finally:
                 writer.close()
         # Only what the kernel's buffers took was answered (a few, as they filled).
@@ -406,8 +404,8 @@ class TestHostileClients:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             try:
                 writer.write(b"GET /big HTTP/1.0\r\n\r\n")
-                await until("the answer buffered", lambda: bool(server.connections))
-                await until("the client cut", lambda: not server.connections)
+                await eventually("the answer buffered", lambda: bool(server.connections))
+                await eventually("the client cut", lambda: not server.connections)
             finally:
                 writer.close()
 

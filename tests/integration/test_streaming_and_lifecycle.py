@@ -21,8 +21,10 @@ import pytest
 
 from tests.integration.conftest import UpstreamFactory
 from tests.integration.harness import (
+    RawHandler,
     Sidecar,
     billing_sidecar,
+    eventually,
     poll_json,
     raw_responses,
     raw_until_close,
@@ -286,18 +288,25 @@ class TestBackPressure:
         assert max(took) < 1.0, took
 
 
+def _answers(data: bytes) -> RawHandler:
+    """A raw upstream that reads a request head, sends `data`, then waits for the
+    sidecar to drop the connection."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(data)
+        await writer.drain()
+        await reader.read()
+
+    return handler
+
+
 class TestBrokenUpstream:
     async def test_garbage_from_the_upstream_fails_at_once(self, tmp_path: Path) -> None:
         """An upstream answering with bytes that are not HTTP gets 502 immediately, not a
         timeout."""
 
-        async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
-            await writer.drain()
-            await reader.read()  # until the sidecar drops the connection
-
-        async with raw_upstream(garbage) as endpoint:
+        async with raw_upstream(_answers(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")) as endpoint:
             cfg = {"endpoints": [endpoint], "per_try_timeout": "3s", "retries": {"max": 0}}
             async with (
                 running_sidecar(tmp_path, {"billing": cfg}) as sc,
@@ -315,13 +324,8 @@ class TestBrokenUpstream:
         at once and the connection dropped, never relayed as an interim answer after
         which the app waits for a final one that never comes."""
 
-        async def zero(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 000 Zero\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-            await reader.read()  # until the sidecar drops the connection
-
-        async with raw_upstream(zero) as endpoint:
+        zero = b"HTTP/1.1 000 Zero\r\nContent-Length: 2\r\n\r\nok"
+        async with raw_upstream(_answers(zero)) as endpoint:
             cfg = {"endpoints": [endpoint], "per_try_timeout": "3s", "retries": {"max": 0}}
             async with running_sidecar(tmp_path, {"billing": cfg}) as sc:
                 answer = await raw_until_close(
@@ -651,10 +655,8 @@ class TestTinyChunks:
             reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
             try:
                 writer.write(head)
-                deadline = time.monotonic() + 10
-                while up.hits == 0:  # the request is upstream: its body now streams
-                    assert time.monotonic() < deadline, "the request never reached it"
-                    await asyncio.sleep(0.01)
+                # Once the request is upstream, its body streams to the connection.
+                await eventually("the request reached the upstream", lambda: up.hits > 0)
                 before = _write_calls(sc.proc.pid)
                 writer.write(framed + b"0\r\n\r\n")
                 answer = await asyncio.wait_for(reader.read(), 10)

@@ -31,10 +31,10 @@ from tests.integration.events_harness import (
     Received,
     TcpCut,
     events_config,
-    eventually,
     eventually_equal,
     unique,
 )
+from tests.integration.harness import eventually
 
 
 def subscription(name: str = "orders", **overrides: Any) -> SubscriptionConfig:

@@ -30,10 +30,11 @@ from tests.integration.amqp_harness import (
     tcp_proxy,
     wait_events,
 )
-from tests.integration.events_harness import EventApp, eventually, eventually_equal
+from tests.integration.events_harness import EventApp, eventually_equal
 from tests.integration.harness import (
     Sidecar,
     Upstream,
+    eventually,
     free_port,
     metric_samples,
     running_sidecar,
