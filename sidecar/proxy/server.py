@@ -62,9 +62,13 @@ BUFFER_LIMIT = 256 * 1024
 #: How often the deadline ticker checks the attempts of task-less exchanges: their
 #: per-try and overall timeouts fire up to this much late (seconds).
 TICK = 0.01
-#: After a 400, what the app still sends is read and dropped this long before closing,
+#: Before closing after an answer (a 400, `Connection: close`), what the app still sends
+#: is read and dropped until it sends nothing for this long once the answer is written,
 #: so the close does not reset the connection before the app has read the answer.
 LINGER = 2.0
+#: ... and no longer than this after the lingering close began, once the answer is
+#: written (nginx's lingering_time).
+LINGER_MAX = 30.0
 
 # Why reading from the app's socket is paused (bit mask).
 _PAUSE_UPSTREAM = 1  # the upstream socket's write buffer is full
@@ -342,8 +346,12 @@ class DownstreamProtocol(asyncio.Protocol):
         # Its small body is being read, within this read: dispatched at its end.
         self.deferred: Request | None = None
         self.rejected: ProxyError | None = None  # a bad request's answer, owed after earlier ones
-        self.lingering = False  # answered 400: input is dropped until the close
+        self.lingering = False  # answered, then closing: input is dropped until the close
+        self.linger_since = 0.0  # when the lingering close began
         self.write_paused = False  # the app's transport is over its write high mark
+        # Answers wait for the app to read: the next queued request is served once the
+        # app's transport is writable again (resume_writing). `busy` stays set.
+        self.write_wait = False
         self.body_last = 0.0  # when the app last sent body bytes (or reading last resumed)
         self.held = b""  # what the app sent after a WebSocket handshake, until the answer
         # The loop, once per connection: asyncio.get_running_loop() costs a getpid()
@@ -362,6 +370,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.lingering:
+            self.last_active = time.monotonic()  # see _linger_end
             return
         if self.in_head or self.trailing:
             self.head_bytes += len(data)
@@ -438,9 +447,19 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.lingering:  # the answer is written (see _linger)
+            self.loop.call_later(LINGER, self._linger_end)
+            return
         ex = self.exchange
         if ex is not None and ex.conn is not None:
             ex.conn.resume_reading()
+        if self.write_wait and not self.closed:
+            self.write_wait = False
+            after = self._next()
+            if after is None:
+                self._idle()
+            else:
+                self._dispatch(after)
 
     # -- httptools callbacks ---------------------------------------------------------------------
 
@@ -522,9 +541,11 @@ class DownstreamProtocol(asyncio.Protocol):
         else:
             self.body_last = time.monotonic()
         self.dispatched = True
-        if self.busy:
+        if self.busy or self.write_paused:
             self.queue.append(req)
             self._pause(_PAUSE_QUEUE)
+            if not self.busy:  # the app is not reading earlier answers: see _next
+                self.busy = self.write_wait = True
         elif req.body_done or upgrade or not _small_body(req):
             self._dispatch(req)
         else:
@@ -623,7 +644,7 @@ class DownstreamProtocol(asyncio.Protocol):
         sent anyway might change something upstream.
         """
         transport = self.transport
-        if self.closed or transport is None or transport.is_closing():
+        if self.closed or self.lingering or transport is None or transport.is_closing():
             self._idle()
             return
         self.busy = True
@@ -683,15 +704,22 @@ class DownstreamProtocol(asyncio.Protocol):
             self._dispatch(after)
 
     def _after(self, req: Request, keep: bool) -> Request | None:
-        """`req` was answered: close (or linger) when the connection can't carry another;
-        else the next queued request, if any; else answer a bad request owed behind it."""
+        """`req` was answered: close (lingering) when the connection can't carry another;
+        else `_next`."""
         if not keep or self.closed:
-            if req.body_done:
-                self.close()
-            else:
-                self._linger()  # the app is still sending: let it read the answer
+            self._linger()
             return None
+        return self._next()
+
+    def _next(self) -> Request | None:
+        """The next queued request, if any, unless the app is not reading its answers:
+        then it waits (`write_wait`) until it does, so answers do not pile up in memory;
+        else answer a bad request owed behind the last one."""
         if self.queue:
+            if self.write_paused:
+                self.write_wait = True
+                self.last_active = time.monotonic()  # see sweep
+                return None
             after = self.queue.popleft()
             if not self.queue:
                 self._resume(_PAUSE_QUEUE)
@@ -710,7 +738,7 @@ class DownstreamProtocol(asyncio.Protocol):
         return name, target
 
     def _idle(self) -> None:
-        self.busy = False
+        self.busy = self.write_wait  # else still busy: resume_writing serves the next one
         self.last_active = time.monotonic()
 
     def resume_in_task(self, exchange: Exchange) -> None:
@@ -754,6 +782,10 @@ class DownstreamProtocol(asyncio.Protocol):
                 if req.upgrade and keep and not self.closed:
                     self._end_upgrade()
                 req = self._after(req, keep)
+                if req is not None:
+                    # Pipelined: let other connections run between answers (a long
+                    # pipeline of answers the sidecar makes itself would hold the loop).
+                    await asyncio.sleep(0)
         except asyncio.CancelledError:
             self.abort()
         except Exception:  # a bug must not take down other connections
@@ -1018,29 +1050,52 @@ class DownstreamProtocol(asyncio.Protocol):
         self._linger()
 
     def _linger(self) -> None:
-        """Close after an error answer without losing it (a lingering close, as nginx does).
+        """Close after an answer without losing it (a lingering close, as nginx does).
 
-        Closing with unread input makes the kernel send a reset, which can destroy the
-        answer before the app reads it. So: finish writing, then read and drop input
-        until the app closes or LINGER passes.
+        Closing with unread input, or input arriving after the close, makes the kernel
+        send a reset, which can destroy the answer before the app reads it. So: finish
+        writing and half-close (the app sees the end of the answer), read and drop
+        input, and close once the app closes, or sends nothing for LINGER after the
+        answer is written (LINGER_MAX at most). An app that does not read the answer
+        is cut by the sweep after idle_timeout, as an idle connection is.
         """
         transport = self.transport
-        if transport is None or self.closed:
+        if transport is None or self.closed or self.lingering:
             return
         self.lingering = True
+        self.last_active = self.linger_since = time.monotonic()
         if self.paused:
             self.paused = 0
             transport.resume_reading()
         if transport.can_write_eof():
             transport.write_eof()
-        # abort, not close: an app that never reads would keep a graceful close waiting.
-        asyncio.get_running_loop().call_later(LINGER, self.abort)
+        # resume_writing tells once every byte is handed to the kernel.
+        transport.set_write_buffer_limits(0, 0)
+        if not transport.get_write_buffer_size():
+            self.loop.call_later(LINGER, self._linger_end)
+
+    def _linger_end(self) -> None:
+        now = time.monotonic()
+        if self.last_active > now - LINGER and now - self.linger_since < LINGER_MAX:
+            self.loop.call_later(LINGER, self._linger_end)  # the app is still sending
+        else:
+            self.close()  # all written: a graceful close does not wait
 
     def sweep(self, idle_before: float, head_before: float, body_before: float) -> None:
         """Close this connection if it idled since `idle_before`, has been sending one
         request head since `head_before`, or sent no bytes of the body the sidecar is
         reading since `body_before` (clock times); see `Proxy.start_sweeping`."""
-        if self.closed or self.lingering:
+        if self.closed:
+            return
+        if self.lingering:
+            transport = self.transport
+            unread = transport is not None and transport.get_write_buffer_size()
+            if unread and self.linger_since < idle_before:
+                self.abort()  # the app does not read its answer
+            return
+        if self.write_wait:
+            if self.last_active < idle_before:
+                self.abort()  # the app has not read its answers for idle_timeout
             return
         if self.busy:
             req = self.req

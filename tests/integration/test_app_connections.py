@@ -12,10 +12,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import httptools
+import pytest
 
 from tests.integration.conftest import UpstreamFactory
 from tests.integration.harness import (
     billing_sidecar,
+    eventually,
     raw_responses,
     raw_until_close,
     raw_upstream,
@@ -199,6 +202,128 @@ class TestPausedReading:
         assert growth < 64, f"sidecar RSS grew {growth} MiB while the app was not reading"
         assert second.startswith(b"HTTP/1.1 200"), second
         assert 0 == endpoint_stats["consecutive_failures"]
+
+
+class _Answers:
+    """Counts the complete responses in a stream of pipelined ones (httptools callbacks)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.statuses: set[int] = set()
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_message_complete(self) -> None:
+        self.count += 1
+        self.statuses.add(self.parser.get_status_code())
+
+
+def _tcp_state(local_port: int, peer_port: int) -> str | None:
+    """The state of the sidecar's end of a loopback connection (/proc/net/tcp), by the
+    kernel's hex code: "04" FIN_WAIT1, "05" FIN_WAIT2 ...; None once it is gone."""
+    want = (f"0100007F:{local_port:04X}", f"0100007F:{peer_port:04X}")
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if (fields[1], fields[2]) == want:
+            return fields[3]
+    return None
+
+
+class TestPipelineBackPressure:
+    @pytest.mark.parametrize("target", ["/v1/invoke/nosuch/x", "/v1/invoke/billing/echo"])
+    async def test_app_that_pipelines_without_reading_is_not_read_further(
+        self, tmp_path: Path, upstreams: UpstreamFactory, target: str
+    ) -> None:
+        """An app pipelines requests and reads none of the answers, to the sidecar's own
+        404s or to an upstream. Once the answers fill the sidecar's buffer toward the app,
+        it stops serving (and so reading) the app's requests: the app's sends block,
+        long before it has sent 64 MB, and the sidecar's memory stays flat. Then the app
+        reads: every request it sent is answered, in order, none lost."""
+        billing = await upstreams("billing")
+        # 2 KB each: the old, unbounded behaviour reaches 64 MB in seconds.
+        request = b"GET %s HTTP/1.1\r\nHost: s\r\nX-Pad: %s\r\n\r\n" % (
+            target.encode(),
+            b"p" * 2000,
+        )
+        batch = request * 32
+        async with billing_sidecar(tmp_path, billing.endpoint) as sc:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            sock.connect(("127.0.0.1", sc.app_port))
+            sock.setblocking(False)
+            answers = _Answers()
+            try:
+                before = sc.rss_kib() // 1024
+                sent = 0
+                blocked_since = None
+                deadline = time.monotonic() + 60
+                # Until the sidecar has stopped reading: the app's sends block for 1.5 s.
+                while sent < 64 * 2**20 and time.monotonic() < deadline:
+                    try:
+                        sent += sock.send(batch[sent % len(batch) :])
+                        blocked_since = None
+                    except BlockingIOError:
+                        now = time.monotonic()
+                        blocked_since = blocked_since or now
+                        if now - blocked_since > 1.5:
+                            break
+                        await asyncio.sleep(0.01)
+                growth = sc.rss_kib() // 1024 - before
+                # Complete the last request, then one that closes; read every answer.
+                rest = (-sent) % len(request)
+                closing = b"GET %s HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n" % (
+                    target.encode()
+                )
+                tail = request[len(request) - rest :] + closing
+                loop = asyncio.get_running_loop()
+                sender = loop.create_task(loop.sock_sendall(sock, tail))
+                while data := await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 30):
+                    answers.parser.feed_data(data)
+                await sender
+            finally:
+                sock.close()
+        assert sent < 64 * 2**20, "the sidecar kept reading requests nobody read answers to"
+        assert growth < 64, f"sidecar RSS grew {growth} MiB while the app was not reading"
+        assert (-(-sent // len(request)) + 1, 1) == (answers.count, len(answers.statuses))
+
+    async def test_close_answer_is_not_cut_by_what_the_app_sends_after_it(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """A request with `Connection: close` gets a 2 MB answer the app has not read yet
+        when it sends more (a pipelined request the sidecar will not serve). Closing the
+        socket with that input unread, or with input still arriving, makes the kernel
+        reset the connection, destroying the answer in the app's receive buffer: the
+        sidecar half-closes instead and drops what comes, so the whole answer arrives."""
+        billing = await upstreams("billing")
+        size = 2_000_000
+        async with billing_sidecar(tmp_path, billing.endpoint) as sc:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", sc.app_port))
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.sock_sendall(
+                    sock,
+                    b"GET /v1/invoke/billing/download?size=%d HTTP/1.1\r\nHost: s\r\n"
+                    b"Connection: close\r\n\r\n" % size,
+                )
+                peer = sock.getsockname()[1]
+                # The sidecar has written the whole answer and ended its side.
+                await eventually(
+                    "the sidecar ended the connection",
+                    lambda: _tcp_state(sc.app_port, peer) in ("04", "05"),
+                    timeout=15,
+                )
+                await loop.sock_sendall(sock, GET * 20)
+                got = b""
+                with contextlib.suppress(ConnectionResetError):
+                    while data := await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 10):
+                        got += data
+            finally:
+                sock.close()
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), got[:200]
+        assert size == len(body)
 
 
 class TestAppLeaves:

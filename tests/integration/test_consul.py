@@ -196,6 +196,8 @@ class TestAgentRestart:
             lost["service_id"],
             consul.services()["billing-1"]["Service"],
         )
+        # The sidecar logs the registration after Consul answered it: wait for the line.
+        await wait_until("logged again", lambda: len(sc.events("consul_registered")) >= 2)
         assert 2 == len(sc.events("consul_registered"))
 
 

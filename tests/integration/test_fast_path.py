@@ -644,6 +644,52 @@ class TestCommonCase:
         await r.settled()
 
 
+class _Transport:
+    """What the proxy writes to an app connection, kept; reading is not paused for real."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class TestPipelinedSelfAnswers:
+    async def test_answers_the_sidecar_makes_itself_take_turns_with_other_connections(
+        self, rig: RigFactory
+    ) -> None:
+        """100 pipelined requests the sidecar answers itself (no such upstream) arrive in
+        one read: the task answers one per turn of the event loop, so other connections
+        are served in between; it used to answer them all in one turn, holding the loop
+        (a long pipeline stalled every connection for most of a second)."""
+        r = await rig()
+        down = r.proxy.protocol(None)
+        transport = _Transport()
+        down.connection_made(cast(asyncio.Transport, transport))
+        try:
+            down.data_received(b"GET /v1/invoke/nobody/x HTTP/1.1\r\nHost: s\r\n\r\n" * 100)
+            for _ in range(3):
+                await asyncio.sleep(0)
+            early = transport.out.count(b"HTTP/1.1 404 ")
+            await until("all answered", lambda: transport.out.count(b"HTTP/1.1 404 ") == 100)
+        finally:
+            down.connection_lost(None)
+        assert 0 < early <= 3
+        await r.settled()
+
+
 class TestAdmission:
     async def test_open_circuit_is_answered_on_the_coroutine_path(
         self, rig: RigFactory, paths: Paths
