@@ -348,6 +348,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.rejected: ProxyError | None = None  # a bad request's answer, owed after earlier ones
         self.lingering = False  # answered, then closing: input is dropped until the close
         self.linger_since = 0.0  # when the lingering close began
+        self.linger_timer: asyncio.TimerHandle | None = None
         self.write_paused = False  # the app's transport is over its write high mark
         # Answers wait for the app to read: the next queued request is served once the
         # app's transport is writable again (resume_writing). `busy` stays set.
@@ -431,6 +432,9 @@ class DownstreamProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.proxy.connections.discard(self)
+        if self.linger_timer is not None:  # it would keep this connection for LINGER
+            self.linger_timer.cancel()
+            self.linger_timer = None
         if self.exchange is not None:
             self.exchange.client_gone()
         elif self.task is not None:
@@ -448,7 +452,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.lingering:  # the answer is written (see _linger)
-            self.loop.call_later(LINGER, self._linger_end)
+            self.linger_timer = self.loop.call_later(LINGER, self._linger_end)
             return
         ex = self.exchange
         if ex is not None and ex.conn is not None:
@@ -1072,13 +1076,15 @@ class DownstreamProtocol(asyncio.Protocol):
         # resume_writing tells once every byte is handed to the kernel.
         transport.set_write_buffer_limits(0, 0)
         if not transport.get_write_buffer_size():
-            self.loop.call_later(LINGER, self._linger_end)
+            self.linger_timer = self.loop.call_later(LINGER, self._linger_end)
 
     def _linger_end(self) -> None:
         now = time.monotonic()
         if self.last_active > now - LINGER and now - self.linger_since < LINGER_MAX:
-            self.loop.call_later(LINGER, self._linger_end)  # the app is still sending
+            # The app is still sending.
+            self.linger_timer = self.loop.call_later(LINGER, self._linger_end)
         else:
+            self.linger_timer = None
             self.close()  # all written: a graceful close does not wait
 
     def sweep(self, idle_before: float, head_before: float, body_before: float) -> None:

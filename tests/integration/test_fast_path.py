@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import re
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -688,6 +690,34 @@ class TestPipelinedSelfAnswers:
             down.connection_lost(None)
         assert 0 < early <= 3
         await r.settled()
+
+    async def test_a_closed_connection_is_not_kept_by_its_lingering_close(
+        self, rig: RigFactory
+    ) -> None:
+        """An answer with `Connection: close` ends in a lingering close, whose timer
+        would keep the connection's objects for 2 s after the app closed: with many
+        short connections, that is memory. The timer goes with the connection."""
+        r = await rig()
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(r.proxy.protocol, "127.0.0.1", 0)
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", server.sockets[0].getsockname()[1]
+            )
+            writer.write(
+                b"GET /v1/invoke/nobody/x HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n"
+            )
+            answer = await asyncio.wait_for(reader.read(), PATIENCE)  # to the sidecar's FIN
+            down = weakref.ref(next(iter(r.proxy.connections)))
+            writer.close()
+            await writer.wait_closed()
+            await until("the connection is lost", lambda: not r.proxy.connections)
+        finally:
+            server.close()
+            await server.wait_closed()
+        gc.collect()
+        assert answer.startswith(b"HTTP/1.1 404 ")
+        assert down() is None
 
 
 class TestAdmission:
