@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import fcntl
 import math
 import random
 import re
+import termios
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -708,12 +710,34 @@ class DownstreamProtocol(asyncio.Protocol):
             self._dispatch(after)
 
     def _after(self, req: Request, keep: bool) -> Request | None:
-        """`req` was answered: close (lingering) when the connection can't carry another;
-        else `_next`."""
+        """`req` was answered: close when the connection can't carry another (see
+        `_may_send_more`); else `_next`."""
         if not keep or self.closed:
-            self._linger()
+            if self._may_send_more(req):
+                self._linger()
+            else:
+                self.close()
             return None
         return self._next()
+
+    def _may_send_more(self, req: Request) -> bool:
+        """Whether the app may still send after `req`'s answer, so that a plain close
+        could reset the connection before it reads the answer (nginx's heuristic for
+        its lingering close): the sidecar chose to close, not the app (shutting down,
+        an HTTP/1.0 answer without a length), the app is still sending the body, it
+        pipelined more, or bytes wait unread in the socket. An app that asked to
+        close sends nothing more (RFC 9112 §9.6), and gets a plain close."""
+        if req.keep_alive or not req.body_done or self.queue or self.paused or self.req is not req:
+            return True
+        transport = self.transport
+        sock = None if transport is None else transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            unread = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return True
+        return unread != b"\0\0\0\0"
 
     def _next(self) -> Request | None:
         """The next queued request, if any, unless the app is not reading its answers:

@@ -217,15 +217,21 @@ class _Answers:
         self.statuses.add(self.parser.get_status_code())
 
 
-def _tcp_state(local_port: int, peer_port: int) -> str | None:
-    """The state of the sidecar's end of a loopback connection (/proc/net/tcp), by the
-    kernel's hex code: "04" FIN_WAIT1, "05" FIN_WAIT2 ...; None once it is gone."""
+def _tcp_socket(local_port: int, peer_port: int) -> tuple[str, bool] | None:
+    """The sidecar's end of a loopback connection (/proc/net/tcp): its state, by the
+    kernel's hex code ("04" FIN_WAIT1, "05" FIN_WAIT2 ...), and whether a process still
+    holds it (a closed socket the kernel still finishes has inode 0); None once gone."""
     want = (f"0100007F:{local_port:04X}", f"0100007F:{peer_port:04X}")
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         if (fields[1], fields[2]) == want:
-            return fields[3]
+            return fields[3], fields[9] != "0"
     return None
+
+
+def _tcp_state(local_port: int, peer_port: int) -> str | None:
+    found = _tcp_socket(local_port, peer_port)
+    return None if found is None else found[0]
 
 
 class TestPipelineBackPressure:
@@ -288,11 +294,11 @@ class TestPipelineBackPressure:
     async def test_close_answer_is_not_cut_by_what_the_app_sends_after_it(
         self, tmp_path: Path, upstreams: UpstreamFactory
     ) -> None:
-        """A request with `Connection: close` gets a 2 MB answer the app has not read yet
-        when it sends more (a pipelined request the sidecar will not serve). Closing the
-        socket with that input unread, or with input still arriving, makes the kernel
-        reset the connection, destroying the answer in the app's receive buffer: the
-        sidecar half-closes instead and drops what comes, so the whole answer arrives."""
+        """A request with `Connection: close` and another pipelined behind it get a 2 MB
+        answer the app has not read yet when it sends more. Closing the socket with that
+        input unread, or with input still arriving, makes the kernel reset the
+        connection, destroying the answer in the app's receive buffer: the sidecar
+        half-closes instead and drops what comes, so the whole answer arrives."""
         billing = await upstreams("billing")
         size = 2_000_000
         async with billing_sidecar(tmp_path, billing.endpoint) as sc:
@@ -305,7 +311,7 @@ class TestPipelineBackPressure:
                 await loop.sock_sendall(
                     sock,
                     b"GET /v1/invoke/billing/download?size=%d HTTP/1.1\r\nHost: s\r\n"
-                    b"Connection: close\r\n\r\n" % size,
+                    b"Connection: close\r\n\r\n%s" % (size, GET),
                 )
                 peer = sock.getsockname()[1]
                 # The sidecar has written the whole answer and ended its side.
@@ -324,6 +330,30 @@ class TestPipelineBackPressure:
         head, _, body = got.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), got[:200]
         assert size == len(body)
+
+    async def test_close_the_app_asked_for_is_plain_when_nothing_follows(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """An app that asks to close sends nothing more (RFC 9112 §9.6): with nothing
+        unread, the sidecar closes at once instead of waiting for the app's close, as
+        nginx does: by the time the app sees the end of the answer, the sidecar no
+        longer holds its socket."""
+        billing = await upstreams("billing")
+        async with billing_sidecar(tmp_path, billing.endpoint) as sc:
+            reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
+            try:
+                writer.write(GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+                answer = await asyncio.wait_for(reader.read(), 5)
+                peer = writer.get_extra_info("sockname")[1]
+                # The app has read the end of the stream: a plain close had closed the
+                # socket to send it. A lingering close holds its half-closed socket
+                # until the app closes or 2 s pass.
+                found = _tcp_socket(sc.app_port, peer)
+            finally:
+                writer.close()
+                await writer.wait_closed()
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert found is None or not found[1], found
 
 
 class TestAppLeaves:
