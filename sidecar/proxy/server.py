@@ -201,6 +201,7 @@ class Proxy:
         self.closing = False
         self.rng = random.Random()
         self._idle_waiter: asyncio.Future[None] | None = None
+        self._flush_waiter: asyncio.Future[None] | None = None  # see wait_flushed
         self.no_route_errors = metrics.proxy_errors.labels("", ErrorCode.NO_ROUTE.value)
         self._sweeper: asyncio.TimerHandle | None = None
         # Task-less exchanges waiting for their upstream, checked by one ticker (`watch`).
@@ -303,10 +304,34 @@ class Proxy:
         for conn in list(self.connections):
             conn.close_if_idle()
 
+    def unflushed(self) -> int:
+        """App connections still holding answer bytes not yet handed to the kernel."""
+        return sum(1 for conn in self.connections if conn.unflushed())
+
+    async def wait_flushed(self) -> None:
+        """Return once every answer made is handed to the kernel (see `abort_all`)."""
+        for conn in self.connections:
+            conn.watch_flush()
+        try:
+            while self.unflushed():
+                self._flush_waiter = asyncio.get_running_loop().create_future()
+                await self._flush_waiter
+        finally:
+            self._flush_waiter = None
+
+    def flushed(self) -> None:
+        """A connection was written out or ended: `wait_flushed` looks again."""
+        waiter = self._flush_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def abort_all(self) -> None:
+        """The end of a shutdown: requests still in flight are cut; a connection whose
+        answers are all written is closed, not reset, so the app still reads what the
+        kernel holds for it."""
         self.stop_sweeping()
         for conn in list(self.connections):
-            conn.abort()
+            conn.finish()
         for tunnel in list(self.tunnels):
             tunnel.abort()
         for upstream in set(self.by_name.values()):  # on-demand upstreams too
@@ -437,6 +462,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.linger_timer is not None:  # it would keep this connection for LINGER
             self.linger_timer.cancel()
             self.linger_timer = None
+        self.proxy.flushed()
         if self.exchange is not None:
             self.exchange.client_gone()
         elif self.task is not None:
@@ -453,6 +479,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.proxy.flushed()
         if self.lingering:  # the answer is written (see _linger)
             self.linger_timer = self.loop.call_later(LINGER, self._linger_end)
             return
@@ -1156,7 +1183,32 @@ class DownstreamProtocol(asyncio.Protocol):
                 self.close()
 
     def close_if_idle(self) -> None:
-        if not self.busy:
+        if self.write_wait:
+            # Nothing in flight, answers unread: the queued requests are not served (as
+            # behind an answer that closes); the answers are, then the connection ends.
+            self.write_wait = False
+            self.queue.clear()
+            self._idle()
+            self._linger()
+        elif not self.busy:
+            self.close()
+
+    def unflushed(self) -> bool:
+        transport = self.transport
+        return transport is not None and not self.closed and transport.get_write_buffer_size() > 0
+
+    def watch_flush(self) -> None:
+        """Have resume_writing tell when every byte is handed to the kernel."""
+        if self.unflushed():
+            assert self.transport is not None
+            self.transport.set_write_buffer_limits(0, 0)
+
+    def finish(self) -> None:
+        """Shutdown's last word: close when no request is in flight and every answer is
+        handed to the kernel (it goes on sending them after the exit), else abort."""
+        if self.busy or self.unflushed():
+            self.abort()
+        else:
             self.close()
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import aiohttp
+import httptools
 import yaml
 from aiohttp import web
 
@@ -193,6 +194,20 @@ async def raw_responses(
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+class ResponseCounter:
+    """Counts the complete responses in a stream of pipelined ones (httptools callbacks):
+    feed what is read to `parser`."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.statuses: set[int] = set()
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_message_complete(self) -> None:
+        self.count += 1
+        self.statuses.add(self.parser.get_status_code())
 
 
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

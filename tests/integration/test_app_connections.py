@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import httptools
 import pytest
 
 from tests.integration.conftest import UpstreamFactory
 from tests.integration.harness import (
+    ResponseCounter,
     billing_sidecar,
     eventually,
     raw_responses,
@@ -204,19 +204,6 @@ class TestPausedReading:
         assert 0 == endpoint_stats["consecutive_failures"]
 
 
-class _Answers:
-    """Counts the complete responses in a stream of pipelined ones (httptools callbacks)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.statuses: set[int] = set()
-        self.parser = httptools.HttpResponseParser(self)
-
-    def on_message_complete(self) -> None:
-        self.count += 1
-        self.statuses.add(self.parser.get_status_code())
-
-
 def _tcp_socket(local_port: int, peer_port: int) -> tuple[str, bool] | None:
     """The sidecar's end of a loopback connection (/proc/net/tcp): its state, by the
     kernel's hex code ("04" FIN_WAIT1, "05" FIN_WAIT2 ...), and whether a process still
@@ -256,7 +243,7 @@ class TestPipelineBackPressure:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
             sock.connect(("127.0.0.1", sc.app_port))
             sock.setblocking(False)
-            answers = _Answers()
+            answers = ResponseCounter()
             try:
                 before = sc.rss_kib() // 1024
                 sent = 0

@@ -22,6 +22,7 @@ import pytest
 from tests.integration.conftest import UpstreamFactory
 from tests.integration.harness import (
     RawHandler,
+    ResponseCounter,
     Sidecar,
     billing_sidecar,
     eventually,
@@ -161,6 +162,84 @@ class TestLifecycle:
         assert "shutdown_started" in events
         assert "shutdown_complete" in events
         assert "shutdown_grace_exceeded" not in events
+
+    async def test_an_answer_still_being_written_at_shutdown_is_not_cut(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """SIGTERM (no drain) while a 3 MB answer goes to an app that reads it slowly.
+        Its exchange ends once the last bytes are handed to the app's transport, whose
+        buffer still holds what the app has not read: shutdown lets it be written within
+        its grace, then closes; it used to abort the connection, dropping that buffer,
+        and the app lost the end of its answer."""
+        billing = await upstreams("billing")
+        size = 3_000_000
+        sc = Sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint], "timeout": "60s"}})
+        sc.config["shutdown"] = {"drain": "0s", "grace": "30s"}
+        sc.start()
+        sock = socket.socket()
+        try:
+            await sc.wait_ready()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", sc.app_port))
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(
+                sock, b"GET /v1/invoke/billing/download?size=%d HTTP/1.1\r\nHost: s\r\n\r\n" % size
+            )
+            got = await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
+            sc.signal(signal.SIGTERM)
+            # Slower than the upstream: the sidecar's buffer toward the app is never
+            # empty, also when the last bytes come in and the exchange ends.
+            with contextlib.suppress(ConnectionResetError):
+                while data := await asyncio.wait_for(loop.sock_recv(sock, 16384), 30):
+                    got += data
+                    await asyncio.sleep(0.002)
+            code = await sc.wait_exit()
+        finally:
+            sock.close()
+            sc.kill()
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), got[:200]
+        assert (size, 0) == (len(body), code)
+
+    async def test_pipelined_requests_waiting_for_an_app_that_does_not_read_at_shutdown(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """An app pipelines requests and reads none of the answers, so the next request
+        waits for it to read; then SIGTERM (no drain). The waiting requests are not
+        served (as behind an answer that closes), the answers already made are written
+        once the app reads, then the connection ends: every request that reached the
+        upstream has its whole answer, and the sidecar exits 0."""
+        billing = await upstreams("billing")
+        sc = Sidecar(tmp_path, {"billing": {"endpoints": [billing.endpoint]}})
+        sc.config["shutdown"] = {"drain": "0s", "grace": "30s"}
+        sc.start()
+        request = b"GET /v1/invoke/billing/echo HTTP/1.1\r\nHost: s\r\nX-Pad: %s\r\n\r\n" % (
+            b"p" * 2000
+        )
+        sock = socket.socket()
+        counted = ResponseCounter()
+        try:
+            await sc.wait_ready()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            sock.connect(("127.0.0.1", sc.app_port))
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            # Send until the sidecar stops reading (the app's sends block).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(loop.sock_sendall(sock, request * 20_000), 3)
+            hits = billing.hits
+            sc.signal(signal.SIGTERM)
+            await eventually("shutdown began", lambda: "shutdown_started" in sc.logs(), timeout=10)
+            with contextlib.suppress(ConnectionResetError):
+                while data := await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 30):
+                    counted.parser.feed_data(data)
+            code = await sc.wait_exit()
+        finally:
+            sock.close()
+            sc.kill()
+        assert hits > 0
+        assert (billing.hits, {200}, 0) == (counted.count, counted.statuses, code)
 
     async def test_post_shutdown_on_the_admin_api_stops_it_like_sigterm(
         self, tmp_path: Path, upstreams: UpstreamFactory
