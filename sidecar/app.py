@@ -357,19 +357,19 @@ class Sidecar:
             forced = lifecycle.force.is_set()
             event = "shutdown_forced_abort" if forced else "shutdown_grace_exceeded"
             log.warning(event, aborted_requests=self.proxy.active)
-        elif self.proxy.unflushed() and not lifecycle.force.is_set():
-            # Answers made but not yet written to apps that read slowly: written within
-            # the grace, not cut off by the aborts below.
+        elif self.proxy.ending() and not lifecycle.force.is_set():
+            # Answers made but not yet written to apps that read slowly, and lingering
+            # closes: they end within the grace, not cut off by the aborts below.
             remaining = config.grace - (loop.time() - began)
-            waiter = asyncio.ensure_future(self.proxy.wait_flushed())
+            waiter = asyncio.ensure_future(self.proxy.wait_ended())
             hurry = asyncio.ensure_future(lifecycle.force.wait())
             await asyncio.wait(
                 (waiter, hurry), timeout=max(remaining, 0), return_when="FIRST_COMPLETED"
             )
             waiter.cancel()
             hurry.cancel()
-            if self.proxy.unflushed():
-                log.warning("shutdown_answers_unwritten", connections=self.proxy.unflushed())
+            if self.proxy.ending():
+                log.warning("shutdown_connections_cut", connections=self.proxy.ending())
         self.proxy.abort_all()
         if self.proxy.active:
             # Aborting only schedules their ends: let the loop run them, so that their

@@ -71,6 +71,8 @@ LINGER = 2.0
 #: ... and no longer than this after the lingering close began, once the answer is
 #: written (nginx's lingering_time).
 LINGER_MAX = 30.0
+#: How early a lingering close's timer may fire and still count as LINGER (seconds).
+LINGER_SLACK = 0.01
 
 # Why reading from the app's socket is paused (bit mask).
 _PAUSE_UPSTREAM = 1  # the upstream socket's write buffer is full
@@ -201,7 +203,7 @@ class Proxy:
         self.closing = False
         self.rng = random.Random()
         self._idle_waiter: asyncio.Future[None] | None = None
-        self._flush_waiter: asyncio.Future[None] | None = None  # see wait_flushed
+        self._flush_waiter: asyncio.Future[None] | None = None  # see wait_ended
         self.no_route_errors = metrics.proxy_errors.labels("", ErrorCode.NO_ROUTE.value)
         self._sweeper: asyncio.TimerHandle | None = None
         # Task-less exchanges waiting for their upstream, checked by one ticker (`watch`).
@@ -304,23 +306,24 @@ class Proxy:
         for conn in list(self.connections):
             conn.close_if_idle()
 
-    def unflushed(self) -> int:
-        """App connections still holding answer bytes not yet handed to the kernel."""
-        return sum(1 for conn in self.connections if conn.unflushed())
+    def ending(self) -> int:
+        """App connections still writing out answers made, or lingering (see
+        `DownstreamProtocol._linger`): the last step of a shutdown lets them end."""
+        return sum(1 for conn in self.connections if conn.ending())
 
-    async def wait_flushed(self) -> None:
-        """Return once every answer made is handed to the kernel (see `abort_all`)."""
+    async def wait_ended(self) -> None:
+        """Return once no app connection is `ending` (see `abort_all`)."""
         for conn in self.connections:
             conn.watch_flush()
         try:
-            while self.unflushed():
+            while self.ending():
                 self._flush_waiter = asyncio.get_running_loop().create_future()
                 await self._flush_waiter
         finally:
             self._flush_waiter = None
 
     def flushed(self) -> None:
-        """A connection was written out or ended: `wait_flushed` looks again."""
+        """A connection was written out or ended: `wait_ended` looks again."""
         waiter = self._flush_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -380,6 +383,7 @@ class DownstreamProtocol(asyncio.Protocol):
         # Answers wait for the app to read: the next queued request is served once the
         # app's transport is writable again (resume_writing). `busy` stays set.
         self.write_wait = False
+        self.between = False  # its task is between two pipelined requests (see _serve)
         self.body_last = 0.0  # when the app last sent body bytes (or reading last resumed)
         self.held = b""  # what the app sent after a WebSocket handshake, until the answer
         # The loop, once per connection: asyncio.get_running_loop() costs a getpid()
@@ -481,7 +485,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.write_paused = False
         self.proxy.flushed()
         if self.lingering:  # the answer is written (see _linger)
-            self.linger_timer = self.loop.call_later(LINGER, self._linger_end)
+            self._linger_arm()
             return
         ex = self.exchange
         if ex is not None and ex.conn is not None:
@@ -840,7 +844,13 @@ class DownstreamProtocol(asyncio.Protocol):
                 if req is not None:
                     # Pipelined: let other connections run between answers (a long
                     # pipeline of answers the sidecar makes itself would hold the loop).
-                    await asyncio.sleep(0)
+                    self.between = True
+                    try:
+                        await asyncio.sleep(0)
+                    finally:
+                        self.between = False
+                    if self.lingering:  # shutting down meanwhile (close_if_idle)
+                        req = None
         except asyncio.CancelledError:
             self.abort()
         except Exception:  # a bug must not take down other connections
@@ -1127,13 +1137,20 @@ class DownstreamProtocol(asyncio.Protocol):
         # resume_writing tells once every byte is handed to the kernel.
         transport.set_write_buffer_limits(0, 0)
         if not transport.get_write_buffer_size():
-            self.linger_timer = self.loop.call_later(LINGER, self._linger_end)
+            self._linger_arm()
+
+    def _linger_arm(self) -> None:
+        """The answer is written: LINGER without input from now on closes."""
+        self.last_active = time.monotonic()
+        self.linger_timer = self.loop.call_later(LINGER, self._linger_end)
 
     def _linger_end(self) -> None:
         now = time.monotonic()
-        if self.last_active > now - LINGER and now - self.linger_since < LINGER_MAX:
-            # The app is still sending.
-            self.linger_timer = self.loop.call_later(LINGER, self._linger_end)
+        # uvloop's timers count whole milliseconds: one may fire a little early.
+        left = self.last_active + LINGER - now
+        if left > LINGER_SLACK and now - self.linger_since < LINGER_MAX:
+            # The app sent more since: LINGER after its last bytes.
+            self.linger_timer = self.loop.call_later(left, self._linger_end)
         else:
             self.linger_timer = None
             self.close()  # all written: a graceful close does not wait
@@ -1183,19 +1200,24 @@ class DownstreamProtocol(asyncio.Protocol):
                 self.close()
 
     def close_if_idle(self) -> None:
-        if self.write_wait:
-            # Nothing in flight, answers unread: the queued requests are not served (as
-            # behind an answer that closes); the answers are, then the connection ends.
-            self.write_wait = False
+        if self.write_wait or self.between:
+            # Nothing in flight: the pipelined requests left are not served (as behind
+            # an answer that closes); the answers made are written, then it ends.
             self.queue.clear()
-            self._idle()
-            self._linger()
+            if self.write_wait:
+                self.write_wait = False
+                self._idle()
+            self._linger()  # between: its task sees it and ends
         elif not self.busy:
             self.close()
 
     def unflushed(self) -> bool:
         transport = self.transport
         return transport is not None and not self.closed and transport.get_write_buffer_size() > 0
+
+    def ending(self) -> bool:
+        """Still writing out answers made, or lingering: a shutdown lets it end."""
+        return not self.closed and (self.lingering or self.unflushed())
 
     def watch_flush(self) -> None:
         """Have resume_writing tell when every byte is handed to the kernel."""
@@ -1206,7 +1228,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def finish(self) -> None:
         """Shutdown's last word: close when no request is in flight and every answer is
         handed to the kernel (it goes on sending them after the exit), else abort."""
-        if self.busy or self.unflushed():
+        if self.unflushed() or (self.busy and not self.lingering):
             self.abort()
         else:
             self.close()

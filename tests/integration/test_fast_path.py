@@ -41,7 +41,7 @@ from sidecar.discovery.base import Endpoint
 from sidecar.discovery.static import StaticResolver
 from sidecar.proxy.balancer import EndpointStats
 from sidecar.proxy.forward import EndpointPool
-from sidecar.proxy.server import DownstreamProtocol, Exchange, Proxy, Request
+from sidecar.proxy.server import LINGER, DownstreamProtocol, Exchange, Proxy, Request
 from sidecar.proxy.upstream import Upstream
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.tracing import Tracer
@@ -647,10 +647,13 @@ class TestCommonCase:
 
 
 class _Transport:
-    """What the proxy writes to an app connection, kept; reading is not paused for real."""
+    """What the proxy writes to an app connection, kept; reading is not paused for real,
+    and writes leave at once."""
 
     def __init__(self) -> None:
         self.out = bytearray()
+        self.eof = False  # half-closed
+        self.closed = False
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return ("127.0.0.1", 40000) if name == "peername" else default
@@ -659,13 +662,28 @@ class _Transport:
         self.out += data
 
     def is_closing(self) -> bool:
-        return False
+        return self.closed
 
     def pause_reading(self) -> None:
         pass
 
     def resume_reading(self) -> None:
         pass
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class TestPipelinedSelfAnswers:
@@ -690,6 +708,55 @@ class TestPipelinedSelfAnswers:
             down.connection_lost(None)
         assert 0 < early <= 3
         await r.settled()
+
+    async def test_shutting_down_between_two_pipelined_answers_serves_no_more(
+        self, rig: RigFactory
+    ) -> None:
+        """The shutdown closes connections (`start_closing`) while a task is between two
+        pipelined requests it answers itself: it serves no more of them, as behind an
+        answer that closes, and the connection ends with a lingering close after the
+        answers already made."""
+        r = await rig()
+        down = r.proxy.protocol(None)
+        transport = _Transport()
+        down.connection_made(cast(asyncio.Transport, transport))
+        try:
+            down.data_received(b"GET /v1/invoke/nobody/x HTTP/1.1\r\nHost: s\r\n\r\n" * 5)
+            await asyncio.sleep(0)  # the task's first step: one answer, then a turn
+            answered = transport.out.count(b"HTTP/1.1 404 ")
+            r.proxy.start_closing()
+            await until("its task ended", lambda: down.task is None)
+        finally:
+            down.connection_lost(None)
+        assert (1, 1) == (answered, transport.out.count(b"HTTP/1.1 404 "))
+        assert (True, False) == (transport.eof, down.busy)
+
+    async def test_a_lingering_close_closes_when_its_timer_fires_a_little_early(
+        self, rig: RigFactory
+    ) -> None:
+        """uvloop's timers count whole milliseconds, so the lingering close's timer can
+        fire just before LINGER has passed by the clock: that is quiet enough (it used to
+        wait another LINGER). Input that came since puts the close LINGER after it."""
+        r = await rig()
+        loop = asyncio.get_running_loop()
+        down = r.proxy.protocol(None)
+        transport = _Transport()
+        down.connection_made(cast(asyncio.Transport, transport))
+        try:
+            down._linger()
+            assert down.linger_timer is not None
+            down.linger_timer.cancel()
+            down.last_active = time.monotonic() - 0.4
+            down._linger_end()  # input 0.4 s ago: LINGER after it
+            assert down.linger_timer is not None
+            again_in = down.linger_timer.when() - loop.time()
+            down.linger_timer.cancel()
+            down.last_active = time.monotonic() - LINGER + 0.001
+            down._linger_end()  # fired 1 ms early
+        finally:
+            down.connection_lost(None)
+        assert (True, True) == (transport.eof, transport.closed)
+        assert LINGER - 0.5 < again_in <= LINGER - 0.4 + 0.01
 
     async def test_a_closed_connection_is_not_kept_by_its_lingering_close(
         self, rig: RigFactory
