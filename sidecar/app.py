@@ -370,6 +370,8 @@ class Sidecar:
             hurry.cancel()
             if self.proxy.ending():
                 log.warning("shutdown_connections_cut", connections=self.proxy.ending())
+            if self.proxy.active:  # not expected: nothing is served once closing
+                log.warning("shutdown_grace_exceeded", aborted_requests=self.proxy.active)
         self.proxy.abort_all()
         if self.proxy.active:
             # Aborting only schedules their ends: let the loop run them, so that their

@@ -11,11 +11,14 @@ each of them decides lives in `balancer` and `resilience`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import fcntl
 import math
 import random
 import re
+import socket
+import struct
 import termios
 import time
 from collections import deque
@@ -96,6 +99,8 @@ _VERSIONS = frozenset(("1.1", "1.0"))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNK_END = b"0\r\n\r\n"
 _CRLF = b"\r\n"
+#: SO_LINGER on, 0 s: closing the socket sends a reset (see DownstreamProtocol.reset).
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 #: Methods whose `Max-Forwards` the sidecar honours (RFC 9110 §7.6.2).
 _MAX_FORWARDS_METHODS = frozenset((b"TRACE", b"OPTIONS"))
 #: What the sidecar answers, as the final recipient, to `OPTIONS` with `Max-Forwards: 0`.
@@ -743,7 +748,9 @@ class DownstreamProtocol(asyncio.Protocol):
     def _after(self, req: Request, keep: bool) -> Request | None:
         """`req` was answered: close when the connection can't carry another (see
         `_may_send_more`); else `_next`."""
-        if not keep or self.closed:
+        if not keep or self.closed or self.proxy.closing:
+            # Shutting down: also after an answer whose head said keep-alive, since it
+            # went out before the shutdown began; the app may send its next request.
             if self._may_send_more(req):
                 self._linger()
             else:
@@ -758,6 +765,8 @@ class DownstreamProtocol(asyncio.Protocol):
         an HTTP/1.0 answer without a length), the app is still sending the body, it
         pipelined more, or bytes wait unread in the socket. An app that asked to
         close sends nothing more (RFC 9112 §9.6), and gets a plain close."""
+        if self.closed:
+            return False
         if req.keep_alive or not req.body_done or self.queue or self.paused or self.req is not req:
             return True
         transport = self.transport
@@ -766,7 +775,7 @@ class DownstreamProtocol(asyncio.Protocol):
             return False
         try:
             unread = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-        except OSError:
+        except (OSError, ValueError):  # ValueError: asyncio's socket of a closed transport
             return True
         return unread != b"\0\0\0\0"
 
@@ -1229,7 +1238,11 @@ class DownstreamProtocol(asyncio.Protocol):
         """Shutdown's last word: close when no request is in flight and every answer is
         handed to the kernel (it goes on sending them after the exit), else abort."""
         if self.unflushed() or (self.busy and not self.lingering):
-            self.abort()
+            ex = self.exchange
+            if ex is not None and ex.close_delimited:
+                self.reset()
+            else:
+                self.abort()
         else:
             self.close()
 
@@ -1241,6 +1254,19 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.abort()
         self.closed = True
+
+    def reset(self) -> None:
+        """Abort with a TCP reset. An answer that ends with the connection (HTTP/1.0,
+        no length) and is cut short would look complete to the app if the connection
+        just ended (uvloop's abort only closes the socket: the app reads an end of
+        stream); a reset makes the app's read fail."""
+        transport = self.transport
+        if transport is not None and not self.closed:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+        self.abort()
 
 
 class Exchange:
@@ -1266,6 +1292,7 @@ class Exchange:
         "attempt_span",
         "attempts",
         "begun",
+        "close_delimited",
         "conn",
         "deadline",
         "down",
@@ -1308,6 +1335,9 @@ class Exchange:
         self.deadline = math.inf  # the overall timeout's end, once the request is all in
         self.keep = False
         self.downstream_chunked = False
+        # The answer to the app ends with the connection (HTTP/1.0, no length): cut
+        # short, it must end with a reset, not look complete (see `DownstreamProtocol.reset`).
+        self.close_delimited = False
         self.interim = False  # a 1xx reached the app: no attempt may follow
         self.stalled = False  # the app stopped sending its body (body_timeout)
         self.tunnel: Tunnel | None = None
@@ -1618,7 +1648,10 @@ class Exchange:
         if result == _CUT:
             up.count(self.status)
             self.keep = False
-            self.down.abort()
+            if self.close_delimited:
+                self.down.reset()
+            else:
+                self.down.abort()  # its framing tells the app it is cut
             trace = self.req.trace
             if trace is not None and trace.span is not None:
                 # The app got a head and part of a body: serving it failed, whatever
@@ -1925,12 +1958,13 @@ class Exchange:
             # count it as failing) for the app's slowness.
             self.conn.pause_reading()
         keep = down.may_keep(req)
-        rechunk = self.downstream_chunked = False
+        rechunk = self.downstream_chunked = self.close_delimited = False
         if framing in (FRAMING_CHUNKED, FRAMING_CLOSE):
             if req.version == "1.1":
                 rechunk = self.downstream_chunked = True
             else:
                 keep = False
+                self.close_delimited = True
         if framing == FRAMING_TUNNEL:
             extra = UPGRADE_WEBSOCKET  # not hop-by-hop this once: the app's side of the switch
             keep = False

@@ -156,12 +156,12 @@ async def metric_samples(sidecar: Sidecar) -> dict[str, float]:
     return samples
 
 
-async def raw_until_close(port: int, data: bytes) -> bytes:
+async def raw_until_close(port: int, data: bytes, timeout: float = 5) -> bytes:
     """Send raw bytes to 127.0.0.1:port and return everything read until the peer closes."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(data)
-        return await asyncio.wait_for(reader.read(), 5)
+        return await asyncio.wait_for(reader.read(), timeout)
     finally:
         writer.close()
         await writer.wait_closed()

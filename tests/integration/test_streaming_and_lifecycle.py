@@ -202,6 +202,68 @@ class TestLifecycle:
         assert head.startswith(b"HTTP/1.1 200"), got[:200]
         assert (size, 0) == (len(body), code)
 
+    async def test_no_request_is_served_after_a_keep_alive_answer_that_ends_in_shutdown(
+        self, tmp_path: Path
+    ) -> None:
+        """An answer whose head said keep-alive before SIGTERM ends during the shutdown,
+        which another request holds; the app then sends its next request on that
+        connection. It is not forwarded (it was, then cut when the shutdown ended, with
+        grace left): the connection ends after the answer, as after an answer with
+        `Connection: close`."""
+        size = 100_000
+        release, done = asyncio.Event(), asyncio.Event()
+        seen: list[bytes] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                seen.append(head.split(b" ")[1])
+                if head.startswith(b"GET /download "):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\nab" % size)
+                    await release.wait()  # the rest once the shutdown has begun
+                    writer.write(b"b" * (size - 2))
+                else:
+                    if head.startswith(b"GET /hold "):
+                        await done.wait()  # holds the shutdown
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+        async with raw_upstream(serve) as endpoint:
+            sc = Sidecar(tmp_path, {"billing": {"endpoints": [endpoint], "retries": {"max": 0}}})
+            sc.config["shutdown"] = {"drain": "0s", "grace": "30s"}
+            sc.start()
+            try:
+                await sc.wait_ready()
+                reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
+                writer.write(b"GET /v1/invoke/billing/download HTTP/1.1\r\nHost: s\r\n\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                hold = asyncio.ensure_future(
+                    raw_until_close(
+                        sc.app_port,
+                        b"GET /v1/invoke/billing/hold HTTP/1.1\r\nConnection: close\r\n\r\n",
+                        timeout=20,
+                    )
+                )
+                await eventually("the held request is in", lambda: b"/hold" in seen)
+                sc.signal(signal.SIGTERM)
+                await eventually("shutdown began", lambda: "shutdown_started" in sc.logs())
+                release.set()
+                body = await asyncio.wait_for(reader.readexactly(size), 5)
+                writer.write(b"GET /v1/invoke/billing/next HTTP/1.1\r\nHost: s\r\n\r\n")
+                rest = b"-"  # a reset would leave this
+                with contextlib.suppress(ConnectionResetError):
+                    rest = await asyncio.wait_for(reader.read(), 5)
+                forwarded = list(seen)
+                done.set()
+                held = await hold
+                writer.close()
+                code = await sc.wait_exit()
+            finally:
+                sc.kill()
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert (size, b"", [b"/download", b"/hold"]) == (len(body), rest, forwarded)
+        assert held.startswith(b"HTTP/1.1 200"), held
+        assert 0 == code
+
     async def test_pipelined_requests_waiting_for_an_app_that_does_not_read_at_shutdown(
         self, tmp_path: Path, upstreams: UpstreamFactory
     ) -> None:
@@ -397,6 +459,38 @@ class TestBrokenUpstream:
                 took = asyncio.get_running_loop().time() - started
         assert (502, "UPSTREAM_CONNECT_FAILED") == answer
         assert took < 1.0
+
+    async def test_an_http10_answer_cut_short_ends_with_a_reset(self, tmp_path: Path) -> None:
+        """An HTTP/1.0 app's answer has no length when the upstream's is chunked: it ends
+        with the connection. When the upstream dies mid-body, the app's read fails with a
+        reset; an end of stream would make the truncated 200 look complete."""
+        cut = asyncio.Event()
+
+        async def dies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n")
+            writer.write(b"z" * 4096 + b"\r\n")
+            await cut.wait()  # the app has the head and those bytes
+            writer.transport.abort()
+
+        async with raw_upstream(dies) as endpoint:
+            cfg = {"endpoints": [endpoint], "retries": {"max": 0}}
+            async with running_sidecar(tmp_path, {"billing": cfg}) as sc:
+                reader, writer = await asyncio.open_connection("127.0.0.1", sc.app_port)
+                try:
+                    writer.write(b"GET /v1/invoke/billing/x HTTP/1.0\r\n\r\n")
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                    body = await asyncio.wait_for(reader.readexactly(4096), 5)
+                    cut.set()
+                    with pytest.raises(ConnectionResetError):
+                        await asyncio.wait_for(reader.read(), 5)
+                finally:
+                    writer.close()
+                    with contextlib.suppress(ConnectionError):
+                        await writer.wait_closed()
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert b"z" * 4096 == body
+        assert b"content-length" not in head.lower()
 
     async def test_a_status_code_under_100_is_no_answer(self, tmp_path: Path) -> None:
         """`HTTP/1.1 000 Zero` (llhttp accepts any three digits) is as bad as garbage: 502
