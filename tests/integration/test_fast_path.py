@@ -17,6 +17,7 @@ import contextlib
 import gc
 import json
 import re
+import socket
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -654,8 +655,12 @@ class _Transport:
         self.out = bytearray()
         self.eof = False  # half-closed
         self.closed = False
+        self.aborted = False
+        self.sock: socket.socket | None = None
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return self.sock
         return ("127.0.0.1", 40000) if name == "peername" else default
 
     def write(self, data: bytes) -> None:
@@ -684,6 +689,9 @@ class _Transport:
 
     def close(self) -> None:
         self.closed = True
+
+    def abort(self) -> None:
+        self.closed = self.aborted = True
 
 
 class TestPipelinedSelfAnswers:
@@ -730,6 +738,30 @@ class TestPipelinedSelfAnswers:
             down.connection_lost(None)
         assert (1, 1) == (answered, transport.out.count(b"HTTP/1.1 404 "))
         assert (True, False) == (transport.eof, down.busy)
+
+    async def test_ending_a_connection_whose_socket_is_already_gone_raises_nothing(
+        self, rig: RigFactory
+    ) -> None:
+        """The stdlib event loop's transport still hands out its socket after it closed,
+        with file descriptor -1. Deciding how to close after an answer asks that socket
+        whether the app sent more; that raised ValueError, and the request ended as a
+        bug (`request_failed_unexpectedly`, the connection aborted)."""
+        r = await rig()
+        down = r.proxy.protocol(None)
+        transport = _Transport()
+        transport.sock = socket.socket()
+        transport.sock.close()
+        down.connection_made(cast(asyncio.Transport, transport))
+        try:
+            with structlog.testing.capture_logs() as logs:
+                down.data_received(
+                    b"GET /v1/invoke/nobody/x HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n"
+                )
+                await until("its task ended", lambda: down.task is None)
+        finally:
+            down.connection_lost(None)
+        assert [] == [e for e in logs if e["log_level"] == "error"]
+        assert (True, False) == (transport.eof, transport.aborted)
 
     async def test_a_lingering_close_closes_when_its_timer_fires_a_little_early(
         self, rig: RigFactory
