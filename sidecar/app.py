@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -317,6 +317,15 @@ class Sidecar:
             hot_path=hot_path_build(),
         )
 
+    async def _unless_forced(self, work: Coroutine[Any, Any, None], within: float) -> None:
+        """Wait for `work` up to `within` seconds, or until a second signal forces the
+        stop; then cancel it."""
+        waiter = asyncio.ensure_future(work)
+        hurry = asyncio.ensure_future(self.lifecycle.force.wait())
+        await asyncio.wait((waiter, hurry), timeout=max(within, 0), return_when="FIRST_COMPLETED")
+        waiter.cancel()
+        hurry.cancel()
+
     async def shutdown(self) -> None:
         """The ordered, time-boxed stop; safe to call after a failed start."""
         loop = asyncio.get_running_loop()
@@ -346,13 +355,7 @@ class Sidecar:
         self.proxy.start_closing()
         remaining = config.grace - (loop.time() - began)
         if self.proxy.active and not lifecycle.force.is_set():
-            waiter = asyncio.ensure_future(self.proxy.wait_idle())
-            hurry = asyncio.ensure_future(lifecycle.force.wait())
-            await asyncio.wait(
-                (waiter, hurry), timeout=max(remaining, 0), return_when="FIRST_COMPLETED"
-            )
-            waiter.cancel()
-            hurry.cancel()
+            await self._unless_forced(self.proxy.wait_idle(), remaining)
         if self.proxy.active:
             forced = lifecycle.force.is_set()
             event = "shutdown_forced_abort" if forced else "shutdown_grace_exceeded"
@@ -361,13 +364,7 @@ class Sidecar:
             # Answers made but not yet written to apps that read slowly, and lingering
             # closes: they end within the grace, not cut off by the aborts below.
             remaining = config.grace - (loop.time() - began)
-            waiter = asyncio.ensure_future(self.proxy.wait_ended())
-            hurry = asyncio.ensure_future(lifecycle.force.wait())
-            await asyncio.wait(
-                (waiter, hurry), timeout=max(remaining, 0), return_when="FIRST_COMPLETED"
-            )
-            waiter.cancel()
-            hurry.cancel()
+            await self._unless_forced(self.proxy.wait_ended(), remaining)
             if self.proxy.ending():
                 log.warning("shutdown_connections_cut", connections=self.proxy.ending())
             if self.proxy.active:  # not expected: nothing is served once closing

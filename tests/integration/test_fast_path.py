@@ -20,7 +20,7 @@ import re
 import socket
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, cast
@@ -694,6 +694,18 @@ class _Transport:
         self.closed = self.aborted = True
 
 
+@contextlib.contextmanager
+def _app_connection(proxy: Proxy) -> Iterator[tuple[DownstreamProtocol, _Transport]]:
+    """An app connection of `proxy` on a `_Transport`; lost when the block ends."""
+    down = proxy.protocol(None)
+    transport = _Transport()
+    down.connection_made(cast(asyncio.Transport, transport))
+    try:
+        yield down, transport
+    finally:
+        down.connection_lost(None)
+
+
 class TestPipelinedSelfAnswers:
     async def test_answers_the_sidecar_makes_itself_take_turns_with_other_connections(
         self, rig: RigFactory
@@ -703,17 +715,12 @@ class TestPipelinedSelfAnswers:
         are served in between; it used to answer them all in one turn, holding the loop
         (a long pipeline stalled every connection for most of a second)."""
         r = await rig()
-        down = r.proxy.protocol(None)
-        transport = _Transport()
-        down.connection_made(cast(asyncio.Transport, transport))
-        try:
+        with _app_connection(r.proxy) as (down, transport):
             down.data_received(b"GET /v1/invoke/nobody/x HTTP/1.1\r\nHost: s\r\n\r\n" * 100)
             for _ in range(3):
                 await asyncio.sleep(0)
             early = transport.out.count(b"HTTP/1.1 404 ")
             await until("all answered", lambda: transport.out.count(b"HTTP/1.1 404 ") == 100)
-        finally:
-            down.connection_lost(None)
         assert 0 < early <= 3
         await r.settled()
 
@@ -725,17 +732,12 @@ class TestPipelinedSelfAnswers:
         answer that closes, and the connection ends with a lingering close after the
         answers already made."""
         r = await rig()
-        down = r.proxy.protocol(None)
-        transport = _Transport()
-        down.connection_made(cast(asyncio.Transport, transport))
-        try:
+        with _app_connection(r.proxy) as (down, transport):
             down.data_received(b"GET /v1/invoke/nobody/x HTTP/1.1\r\nHost: s\r\n\r\n" * 5)
             await asyncio.sleep(0)  # the task's first step: one answer, then a turn
             answered = transport.out.count(b"HTTP/1.1 404 ")
             r.proxy.start_closing()
             await until("its task ended", lambda: down.task is None)
-        finally:
-            down.connection_lost(None)
         assert (1, 1) == (answered, transport.out.count(b"HTTP/1.1 404 "))
         assert (True, False) == (transport.eof, down.busy)
 
@@ -747,19 +749,14 @@ class TestPipelinedSelfAnswers:
         whether the app sent more; that raised ValueError, and the request ended as a
         bug (`request_failed_unexpectedly`, the connection aborted)."""
         r = await rig()
-        down = r.proxy.protocol(None)
-        transport = _Transport()
-        transport.sock = socket.socket()
-        transport.sock.close()
-        down.connection_made(cast(asyncio.Transport, transport))
-        try:
+        with _app_connection(r.proxy) as (down, transport):
+            transport.sock = socket.socket()
+            transport.sock.close()
             with structlog.testing.capture_logs() as logs:
                 down.data_received(
                     b"GET /v1/invoke/nobody/x HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n"
                 )
                 await until("its task ended", lambda: down.task is None)
-        finally:
-            down.connection_lost(None)
         assert [] == [e for e in logs if e["log_level"] == "error"]
         assert (True, False) == (transport.eof, transport.aborted)
 
@@ -771,10 +768,7 @@ class TestPipelinedSelfAnswers:
         wait another LINGER). Input that came since puts the close LINGER after it."""
         r = await rig()
         loop = asyncio.get_running_loop()
-        down = r.proxy.protocol(None)
-        transport = _Transport()
-        down.connection_made(cast(asyncio.Transport, transport))
-        try:
+        with _app_connection(r.proxy) as (down, transport):
             down._linger()
             assert down.linger_timer is not None
             down.linger_timer.cancel()
@@ -785,8 +779,6 @@ class TestPipelinedSelfAnswers:
             down.linger_timer.cancel()
             down.last_active = time.monotonic() - LINGER + 0.001
             down._linger_end()  # fired 1 ms early
-        finally:
-            down.connection_lost(None)
         assert (True, True) == (transport.eof, transport.closed)
         assert LINGER - 0.5 < again_in <= LINGER - 0.4 + 0.01
 
