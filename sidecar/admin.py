@@ -422,9 +422,7 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         transport.write_eof()
-        if self.idle is not None:
-            self.idle.cancel()
-        self.idle = asyncio.get_running_loop().call_later(LINGER_S, transport.abort)
+        self._set_idle(LINGER_S, transport.abort)
 
     def _close(self) -> None:
         """Close once what is written has gone out; cut it if the client does not read
@@ -434,11 +432,7 @@ class _Connection(asyncio.Protocol):
             return
         transport.close()
         if transport.get_write_buffer_size():
-            if self.idle is not None:
-                self.idle.cancel()
-            self.idle = asyncio.get_running_loop().call_later(
-                self.server.keepalive_s, transport.abort
-            )
+            self._set_idle(self.server.keepalive_s, transport.abort)
 
     def data_received(self, data: bytes) -> None:
         if self.ended:
@@ -619,9 +613,13 @@ class _Connection(asyncio.Protocol):
             self._close()
 
     def _arm_idle(self) -> None:
+        self._set_idle(self.server.keepalive_s, self._expire)
+
+    def _set_idle(self, delay: float, then: Callable[[], object]) -> None:
+        """The connection's one timer, replacing any other: `then` after `delay`."""
         if self.idle is not None:
             self.idle.cancel()
-        self.idle = asyncio.get_running_loop().call_later(self.server.keepalive_s, self._expire)
+        self.idle = asyncio.get_running_loop().call_later(delay, then)
 
     def _expire(self) -> None:
         self.idle = None

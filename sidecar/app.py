@@ -365,8 +365,8 @@ class Sidecar:
             # closes: they end within the grace, not cut off by the aborts below.
             remaining = config.grace - (loop.time() - began)
             await self._unless_forced(self.proxy.wait_ended(), remaining)
-            if self.proxy.ending():
-                log.warning("shutdown_connections_cut", connections=self.proxy.ending())
+            if cut := self.proxy.ending():
+                log.warning("shutdown_connections_cut", connections=cut)
             if self.proxy.active:  # not expected: nothing is served once closing
                 log.warning("shutdown_grace_exceeded", aborted_requests=self.proxy.active)
         self.proxy.abort_all()

@@ -99,7 +99,7 @@ _VERSIONS = frozenset(("1.1", "1.0"))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNK_END = b"0\r\n\r\n"
 _CRLF = b"\r\n"
-#: SO_LINGER on, 0 s: closing the socket sends a reset (see DownstreamProtocol.reset).
+#: SO_LINGER on, 0 s: closing the socket sends a reset (see DownstreamProtocol.cut).
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 #: Methods whose `Max-Forwards` the sidecar honours (RFC 9110 §7.6.2).
 _MAX_FORWARDS_METHODS = frozenset((b"TRACE", b"OPTIONS"))
@@ -1143,9 +1143,9 @@ class DownstreamProtocol(asyncio.Protocol):
             transport.resume_reading()
         if transport.can_write_eof():
             transport.write_eof()
-        # resume_writing tells once every byte is handed to the kernel.
-        transport.set_write_buffer_limits(0, 0)
-        if not transport.get_write_buffer_size():
+        if self.unflushed():
+            self.watch_flush()  # resume_writing arms it
+        else:
             self._linger_arm()
 
     def _linger_arm(self) -> None:
@@ -1236,13 +1236,9 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def finish(self) -> None:
         """Shutdown's last word: close when no request is in flight and every answer is
-        handed to the kernel (it goes on sending them after the exit), else abort."""
+        handed to the kernel (it goes on sending them after the exit), else cut."""
         if self.unflushed() or (self.busy and not self.lingering):
-            ex = self.exchange
-            if ex is not None and ex.close_delimited:
-                self.reset()
-            else:
-                self.abort()
+            self.cut()
         else:
             self.close()
 
@@ -1255,13 +1251,15 @@ class DownstreamProtocol(asyncio.Protocol):
             self.transport.abort()
         self.closed = True
 
-    def reset(self) -> None:
-        """Abort with a TCP reset. An answer that ends with the connection (HTTP/1.0,
-        no length) and is cut short would look complete to the app if the connection
-        just ended (uvloop's abort only closes the socket: the app reads an end of
-        stream); a reset makes the app's read fail."""
+    def cut(self) -> None:
+        """Abort with the answer in progress cut short. One that ends with the connection
+        (HTTP/1.0, no length) would look complete to the app if the connection just
+        ended (uvloop's abort only closes the socket: the app reads an end of stream):
+        that one ends with a TCP reset, which makes the app's read fail. Any other
+        answer's framing tells the app it is cut."""
         transport = self.transport
-        if transport is not None and not self.closed:
+        ex = self.exchange
+        if transport is not None and not self.closed and ex is not None and ex.close_delimited:
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 with contextlib.suppress(OSError, ValueError):
@@ -1336,7 +1334,7 @@ class Exchange:
         self.keep = False
         self.downstream_chunked = False
         # The answer to the app ends with the connection (HTTP/1.0, no length): cut
-        # short, it must end with a reset, not look complete (see `DownstreamProtocol.reset`).
+        # short, it must end with a reset, not look complete (see `DownstreamProtocol.cut`).
         self.close_delimited = False
         self.interim = False  # a 1xx reached the app: no attempt may follow
         self.stalled = False  # the app stopped sending its body (body_timeout)
@@ -1648,10 +1646,7 @@ class Exchange:
         if result == _CUT:
             up.count(self.status)
             self.keep = False
-            if self.close_delimited:
-                self.down.reset()
-            else:
-                self.down.abort()  # its framing tells the app it is cut
+            self.down.cut()
             trace = self.req.trace
             if trace is not None and trace.span is not None:
                 # The app got a head and part of a body: serving it failed, whatever

@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from tests.doubles.consul import ConsulDouble, RecordedRequest
-from tests.integration.harness import Sidecar, poll_json, serve
+from tests.integration.harness import Sidecar, eventually, poll_json, serve
 
 #: The app's health probe: often enough that a test sees a change within a second.
 INTERVAL = "200ms"
@@ -134,13 +134,8 @@ def endpoints_of(status: Mapping[str, Any], upstream: str) -> list[str]:
     return sorted(str(e["address"]) for e in entry["endpoints"])
 
 
-async def wait_until(what: str, done: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll `done()` (state of the double or an app in this process) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout}s")
-        await asyncio.sleep(0.01)
+#: Poll state of the double or an app in this process until it holds.
+wait_until = eventually
 
 
 class Fleet:

@@ -210,6 +210,14 @@ class ResponseCounter:
         self.statuses.add(self.parser.get_status_code())
 
 
+def connect_reader(sock: socket.socket, port: int, rcvbuf: int) -> None:
+    """Connect `sock` to 127.0.0.1:port as an app whose receive buffer is `rcvbuf` bytes
+    (a small one makes a slow reader), non-blocking for the loop's `sock_*` calls."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+
+
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 

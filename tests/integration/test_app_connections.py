@@ -18,6 +18,7 @@ from tests.integration.conftest import UpstreamFactory
 from tests.integration.harness import (
     ResponseCounter,
     billing_sidecar,
+    connect_reader,
     eventually,
     raw_responses,
     raw_until_close,
@@ -240,9 +241,7 @@ class TestPipelineBackPressure:
         batch = request * 32
         async with billing_sidecar(tmp_path, billing.endpoint) as sc:
             sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-            sock.connect(("127.0.0.1", sc.app_port))
-            sock.setblocking(False)
+            connect_reader(sock, sc.app_port, 65536)
             answers = ResponseCounter()
             try:
                 before = sc.rss_kib() // 1024
@@ -290,9 +289,7 @@ class TestPipelineBackPressure:
         size = 2_000_000
         async with billing_sidecar(tmp_path, billing.endpoint) as sc:
             sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect(("127.0.0.1", sc.app_port))
-            sock.setblocking(False)
+            connect_reader(sock, sc.app_port, 4096)
             loop = asyncio.get_running_loop()
             try:
                 await loop.sock_sendall(

@@ -25,6 +25,7 @@ from tests.integration.harness import (
     ResponseCounter,
     Sidecar,
     billing_sidecar,
+    connect_reader,
     eventually,
     poll_json,
     raw_responses,
@@ -179,9 +180,7 @@ class TestLifecycle:
         sock = socket.socket()
         try:
             await sc.wait_ready()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect(("127.0.0.1", sc.app_port))
-            sock.setblocking(False)
+            connect_reader(sock, sc.app_port, 4096)
             loop = asyncio.get_running_loop()
             await loop.sock_sendall(
                 sock, b"GET /v1/invoke/billing/download?size=%d HTTP/1.1\r\nHost: s\r\n\r\n" % size
@@ -283,9 +282,7 @@ class TestLifecycle:
         counted = ResponseCounter()
         try:
             await sc.wait_ready()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-            sock.connect(("127.0.0.1", sc.app_port))
-            sock.setblocking(False)
+            connect_reader(sock, sc.app_port, 65536)
             loop = asyncio.get_running_loop()
             # Send until the sidecar stops reading (the app's sends block).
             with contextlib.suppress(TimeoutError):
