@@ -39,6 +39,9 @@ HOT = (
     "sidecar/proxy/resilience.py",
     "sidecar/proxy/upstream.py",
     "sidecar/proxy/server.py",
+    # Every request begins a trace context and counts in the metrics.
+    "sidecar/telemetry/tracing.py",
+    "sidecar/telemetry/metrics.py",
 )
 #: The shared library's module (`sidecar/proxy/_hot__mypyc...so`), inside the package
 #: so it is found wherever the package is installed.
@@ -47,9 +50,9 @@ GROUP = "sidecar.proxy._hot"
 
 def built(root: Path) -> list[Path]:
     """The compiled files of the hot path under `root`."""
-    proxy = root / "sidecar" / "proxy"
-    stems = [Path(name).stem for name in HOT] + ["_hot__mypyc"]
-    return sorted(path for stem in stems for path in proxy.glob(f"{stem}.*.so"))
+    stems = [root / Path(name).with_suffix("") for name in HOT]
+    stems.append(root / "sidecar" / "proxy" / "_hot__mypyc")
+    return sorted(path for stem in stems for path in stem.parent.glob(f"{stem.name}.*.so"))
 
 
 def clean(root: Path) -> None:

@@ -399,7 +399,7 @@ class SpanQueue:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._stop_by = math.inf  # monotonic deadline of the final flush
-        self._thread: threading.Thread | None = None
+        self._exporter: threading.Thread | None = None
         self.exported = 0
         self.dropped_full = 0
         self.failed = 0
@@ -430,9 +430,9 @@ class SpanQueue:
             self._wake.set()
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
-            self._thread.start()
+        if self._exporter is None:
+            self._exporter = threading.Thread(target=self._run, name="span-export", daemon=True)
+            self._exporter.start()
 
     def _run(self) -> None:
         delay = self.config.schedule_delay
@@ -551,7 +551,7 @@ class SpanQueue:
         exported, failed = self.exported, self.failed  # before anything can move them
         deadline = time.monotonic() + timeout
         self._stop_by = deadline
-        thread = self._thread
+        thread = self._exporter
         if thread is None:
             self._drain()
         else:
@@ -565,7 +565,7 @@ class SpanQueue:
             self.transport.close()
         elif self.exporter is not None:
             self.exporter.shutdown()
-        self._thread = None
+        self._exporter = None
         log.info(
             "tracing_stopped",
             flushed=self.exported - exported,  # exported by this final flush

@@ -22,7 +22,8 @@ from tests.integration.harness import HOT_PATH_ENV, running_sidecar
 
 REPO = Path(__file__).resolve().parents[2]
 #: The proxy's integration tests: routing, failures and retries, early answers, HTTP
-#: conformance, app-connection limits, header hygiene, streaming and drain, tunnels.
+#: conformance, app-connection limits, header hygiene, streaming and drain, tunnels;
+#: tracing and metrics, whose modules are compiled too.
 PROXY_TESTS = (
     "test_routing.py",
     "test_failures.py",
@@ -32,6 +33,19 @@ PROXY_TESTS = (
     "test_proxy_headers.py",
     "test_streaming_and_lifecycle.py",
     "test_websocket.py",
+    "test_tracing.py",
+    "test_metrics.py",
+)
+#: The compiled modules, as imported.
+COMPILED = (
+    "sidecar.proxy.balancer",
+    "sidecar.proxy.forward",
+    "sidecar.proxy.headers",
+    "sidecar.proxy.resilience",
+    "sidecar.proxy.server",
+    "sidecar.proxy.upstream",
+    "sidecar.telemetry.tracing",
+    "sidecar.telemetry.metrics",
 )
 
 needs_compiler = pytest.mark.skipif(
@@ -69,14 +83,18 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @needs_compiler
 def test_the_copy_imports_the_compiled_modules(compiled: Path) -> None:
     probe = (
-        "from sidecar.proxy import balancer, forward, headers, resilience, server, upstream\n"
-        "print(server.hot_path_build(), *(m.__file__.endswith('.so') for m in "
-        "(balancer, forward, headers, resilience, server, upstream)))"
+        "import importlib\n"
+        "from sidecar.proxy import server\n"
+        f"names = {COMPILED!r}\n"
+        "print(server.hot_path_build(), *(importlib.import_module(n).__file__ for n in names))"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], cwd=compiled, capture_output=True, text=True, check=True
     )
-    assert "compiled True True True True True True" == done.stdout.strip()
+    build, *files = done.stdout.split()
+    assert build == "compiled"
+    assert [Path(f).name.split(".")[0] for f in files] == [n.rsplit(".", 1)[1] for n in COMPILED]
+    assert all(f.endswith(".so") for f in files), files
 
 
 @needs_compiler

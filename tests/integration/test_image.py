@@ -207,13 +207,19 @@ class TestImageVenv:
         """The builder ran scripts/compile.py on the installed package: every hot-path
         module has its C extension (and its source, kept for tracebacks), built for the
         image's Python."""
-        proxy = image.site_packages / "sidecar" / "proxy"
+        package = image.site_packages
         compile_script = runpy.run_path(str(ROOT / "scripts" / "compile.py"))
         hot: tuple[str, ...] = compile_script["HOT"]
         suffix = sysconfig.get_config_var("EXT_SUFFIX")  # the image's Python is this one
-        expected = sorted([*(f"{Path(name).stem}{suffix}" for name in hot), f"_hot__mypyc{suffix}"])
-        assert expected == sorted(p.name for p in proxy.glob("*.so"))
-        assert all((proxy / Path(name).name).exists() for name in hot)
+        expected = sorted(
+            [
+                *(f"{Path(name).with_suffix('')}{suffix}" for name in hot),
+                f"sidecar/proxy/_hot__mypyc{suffix}",
+            ]
+        )
+        built = package.glob("sidecar/**/*.so")
+        assert expected == sorted(str(p.relative_to(package)) for p in built)
+        assert all((package / name).exists() for name in hot)
 
     def test_holds_exactly_the_locked_packages_and_the_project(self, image: ImageBuild) -> None:
         """The venv holds the project and exactly the lock's packages at the lock's

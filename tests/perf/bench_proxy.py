@@ -27,6 +27,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 NGINX = "/usr/sbin/nginx"
 HAPROXY = "/usr/sbin/haproxy"
@@ -57,6 +59,12 @@ SIDECARS: dict[str, dict[str, object] | None] = {
 MINIMAL = Path(__file__).with_name("minimal_forwarder.py")
 TARGETS = ("direct", "haproxy", "minimal", *SIDECARS)
 WARMUP_S = 1
+#: The open-loop load generator (wrk is closed-loop: see `open_tails`), built with cc.
+OPENLOOP_SRC = Path(__file__).with_name("openloop.c")
+#: Open-loop tails: requests due at this share of the traced sidecar's closed-loop
+#: throughput at 32 connections, the same rate for every target, in this many rounds.
+OPEN_LOOP_LOAD = 0.5
+OPEN_LOOP_ROUNDS = 3
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
 #: The hot-path issue's targets (with tracing configured at ratio 0.01, they apply to
@@ -66,6 +74,8 @@ TARGETS_SPEC = {
     "ratio_vs_minimal_forwarder_c32_min": 0.7,
     "added_p50_us_c1_max": 60,
     "p99_vs_haproxy_c32_max": 1.3,
+    # The same bound at the same offered load (open loop, see open_tails).
+    "p99_vs_haproxy_open_c32_max": 1.3,
     "rss_mb_max": 45,
 }
 
@@ -87,6 +97,18 @@ class WrkResult:
     errors: int
     non_2xx: int
     socket_errors: int
+
+
+@dataclass(frozen=True)
+class OpenLoopResult:
+    """One run of openloop.c: latencies in microseconds from when each request was due."""
+
+    rate: float
+    p50_us: float
+    p99_us: float
+    p999_us: float
+    errors: int
+    late_sends: int
 
 
 def log(message: str) -> None:
@@ -313,6 +335,48 @@ def run_wrk(port: int, connections: int, duration_s: int, script: Path | None = 
     return parse_wrk(done.stdout)
 
 
+def build_openloop(workdir: Path) -> Path:
+    """tests/perf/openloop.c compiled into `workdir`."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise BenchError("a C compiler is needed to build tests/perf/openloop.c (Debian: gcc)")
+    binary = workdir / "openloop"
+    done = subprocess.run(
+        [cc, "-O2", "-o", str(binary), str(OPENLOOP_SRC)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"cannot build {OPENLOOP_SRC.name}:\n{done.stderr}")
+    return binary
+
+
+def run_open_loop(
+    binary: Path, port: int, connections: int, rate: float, duration_s: int
+) -> OpenLoopResult:
+    """Requests due at `rate` per second for `duration_s` (after a counted-out second)."""
+    argv = [str(binary), "-c", str(connections), "-r", str(rate), "-d", str(duration_s)]
+    done = subprocess.run(
+        [*argv, "-w", str(WARMUP_S), "127.0.0.1", str(port), "/"],
+        capture_output=True,
+        text=True,
+        timeout=duration_s + WARMUP_S + 30,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"openloop exited with status {done.returncode}:\n{done.stderr}")
+    out = json.loads(done.stdout)
+    return OpenLoopResult(
+        rate=out["rate"],
+        p50_us=out["p50_us"],
+        p99_us=out["p99_us"],
+        p999_us=out["p999_us"],
+        errors=out["errors"],
+        late_sends=out["late_sends"],
+    )
+
+
 def cpu_s(pid: int) -> float:
     """CPU seconds (user + system, every thread) pid has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -341,9 +405,13 @@ def versions() -> dict[str, str]:
 
 
 def judge(
-    results: dict[str, dict[str, WrkResult]], target: str, rss_mb: float
+    results: dict[str, dict[str, WrkResult]],
+    target: str,
+    rss_mb: float,
+    open_loop: dict[str, Any] | None = None,
 ) -> tuple[dict[str, float], dict[str, bool]]:
-    """The issue's measures of one sidecar target, and whether each meets TARGETS_SPEC."""
+    """The issue's measures of one sidecar target, and whether each meets TARGETS_SPEC
+    (`open_loop`: the open-loop tails, `open_tails`)."""
     c1, c32 = results["c1"], results["c32"]
     spec = TARGETS_SPEC
     measured = {
@@ -362,6 +430,9 @@ def judge(
         "p99_vs_haproxy_c32": measured["p99_vs_haproxy_c32"] <= spec["p99_vs_haproxy_c32_max"],
         "rss_mb": rss_mb <= spec["rss_mb_max"],
     }
+    if open_loop is not None:
+        ratio = measured["p99_vs_haproxy_open_c32"] = open_loop["p99_vs_haproxy"][target]
+        meets["p99_vs_haproxy_open_c32"] = ratio <= spec["p99_vs_haproxy_open_c32_max"]
     return measured, meets
 
 
@@ -372,8 +443,10 @@ def summarize(  # noqa: PLR0917 - the report of one run, all of it
     cpu_us: dict[str, float],
     compiled_rss: tuple[float, float] | None = None,
     previous_traced: bool = False,
+    open_rounds: list[dict[str, OpenLoopResult]] | None = None,
 ) -> dict[str, object]:
     c1 = results["c1"]
+    open_loop = open_tails(open_rounds) if open_rounds else None
     ratio = {c: round(r["sidecar"].rps / r["haproxy"].rps, 3) for c, r in results.items()}
     c32 = results["c32"]
     ratios = {name: round(c32[name].rps / c32["haproxy"].rps, 3) for name in SIDECARS}
@@ -403,13 +476,15 @@ def summarize(  # noqa: PLR0917 - the report of one run, all of it
             targets["off_vs_previous_min"] = 0.97
     added = {t: round(c1[t].p50_us - c1["direct"].p50_us, 1) for t in ("haproxy", "sidecar")}
     spec = TARGETS_SPEC
-    measured, meets = judge(results, "sidecar_trace_0.01", rss[0])
+    measured, meets = judge(results, "sidecar_trace_0.01", rss[0], open_loop)
     p99_vs_haproxy = measured["p99_vs_haproxy_c32"]
     flagged = [f"{c}/{t}" for c, row in results.items() for t, res in row.items() if res.errors]
+    if open_loop is not None:
+        flagged += [f"open/{t}" for t, errors in open_loop["errors"].items() if errors]
     compiled: dict[str, object] = {}
     if compiled_rss is not None:
         # The optional mypyc build (scripts/compile.py), tracing at 0.01 like the target.
-        measured_c, meets_c = judge(results, "sidecar_compiled", compiled_rss[0])
+        measured_c, meets_c = judge(results, "sidecar_compiled", compiled_rss[0], open_loop)
         compiled = {
             "compiled": {
                 "measured": measured_c,
@@ -431,6 +506,7 @@ def summarize(  # noqa: PLR0917 - the report of one run, all of it
             c: round(r["minimal"].rps / r["haproxy"].rps, 3) for c, r in results.items()
         },
         "tail_c32": tails(c32),
+        **({"open_loop_c32": open_loop} if open_loop is not None else {}),
         "tracing": tracing,
         "added_p50_us_c1": added,
         "sidecar_rss_mb": rss[0],
@@ -454,6 +530,38 @@ def tails(c32: dict[str, WrkResult]) -> dict[str, dict[str, float]]:
     return {
         "p99_vs_haproxy": {t: round(r.p99_us / haproxy, 2) for t, r in c32.items()},
         "p99_over_p50": {t: round(r.p99_us / r.p50_us, 2) for t, r in c32.items()},
+    }
+
+
+def open_tails(rounds: list[dict[str, OpenLoopResult]]) -> dict[str, Any]:
+    """Every target's latency at the same offered load, medians over the rounds.
+
+    wrk is closed-loop: each connection sends its next request when the last answer
+    arrives, so a slower proxy is offered less load and its p99 against HAProxy's
+    mostly measures throughput (see `tails`). openloop.c sends every target the same
+    requests at the same times (a fixed rate, 32 connections) and counts each
+    latency from when the request was due, so a target's p99 against HAProxy's is
+    how much longer it makes the same requests wait. The ratio is taken within each
+    round, where both ran in the same machine state.
+    """
+    names = list(rounds[0])
+
+    def median(values: Iterator[float]) -> float:
+        return round(statistics.median(values), 1)
+
+    return {
+        "rate_rps": rounds[0]["haproxy"].rate,
+        "rounds": len(rounds),
+        "p50_us": {t: median(r[t].p50_us for r in rounds) for t in names},
+        "p99_us": {t: median(r[t].p99_us for r in rounds) for t in names},
+        "p999_us": {t: median(r[t].p999_us for r in rounds) for t in names},
+        "p99_vs_haproxy": {
+            t: round(statistics.median(r[t].p99_us / r["haproxy"].p99_us for r in rounds), 2)
+            for t in names
+        },
+        "errors": {t: sum(r[t].errors for r in rounds) for t in names},
+        # Requests due when no connection was free: the target fell behind the rate.
+        "late_sends": {t: sum(r[t].late_sends for r in rounds) for t in names},
     }
 
 
@@ -485,6 +593,7 @@ def bench(
     nginx_port, haproxy_port = free_ports(2)
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
+        openloop = build_openloop(workdir)
         stack.enter_context(start_nginx(workdir, nginx_port))
         stack.enter_context(start_haproxy(workdir, haproxy_port, nginx_port))
         (minimal_port,) = free_ports(1)
@@ -529,9 +638,29 @@ def bench(
                     f"c{conns:<3} {target:18} {res.rps:>10.1f} rps"
                     f"  p50 {res.p50_us:>8.1f}us  p99 {res.p99_us:>9.1f}us{flag}"
                 )
+        # The same requests at the same times for every target (see open_tails); not
+        # the sidecar at 1.0, which could not keep up with the rate.
+        rate = round(OPEN_LOOP_LOAD * results["c32"]["sidecar_trace_0.01"].rps, -2)
+        open_rounds: list[dict[str, OpenLoopResult]] = []
+        for _ in range(OPEN_LOOP_ROUNDS):
+            row_open = {}
+            for target in targets:
+                if target == "sidecar_trace_1":
+                    continue
+                res_open = row_open[target] = run_open_loop(
+                    openloop, ports[target], CONNECTIONS[-1], rate, duration_s
+                )
+                flag = f"  <-- {res_open.errors} errors" if res_open.errors else ""
+                log(
+                    f"open {rate:>7.0f}/s {target:18} p50 {res_open.p50_us:>8.1f}us"
+                    f"  p99 {res_open.p99_us:>9.1f}us  p99.9 {res_open.p999_us:>9.1f}us{flag}"
+                )
+            open_rounds.append(row_open)
         rss = read_rss_mb(pids["sidecar"])
         compiled_rss = read_rss_mb(pids["sidecar_compiled"]) if compiled else None
-        return summarize(results, rss, duration_s, cpu_us, compiled_rss, previous_traced)
+        return summarize(
+            results, rss, duration_s, cpu_us, compiled_rss, previous_traced, open_rounds
+        )
 
 
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
