@@ -132,9 +132,10 @@ def serialize(headers: Headers) -> bytes:
 #
 # `request_head` and `response_fields` give exactly the bytes of the compositions above
 # (`request_headers` / `response_headers` + `rechunked_encoding`, then `serialize`), which
-# stay as the readable specification the tests hold them to. They lower-case each name
-# once and write `Name: value\r\n` pieces straight into one list, joined once: no
-# intermediate pair lists, no set per message.
+# stay as the readable specification the tests hold them to. They lower-case a name
+# only when its length is that of a name they treat specially, and write `Name:
+# value\r\n` pieces straight into one list, joined once: no intermediate pair lists,
+# no set per message.
 #
 # `Connection` is the one field that makes a field's fate depend on another, maybe later,
 # one. Its usual tokens (`keep-alive`, `upgrade`) name fields dropped anyway and those
@@ -150,11 +151,15 @@ _REQUEST_HARMLESS: frozenset[bytes] = _REQUEST_ONLY_DROP | PROTECTED | {b"close"
 _RESPONSE_HARMLESS: frozenset[bytes] = HOP_BY_HOP | PROTECTED | {b"close"}
 
 #: Every request field name the single pass treats specially; any other is copied as it
-#: is, after one set lookup.
+#: is, after a check of its length (below) or one set lookup.
 _REQUEST_SPECIAL: frozenset[bytes] = (
     _REQUEST_ONLY_DROP | _TRACE_CONTEXT | {b"close", b"host", b"x-forwarded-for"}
 )
 _RESPONSE_SPECIAL: frozenset[bytes] = HOP_BY_HOP | {b"close"}
+#: Their lengths: a field whose name has none of them is copied without lower-casing
+#: its name or looking it up (most fields: `Date`, `Server`, `Content-Type`, ...).
+_REQUEST_SPECIAL_LENGTHS: frozenset[int] = frozenset(len(n) for n in _REQUEST_SPECIAL)
+_RESPONSE_SPECIAL_LENGTHS: frozenset[int] = frozenset(len(n) for n in _RESPONSE_SPECIAL)
 
 _CHUNKED_FRAMING = b"Transfer-Encoding: chunked\r\n"
 #: Written again by the proxy for a tunnelled WebSocket handshake (the app's copies are
@@ -190,8 +195,7 @@ def request_head(
     xff = b""
     has_host = False
     for name, value in headers:
-        lname = name.lower()
-        if lname in _REQUEST_SPECIAL:
+        if len(name) in _REQUEST_SPECIAL_LENGTHS and (lname := name.lower()) in _REQUEST_SPECIAL:
             if lname in _REQUEST_ONLY_DROP:
                 # A lone token (`keep-alive`) is looked up as it is, without _tokens' set.
                 if lname == b"connection" and not (
@@ -248,8 +252,7 @@ def response_fields(headers: Headers, rechunk: bool) -> bytes:
     append = parts.append
     codings: bytes | None = None  # the first Transfer-Encoding, as rechunked_encoding reads
     for name, value in headers:
-        lname = name.lower()
-        if lname in _RESPONSE_SPECIAL:
+        if len(name) in _RESPONSE_SPECIAL_LENGTHS and (lname := name.lower()) in _RESPONSE_SPECIAL:
             if lname == b"transfer-encoding":
                 if codings is None:
                     codings = value

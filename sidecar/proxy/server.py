@@ -96,6 +96,21 @@ _UPGRADED = 7  # 101 relayed: the exchange became a tunnel
 _APP_STALLED = 8  # the app sent no body bytes for body_timeout
 
 _VERSIONS = frozenset(("1.1", "1.0"))
+#: The lengths of the request fields `on_headers_complete` reads (content-length,
+#: transfer-encoding, expect, host, idempotency-key, traceparent, tracestate): a field
+#: of any other length is passed by without lower-casing its name.
+_READ_LENGTHS = frozenset(
+    len(n)
+    for n in (
+        b"content-length",
+        b"transfer-encoding",
+        b"expect",
+        b"host",
+        b"idempotency-key",
+        b"traceparent",
+        b"tracestate",
+    )
+)
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNK_END = b"0\r\n\r\n"
 _CRLF = b"\r\n"
@@ -541,6 +556,8 @@ class DownstreamProtocol(asyncio.Protocol):
         size = len(req.target)
         for name, value in req.headers:
             size += len(name) + len(value)
+            if len(name) not in _READ_LENGTHS:
+                continue  # none of the fields read below (most fields)
             lname = name.lower()
             if lname == b"content-length":
                 req.content_length = length = value.strip()

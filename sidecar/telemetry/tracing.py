@@ -21,6 +21,7 @@ import re
 import sys
 import threading
 import time
+from binascii import hexlify
 from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -255,8 +256,13 @@ class Tracer:
             bits = rand(192)
             trace_id = bits >> 64 or 1
             if (trace_id & _LOW64) >= self.sampler.bound:
-                span_id = bits & _LOW64 or 1  # not recorded: only the next hop's parent id
-                header = b"00-%032x-%016x-00" % (trace_id, span_id)
+                span_id = bits & _LOW64  # not recorded: only the next hop's parent id
+                if span_id and bits >> 64:  # neither id is all zeros: the ids' 24 bytes
+                    # in hex, split after the trace id (a third of the cost of `%x`)
+                    header = b"00-%s-00" % hexlify(bits.to_bytes(24, "big"), b"-", -16)
+                else:
+                    span_id = span_id or 1
+                    header = b"00-%032x-%016x-00" % (trace_id, span_id)
                 return TraceContext(trace_id, span_id, header, None)
             return self._sampled(
                 name,

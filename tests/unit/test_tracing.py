@@ -183,6 +183,28 @@ class TestBegin:
         assert parsed[2] is False
         assert context.tracestate == ""  # an invalid traceparent invalidates tracestate
 
+    @pytest.mark.parametrize(
+        "bits",
+        [
+            0x0123456789ABCDEF_FEDCBA9876543210_0011223344556677,
+            0x00000000000000000000000000000001_0000000000000001,  # leading zeros in both
+            0x0123456789ABCDEF_FEDCBA9876543210_0000000000000000,  # span id all zeros
+            0x00000000000000000000000000000000_0011223344556677,  # trace id all zeros
+            0,
+            (1 << 192) - 1,
+        ],
+    )
+    def test_an_unsampled_roots_header_carries_its_ids_in_hex(self, bits: int) -> None:
+        """A new unsampled trace's header is `00-<trace id>-<span id>-00` in lower-case
+        hex, the ids those the context records, neither ever all zeros (W3C)."""
+        t, _ = tracer({"sampler_ratio": 0.0})
+        t._rand = lambda _: bits
+        context = t.begin(None, None, "GET", SERVER)
+        trace_id, span_id = (bits >> 64) or 1, (bits & ((1 << 64) - 1)) or 1
+        assert (context.trace_id, context.span_id) == (trace_id, span_id)
+        assert context.header == b"00-%032x-%016x-00" % (trace_id, span_id)
+        assert parse_traceparent(context.header) == (trace_id, span_id, False)
+
     def test_a_sampled_request_continues_the_callers_trace(self) -> None:
         """The SERVER span's parent is the caller's span; the header carries ours on."""
         t, _ = tracer()
