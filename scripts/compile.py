@@ -39,9 +39,11 @@ HOT = (
     "sidecar/proxy/resilience.py",
     "sidecar/proxy/upstream.py",
     "sidecar/proxy/server.py",
-    # Every request begins a trace context and counts in the metrics.
+    # Every request begins a trace context and counts in the metrics; a sampled one's
+    # spans are encoded on the event loop.
     "sidecar/telemetry/tracing.py",
     "sidecar/telemetry/metrics.py",
+    "sidecar/telemetry/otlp.py",
 )
 #: The shared library's module (`sidecar/proxy/_hot__mypyc...so`), inside the package
 #: so it is found wherever the package is installed.

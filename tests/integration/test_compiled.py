@@ -23,7 +23,7 @@ from tests.integration.harness import HOT_PATH_ENV, running_sidecar
 REPO = Path(__file__).resolve().parents[2]
 #: The proxy's integration tests: routing, failures and retries, early answers, HTTP
 #: conformance, app-connection limits, header hygiene, streaming and drain, tunnels;
-#: tracing and metrics, whose modules are compiled too.
+#: tracing (and its OTLP encoding) and metrics, whose modules are compiled too.
 PROXY_TESTS = (
     "test_routing.py",
     "test_failures.py",
@@ -46,6 +46,7 @@ COMPILED = (
     "sidecar.proxy.upstream",
     "sidecar.telemetry.tracing",
     "sidecar.telemetry.metrics",
+    "sidecar.telemetry.otlp",
 )
 
 needs_compiler = pytest.mark.skipif(
