@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -33,25 +34,32 @@ Behaviour = Callable[[int], str]
 
 @pytest.fixture(scope="module")
 def openloop(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built with AddressSanitizer and UBSan: any memory error or undefined behaviour
+    (a list overrun, a bad index) ends the run with an error status."""
     binary = tmp_path_factory.mktemp("openloop") / "openloop"
-    subprocess.run(["cc", "-O2", "-o", str(binary), str(SOURCE)], check=True)
+    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+    subprocess.run(["cc", "-O1", "-g", *sanitize, "-o", str(binary), str(SOURCE)], check=True)
     return binary
 
 
 @asynccontextmanager
 async def server(behaviour: Behaviour) -> AsyncIterator[int]:
     """An HTTP/1.1 keep-alive server on an ephemeral port, doing `behaviour(n)` to the
-    n-th request: "ok" (200), "fail" (500), "drop" (close without answering) or
-    "stall" (block the whole server 60 ms, then answer 200)."""
+    n-th request: "ok" (200), "fail" (500), "drop" (close without answering), "stall"
+    (block the whole server 60 ms, then answer 200), "close" (answer 200 with
+    `Connection: close`, and close) or "idle" (answer 200, then close the connection
+    once it has been idle 2 ms, unannounced, as a keep-alive timeout does)."""
     count = 0
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal count
+        action = "ok"
         try:
             while True:
                 try:
-                    await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
+                    head = reader.readuntil(b"\r\n\r\n")
+                    await (asyncio.wait_for(head, 0.002) if action == "idle" else head)
+                except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
                     return
                 count += 1
                 action = behaviour(count)
@@ -60,8 +68,11 @@ async def server(behaviour: Behaviour) -> AsyncIterator[int]:
                 if action == "stall":
                     time.sleep(0.06)  # noqa: ASYNC251 - the whole server stalls, on purpose
                 status = b"500 Internal Server Error" if action == "fail" else b"200 OK"
-                writer.write(b"HTTP/1.1 %s\r\nContent-Length: 2\r\n\r\nok" % status)
+                close = b"Connection: close\r\n" if action == "close" else b""
+                writer.write(b"HTTP/1.1 %s\r\n%sContent-Length: 2\r\n\r\nok" % (status, close))
                 await writer.drain()
+                if action == "close":
+                    return
         finally:
             writer.close()
 
@@ -73,15 +84,22 @@ async def server(behaviour: Behaviour) -> AsyncIterator[int]:
         await srv.wait_closed()
 
 
-async def load(openloop: Path, port: int) -> dict[str, float]:
+async def load(openloop: Path, port: int, rate: int = RATE, warmup: int = 0) -> dict[str, float]:
+    """Requests due at `rate` per second for SECONDS after `warmup` seconds, over 4
+    connections; every one of them is either answered or an error."""
     proc = await asyncio.create_subprocess_exec(
         str(openloop),
-        *("-c", "4", "-r", str(RATE), "-d", str(SECONDS), "-w", "0", "127.0.0.1", str(port), "/"),
+        *("-c", "4", "-r", str(rate), "-d", str(SECONDS), "-w", str(warmup)),
+        *("127.0.0.1", str(port), "/"),
         stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0"},  # its arrays live to the end
     )
-    out, _ = await asyncio.wait_for(proc.communicate(), SECONDS + 20)
-    assert proc.returncode == 0
+    out, err = await asyncio.wait_for(proc.communicate(), SECONDS + warmup + 20)
+    assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
     result: dict[str, float] = json.loads(out)
+    assert result["due"] == rate * SECONDS
+    assert result["answered"] + result["errors"] == result["due"]
     return result
 
 
@@ -107,3 +125,28 @@ async def test_a_connection_dropped_under_a_request_fails_it_and_is_replaced(
     async with server(lambda n: "drop" if n % 100 == 0 else "ok") as port:
         result = await load(openloop, port)
     assert (result["answered"], result["errors"]) == (DUE - DUE // 100, DUE // 100)
+
+
+async def test_a_connection_whose_answer_says_close_is_replaced(openloop: Path) -> None:
+    """`Connection: close` on every answer: the next request goes on a new connection,
+    never on the closing one, and each connection, counted once as idle, carries one
+    request at a time."""
+    async with server(lambda n: "close") as port:
+        result = await load(openloop, port, rate=500)
+    assert (result["answered"], result["errors"]) == (1000, 0)
+
+
+async def test_a_connection_closed_while_idle_is_replaced_without_a_failure(
+    openloop: Path,
+) -> None:
+    """A keep-alive timeout (unannounced, 2 ms after each answer; requests 20 ms apart)."""
+    async with server(lambda n: "idle") as port:
+        result = await load(openloop, port, rate=50)
+    assert (result["answered"], result["errors"], result["unsolicited"]) == (100, 0, 0)
+
+
+async def test_failures_in_the_warm_up_are_not_counted(openloop: Path) -> None:
+    """`-w 1`: requests due in the first second are sent, but not counted."""
+    async with server(lambda n: "fail" if n <= RATE // 2 else "ok") as port:
+        result = await load(openloop, port, warmup=1)
+    assert (result["answered"], result["errors"]) == (DUE, 0)
