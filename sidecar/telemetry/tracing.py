@@ -258,7 +258,7 @@ class Tracer:
             if (trace_id & _LOW64) >= self.sampler.bound:
                 span_id = bits & _LOW64  # not recorded: only the next hop's parent id
                 if span_id and bits >> 64:  # neither id is all zeros: the ids' 24 bytes
-                    # in hex, split after the trace id (a third of the cost of `%x`)
+                    # in hex, split after the trace id (about half the cost of two `%x`)
                     header = b"00-%s-00" % hexlify(bits.to_bytes(24, "big"), b"-", -16)
                 else:
                     span_id = span_id or 1
