@@ -656,7 +656,7 @@ def bench(
                 )
         # The same requests at the same times for every target (see open_tails); not
         # the sidecar at 1.0, which could not keep up with the rate.
-        rate = round(OPEN_LOOP_LOAD * results["c32"]["sidecar_trace_0.01"].rps, -2)
+        rate = max(100.0, round(OPEN_LOOP_LOAD * results["c32"]["sidecar_trace_0.01"].rps, -2))
         open_rounds: list[dict[str, OpenLoopResult]] = []
         for _ in range(OPEN_LOOP_ROUNDS):
             row_open = {}
