@@ -1154,7 +1154,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if transport is None or self.closed or self.lingering:
             return
         self.lingering = True
-        self.last_active = self.linger_since = time.monotonic()
+        self.linger_since = time.monotonic()  # last_active: from the answer's end (_linger_arm)
         if self.paused:
             self.paused = 0
             transport.resume_reading()
@@ -1188,9 +1188,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.closed:
             return
         if self.lingering:
-            transport = self.transport
-            unread = transport is not None and transport.get_write_buffer_size()
-            if unread and self.linger_since < idle_before:
+            if self.unflushed() and self.linger_since < idle_before:
                 self.abort()  # the app does not read its answer
             return
         if self.write_wait:

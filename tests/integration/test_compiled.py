@@ -10,6 +10,7 @@ build, which stays the default.
 from __future__ import annotations
 
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -36,17 +37,10 @@ PROXY_TESTS = (
     "test_tracing.py",
     "test_metrics.py",
 )
-#: The compiled modules, as imported.
-COMPILED = (
-    "sidecar.proxy.balancer",
-    "sidecar.proxy.forward",
-    "sidecar.proxy.headers",
-    "sidecar.proxy.resilience",
-    "sidecar.proxy.server",
-    "sidecar.proxy.upstream",
-    "sidecar.telemetry.tracing",
-    "sidecar.telemetry.metrics",
-    "sidecar.telemetry.otlp",
+#: The compiled modules, as imported: scripts/compile.py's HOT files.
+COMPILED = tuple(
+    name.removesuffix(".py").replace("/", ".")
+    for name in runpy.run_path(str(REPO / "scripts" / "compile.py"))["HOT"]
 )
 
 needs_compiler = pytest.mark.skipif(
