@@ -706,6 +706,16 @@ def _app_connection(proxy: Proxy) -> Iterator[tuple[DownstreamProtocol, _Transpo
         down.connection_lost(None)
 
 
+async def test_an_app_connection_keeps_its_state_in_slots(rig: RigFactory) -> None:
+    """No instance dict: with more than 30 attributes CPython 3.11 stops sharing a dict's
+    keys between instances, and every attribute read on the hot path got slower (5 %
+    fewer requests/s in plain Python when the class grew to 32)."""
+    r = await rig()
+    with _app_connection(r.proxy) as (down, _):
+        assert not hasattr(down, "__dict__")
+    await r.settled()
+
+
 class TestPipelinedSelfAnswers:
     async def test_answers_the_sidecar_makes_itself_take_turns_with_other_connections(
         self, rig: RigFactory
