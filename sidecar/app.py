@@ -1,7 +1,7 @@
 """Composition root: builds the sidecar from its config and owns start and stop order.
 
-Start: bind every listener → log each address → start Consul registration and
-discovery → ready (once registered and every upstream has its first answer).
+Start: raise the open-file limit → bind every listener → log each address → start
+Consul registration and discovery → ready (once registered and every upstream has its first answer).
 Stop (SIGTERM/SIGINT): not ready → deregister from Consul → keep serving for
 `shutdown.drain` → stop accepting → finish in-flight requests until
 `shutdown.grace` (counted from the signal) → stop evaluating alerts (their queued
@@ -25,6 +25,7 @@ from sidecar.discovery.base import Endpoint, Listener, Resolver
 from sidecar.discovery.static import StaticResolver
 from sidecar.errors import ConsulError, ErrorCode, ProxyError
 from sidecar.lifecycle import Lifecycle
+from sidecar.limits import LOW_OPEN_FILES, raise_open_file_limit
 from sidecar.proxy.server import Proxy, hot_path_build
 from sidecar.proxy.upstream import Upstream
 from sidecar.telemetry.logging import get_logger
@@ -128,6 +129,7 @@ class Sidecar:
         self._admin: AdminServer | None = None
         self.addresses: dict[str, str] = {}
         self.started = False
+        self.open_files = 0  # the soft open-file limit, once start() has raised it
 
     def all_upstreams(self) -> dict[str, Upstream]:
         """Configured upstreams plus those `allow_any_service` made on demand."""
@@ -232,6 +234,15 @@ class Sidecar:
             )
             for name in self.upstreams
         }
+        before, self.open_files = raise_open_file_limit()
+        if self.open_files < LOW_OPEN_FILES:
+            log.warning(
+                "open_file_limit_low",
+                limit=self.open_files,
+                raised_from=before,
+                app_connections_at_most=self.open_files // 2,
+                fix="raise the hard RLIMIT_NOFILE (ulimit -Hn) of the sidecar's container",
+            )
         self.proxy.start_sweeping()
         if self.events is not None:
             # Before the app listener: a publish must find the spool open (its sequence
@@ -315,6 +326,7 @@ class Sidecar:
             ready=readiness.ready,
             event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
             hot_path=hot_path_build(),
+            open_files=self.open_files,
         )
 
     async def _unless_forced(self, work: Coroutine[Any, Any, None], within: float) -> None:

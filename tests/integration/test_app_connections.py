@@ -1,11 +1,12 @@
 """Limits on the app's connections: idle and head timeouts, head size, pipelined bad requests,
-and the size of an upstream's response head."""
+the size of an upstream's response head, and the open-file limit."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import resource
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ import pytest
 from tests.integration.conftest import UpstreamFactory
 from tests.integration.harness import (
     ResponseCounter,
+    Sidecar,
     billing_sidecar,
     connect_reader,
     eventually,
@@ -537,3 +539,80 @@ async def _sidecar_with(tmp: Path, endpoint: str, **limits: object) -> AsyncIter
         tmp, {"billing": {"endpoints": [endpoint]}}, app_connections=limits
     ) as sc:
         yield sc.app_port
+
+
+@contextlib.asynccontextmanager
+async def _limited_sidecar(tmp_path: Path, upstream: str, nofile: str) -> AsyncIterator[Sidecar]:
+    """A sidecar started under `prlimit --nofile=SOFT:HARD`."""
+    sidecar = Sidecar(tmp_path, {"billing": {"endpoints": [upstream]}})
+    sidecar.command = ["prlimit", f"--nofile={nofile}", *sidecar.command]
+    sidecar.start()
+    try:
+        await sidecar.wait_ready()
+        yield sidecar
+    finally:
+        sidecar.kill()
+
+
+def _soft_nofile(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError(f"no 'Max open files' in /proc/{pid}/limits")
+
+
+class TestOpenFileLimit:
+    async def test_a_low_soft_limit_is_raised_and_every_app_connection_is_served(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """Started with a soft open-file limit of 256 under a hard 4096 (a container
+        runtime's usual 1024 under 524288, scaled down), the sidecar raises its soft limit
+        to 4096, says so, and 400 app connections open at once all get their answer; at
+        256, libuv would accept and at once close every one past the limit, unlogged."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < 2048 or hard < 4096:  # this test's own 800 sockets; prlimit's 4096
+            pytest.skip(f"needs an open-file limit of 2048 under 4096 here, not {soft}:{hard}")
+        billing = await upstreams("billing")
+        request = GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+        async with _limited_sidecar(tmp_path, billing.endpoint, "256:4096") as sidecar:
+            assert sidecar.proc is not None
+            assert 4096 == _soft_nofile(sidecar.proc.pid)
+            started = [e for e in sidecar.log_events() if e.get("event") == "started"]
+            assert 4096 == started[0]["open_files"]
+            assert not [e for e in sidecar.log_events() if e.get("event") == "open_file_limit_low"]
+            connections = [
+                await asyncio.open_connection("127.0.0.1", sidecar.app_port) for _ in range(400)
+            ]
+            try:
+                for _, writer in connections:
+                    writer.write(request)
+
+                async def answer(reader: asyncio.StreamReader) -> bytes:
+                    return (await _closed_within(reader, 15)).split(b"\r\n", 1)[0]
+
+                answers = await asyncio.gather(*(answer(reader) for reader, _ in connections))
+            finally:
+                for _, writer in connections:
+                    writer.close()
+            assert [b"HTTP/1.1 200 OK"] * 400 == answers
+
+    async def test_a_low_hard_limit_is_a_warning_naming_the_fix(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """A hard limit of 256 cannot be raised: the start warns how many app connections
+        that allows and what to change, and the sidecar still serves."""
+        billing = await upstreams("billing")
+        async with _limited_sidecar(tmp_path, billing.endpoint, "256:256") as sidecar:
+            warned = [e for e in sidecar.log_events() if e.get("event") == "open_file_limit_low"]
+            assert 1 == len(warned), sidecar.logs()
+            assert (256, 256, 128) == (
+                warned[0]["limit"],
+                warned[0]["raised_from"],
+                warned[0]["app_connections_at_most"],
+            )
+            assert "RLIMIT_NOFILE" in warned[0]["fix"]
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"{sidecar.url}/v1/invoke/billing/echo") as resp,
+            ):
+                assert 200 == resp.status
