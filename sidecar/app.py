@@ -240,7 +240,6 @@ class Sidecar:
                 "open_file_limit_low",
                 limit=self.open_files,
                 raised_from=before,
-                app_connections_at_most=self.open_files // 2,
                 fix="raise the hard RLIMIT_NOFILE (ulimit -Hn) of the sidecar's container",
             )
         self.proxy.start_sweeping()

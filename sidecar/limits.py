@@ -1,11 +1,11 @@
 """The process's open-file limit, raised at start to what the system allows.
 
-Every proxied request holds two descriptors (the app's connection and an upstream
-one), so the soft `RLIMIT_NOFILE` caps the app's concurrent connections at about
-half of it. Container runtimes and systemd commonly hand a process a soft limit of
-1024 under a far higher hard one (1024 exists for programs that use `select()`;
-the event loop uses epoll). Past the limit, libuv accepts each new app connection
-and closes it at once, and nothing is logged: the app sees its connection reset.
+A request in flight holds two descriptors (the app's connection and an upstream
+one; three while its body streams), so the soft `RLIMIT_NOFILE` caps the requests in
+flight at about half of it. Container runtimes and systemd commonly hand a process a
+soft limit of 1024 under a far higher hard one (1024 exists for programs that use
+`select()`; the event loop uses epoll). Past the limit, libuv accepts each new app
+connection and closes it at once, and nothing is logged.
 So the sidecar raises the soft limit to the hard one at start, as Go's runtime does
 (HAProxy sets its own from `maxconn`), and warns when even that is low.
 """
@@ -25,9 +25,9 @@ NR_OPEN_DEFAULT = 1 << 20
 MAX_OPEN_FILES = 1 << 20
 
 
-def _nr_open() -> int:
+def _nr_open(path: Path = Path("/proc/sys/fs/nr_open")) -> int:
     try:
-        return int(Path("/proc/sys/fs/nr_open").read_text())
+        return int(path.read_text())
     except (OSError, ValueError):
         return NR_OPEN_DEFAULT
 

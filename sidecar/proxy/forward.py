@@ -194,7 +194,12 @@ class UpstreamConnection(asyncio.Protocol):
         if self._spare < 0 and self.transport is not None:
             sock = self.transport.get_extra_info("socket")
             if sock is not None:
-                self._spare = os.dup(sock.fileno())
+                try:
+                    self._spare = os.dup(sock.fileno())
+                except OSError:
+                    # No descriptor left (the open-file limit): stream on without it;
+                    # only an early answer followed by a reset may then be lost.
+                    self._spare = -1
 
     def _read_spare(self) -> bool:
         """Parse what the kernel still holds after the loop gave up on the socket;

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import errno
 import fcntl
 import math
 import random
@@ -94,6 +95,10 @@ _CUT = 5  # response started but was cut short (upstream died, overall timeout)
 _CLIENT_GONE = 6  # the app closed its connection
 _UPGRADED = 7  # 101 relayed: the exchange became a tunnel
 _APP_STALLED = 8  # the app sent no body bytes for body_timeout
+_NO_DESCRIPTOR = 9  # the sidecar had no file descriptor (or buffer memory) to connect with
+
+#: connect() errors that are the sidecar's own shortage, not the endpoint's fault.
+_SHORTAGE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 _VERSIONS = frozenset(("1.1", "1.0"))
 #: The lengths of the request fields `on_headers_complete` reads (content-length,
@@ -1646,8 +1651,11 @@ class Exchange:
                 sent = head.replace(trace.header, attempt.header, 1)
             try:
                 result = await self._one_attempt(loop, pool, sent, min(per_try, remaining))
-            except BaseException:  # cancelled, or a bug: the endpoint's count must not leak
-                balancer.abandon(stats)
+            except BaseException:  # cancelled, or a bug: the endpoint's count must not leak,
+                balancer.abandon(stats)  # nor the connection, in a state nobody knows
+                if self.conn is not None:
+                    self.conn.abort()
+                    self.conn = None
                 if attempt is not None and tracer is not None:
                     tracer.end(attempt, "cancelled")
                 raise
@@ -1694,6 +1702,15 @@ class Exchange:
         if result == _APP_STALLED:
             balancer.abandon(stats)
             self._answer_stalled()
+            return None
+        if result == _NO_DESCRIPTOR:
+            # The sidecar's own shortage (its open-file limit): no verdict on the endpoint
+            # or the breaker, which would eject healthy endpoints and open the circuit
+            # for the whole `open_for` after the shortage ends; no retry, which would
+            # fail the same way. `failed` says what happened (set by _one_attempt).
+            balancer.abandon(stats)
+            assert self.failed is not None
+            self._error(self.failed)
             return None
         self._end(stats, False)
         if result == _CUT:
@@ -1814,7 +1831,16 @@ class Exchange:
                     if connect.done() and not connect.cancelled() and not connect.exception():
                         connect.result().abort()
                     return fut.result()
-                if connect.exception() is not None:
+                exc = connect.exception()
+                if exc is not None:
+                    if isinstance(exc, OSError) and exc.errno in _SHORTAGE_ERRNOS:
+                        self.failed = ProxyError(
+                            ErrorCode.OVERLOADED,
+                            f"the sidecar could not open a connection to {self.up.name!r} "
+                            f"at {pool.endpoint}: {exc.strerror}",
+                            self.up.name,
+                        )
+                        return _NO_DESCRIPTOR
                     return _CONNECT_FAILED
                 conn = connect.result()
                 self._timer.cancel()
@@ -2123,6 +2149,7 @@ _ATTEMPT_ERRORS = {
     _CUT: "response_cut",
     _CLIENT_GONE: "client_gone",
     _APP_STALLED: ErrorCode.REQUEST_TIMEOUT.value,
+    _NO_DESCRIPTOR: ErrorCode.OVERLOADED.value,
 }
 
 

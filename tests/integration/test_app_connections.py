@@ -542,9 +542,12 @@ async def _sidecar_with(tmp: Path, endpoint: str, **limits: object) -> AsyncIter
 
 
 @contextlib.asynccontextmanager
-async def _limited_sidecar(tmp_path: Path, upstream: str, nofile: str) -> AsyncIterator[Sidecar]:
+async def _limited_sidecar(
+    tmp_path: Path, upstream: str | list[str], nofile: str
+) -> AsyncIterator[Sidecar]:
     """A sidecar started under `prlimit --nofile=SOFT:HARD`."""
-    sidecar = Sidecar(tmp_path, {"billing": {"endpoints": [upstream]}})
+    endpoints = [upstream] if isinstance(upstream, str) else upstream
+    sidecar = Sidecar(tmp_path, {"billing": {"endpoints": endpoints}})
     sidecar.command = ["prlimit", f"--nofile={nofile}", *sidecar.command]
     sidecar.start()
     try:
@@ -552,6 +555,21 @@ async def _limited_sidecar(tmp_path: Path, upstream: str, nofile: str) -> AsyncI
         yield sidecar
     finally:
         sidecar.kill()
+
+
+def _accept_queue(port: int) -> int:
+    """Connections waiting in the kernel for the listener on 127.0.0.1:`port` to accept
+    them (a listening socket's rx_queue in /proc/net/tcp)."""
+    local = f"0100007F:{port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[3] == "0A":  # LISTEN
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def _open_fds(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
 
 def _soft_nofile(pid: int) -> int:
@@ -570,8 +588,10 @@ class TestOpenFileLimit:
         to 4096, says so, and 400 app connections open at once all get their answer; at
         256, libuv would accept and at once close every one past the limit, unlogged."""
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < 2048 or hard < 4096:  # this test's own 800 sockets; prlimit's 4096
-            pytest.skip(f"needs an open-file limit of 2048 under 4096 here, not {soft}:{hard}")
+        if hard < 4096:  # prlimit cannot give the sidecar more than this process has
+            pytest.skip(f"needs a hard open-file limit of 4096 here, not {hard}")
+        if soft < 2048:  # this test's own 800 sockets
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
         billing = await upstreams("billing")
         request = GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
         async with _limited_sidecar(tmp_path, billing.endpoint, "256:4096") as sidecar:
@@ -599,20 +619,70 @@ class TestOpenFileLimit:
     async def test_a_low_hard_limit_is_a_warning_naming_the_fix(
         self, tmp_path: Path, upstreams: UpstreamFactory
     ) -> None:
-        """A hard limit of 256 cannot be raised: the start warns how many app connections
-        that allows and what to change, and the sidecar still serves."""
+        """A hard limit of 256 cannot be raised: the start warns with the limit and what
+        to change, and the sidecar still serves."""
         billing = await upstreams("billing")
         async with _limited_sidecar(tmp_path, billing.endpoint, "256:256") as sidecar:
             warned = [e for e in sidecar.log_events() if e.get("event") == "open_file_limit_low"]
             assert 1 == len(warned), sidecar.logs()
-            assert (256, 256, 128) == (
-                warned[0]["limit"],
-                warned[0]["raised_from"],
-                warned[0]["app_connections_at_most"],
-            )
+            assert (256, 256) == (warned[0]["limit"], warned[0]["raised_from"])
             assert "RLIMIT_NOFILE" in warned[0]["fix"]
             async with (
                 aiohttp.ClientSession() as session,
                 session.get(f"{sidecar.url}/v1/invoke/billing/echo") as resp,
             ):
                 assert 200 == resp.status
+
+    async def test_running_out_is_overloaded_and_blames_no_upstream(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """With every descriptor taken, a request that needs a new upstream connection
+        gets 503 OVERLOADED naming the cause, and counts against neither endpoint nor
+        breaker: once descriptors are free again the next request is served, with the
+        circuit closed and no endpoint ejected (a 502 counted as the endpoints' failures
+        ejected both and opened the circuit for `open_for`)."""
+        first, second = await upstreams("one"), await upstreams("two")
+        slow = b"GET /v1/invoke/billing/slow?delay=1 HTTP/1.1\r\nHost: sidecar\r\n\r\n"
+        endpoints = [first.endpoint, second.endpoint]
+        async with _limited_sidecar(tmp_path, endpoints, "128:128") as sidecar:
+            assert sidecar.proc is not None
+            pid = sidecar.proc.pid
+            taken = _open_fds(pid)
+            # Connections the sidecar accepts while it has descriptors; their slow
+            # requests then need one more each, and the last ones find none.
+            connections = [
+                await asyncio.open_connection("127.0.0.1", sidecar.app_port)
+                for _ in range(128 - taken - 16)
+            ]
+            errors = []
+            try:
+                # All accepted before any request starts taking descriptors for upstreams.
+                await eventually(
+                    "the sidecar accepted them all", lambda: 0 == _accept_queue(sidecar.app_port)
+                )
+                for _, writer in connections:
+                    writer.write(slow)
+                heads = await asyncio.gather(
+                    *(asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 15) for r, _ in connections)
+                )
+                for (reader, _), head in zip(connections, heads, strict=True):
+                    if not head.startswith(b"HTTP/1.1 200"):
+                        length = int(head.split(b"content-length: ", 1)[1].split(b"\r\n")[0])
+                        errors.append(json.loads(await reader.readexactly(length))["error"])
+            finally:
+                for _, writer in connections:
+                    writer.close()
+            assert errors, "no request ran out of descriptors"
+            assert {"OVERLOADED"} == {e["code"] for e in errors}
+            assert "Too many open files" in errors[0]["message"]
+            await eventually(
+                "the sidecar closed the app's connections", lambda: _open_fds(pid) < 128 - 16
+            )
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"{sidecar.url}/v1/invoke/billing/echo") as resp:
+                    assert 200 == resp.status
+                async with session.get(f"{sidecar.admin}/v1/status") as resp:
+                    billing = (await resp.json())["upstreams"]["billing"]
+            assert "closed" == billing["circuit"], billing
+            assert not [e for e in billing["endpoints"] if e.get("ejected")], billing
+            assert not [e for e in sidecar.log_events() if e.get("event") == "endpoint_ejected"]

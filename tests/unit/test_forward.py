@@ -3,6 +3,10 @@ connections: LIFO reuse, idle expiry, closing."""
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
+
 import pytest
 
 from sidecar.discovery.base import Endpoint
@@ -135,3 +139,46 @@ class TestResponseFraming:
 
     def test_answer_to_head_has_no_body(self) -> None:
         assert FRAMING_NONE == framing([(b"Content-Length", b"5")], head=True)
+
+
+class TestKeepReadable:
+    """The spare descriptor that keeps a streaming upload's socket readable."""
+
+    def _streaming(self) -> tuple[UpstreamConnection, socket.socket, socket.socket]:
+        conn = UpstreamConnection(EndpointPool(Endpoint("127.0.0.1", 8080)))
+        ours, theirs = socket.socketpair()
+
+        class Transport:
+            def get_extra_info(self, name: str) -> object:
+                return ours if name == "socket" else None
+
+        conn.transport = Transport()  # type: ignore[assignment]
+        return conn, ours, theirs
+
+    def test_a_spare_descriptor_is_kept(self) -> None:
+        conn, ours, theirs = self._streaming()
+        try:
+            conn.keep_readable()
+            assert conn._spare >= 0
+            conn._close_spare()
+        finally:
+            ours.close()
+            theirs.close()
+
+    def test_no_descriptor_left_streams_on_without_one(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """At the open-file limit `os.dup` fails: the upload goes on without the spare
+        instead of failing the request (which left its upstream connection open)."""
+
+        def no_descriptor(fd: int) -> int:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        conn, ours, theirs = self._streaming()
+        monkeypatch.setattr(os, "dup", no_descriptor)
+        try:
+            conn.keep_readable()
+            assert -1 == conn._spare
+        finally:
+            ours.close()
+            theirs.close()

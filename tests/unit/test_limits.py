@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+from pathlib import Path
 
 import pytest
 
@@ -76,7 +77,13 @@ class TestRaiseOpenFileLimit:
         assert (1024, 1024) == limits.raise_open_file_limit()
         assert (1024, 524288) == (fake.soft, fake.hard)
 
-    def test_nr_open_reads_the_kernels_cap(self) -> None:
-        """On Linux, fs.nr_open is readable and at least the current hard limit allows."""
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        assert soft <= limits._nr_open()
+    def test_nr_open_reads_the_kernels_cap(self, tmp_path: Path) -> None:
+        """fs.nr_open as the kernel shows it; its default when it cannot be read."""
+        shown = tmp_path / "nr_open"
+        shown.write_text("2097152\n")
+        assert 2_097_152 == limits._nr_open(shown)
+        assert limits.NR_OPEN_DEFAULT == limits._nr_open(tmp_path / "absent")
+        shown.write_text("garbage\n")
+        assert limits.NR_OPEN_DEFAULT == limits._nr_open(shown)
+        real = Path("/proc/sys/fs/nr_open")
+        assert int(real.read_text()) == limits._nr_open()
