@@ -25,7 +25,7 @@ from sidecar.discovery.base import Endpoint, Listener, Resolver
 from sidecar.discovery.static import StaticResolver
 from sidecar.errors import ConsulError, ErrorCode, ProxyError
 from sidecar.lifecycle import Lifecycle
-from sidecar.limits import LOW_OPEN_FILES, raise_open_file_limit
+from sidecar.limits import LOW_OPEN_FILES, open_file_limit, raise_open_file_limit
 from sidecar.proxy.server import Proxy, hot_path_build
 from sidecar.proxy.upstream import Upstream
 from sidecar.telemetry.logging import get_logger
@@ -180,6 +180,19 @@ class Sidecar:
         )
         registered.add_metric([], 1.0 if self.registrar and self.registrar.registered else 0.0)
         yield registered
+        connections = GaugeMetricFamily(
+            "sidecar_app_connections",
+            "The app's connections to the sidecar open now, WebSocket tunnels included.",
+        )
+        connections.add_metric([], float(len(self.proxy.connections) + len(self.proxy.tunnels)))
+        yield connections
+        files = GaugeMetricFamily(
+            "sidecar_open_files_limit",
+            "The soft open-file limit: an app connection holds one descriptor, a request "
+            "in flight one more.",
+        )
+        files.add_metric([], float(open_file_limit()))
+        yield files
         if self.events is not None:
             depth = GaugeMetricFamily(
                 "sidecar_events_spool_depth", "Events in the local spool, not yet confirmed."

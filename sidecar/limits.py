@@ -32,6 +32,11 @@ def _nr_open(path: Path = Path("/proc/sys/fs/nr_open")) -> int:
         return NR_OPEN_DEFAULT
 
 
+def open_file_limit() -> int:
+    """The soft open-file limit now."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def raise_open_file_limit() -> tuple[int, int]:
     """Raise the soft open-file limit to the hard one, at most MAX_OPEN_FILES; return
     (before, now).

@@ -22,6 +22,7 @@ from tests.integration.harness import (
     billing_sidecar,
     connect_reader,
     eventually,
+    metric_samples,
     raw_responses,
     raw_until_close,
     raw_upstream,
@@ -568,6 +569,15 @@ def _accept_queue(port: int) -> int:
     raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
 
 
+async def _gauge_reaches(sidecar: Sidecar, name: str, value: float, timeout: float = 10) -> None:
+    """Poll /metrics until the unlabelled gauge `name` shows `value`."""
+    deadline = time.monotonic() + timeout
+    while (now := (await metric_samples(sidecar))[name]) != value:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} is {now}, not {value}, after {timeout}s")
+        await asyncio.sleep(0.05)
+
+
 def _open_fds(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
@@ -604,6 +614,14 @@ class TestOpenFileLimit:
                 await asyncio.open_connection("127.0.0.1", sidecar.app_port) for _ in range(400)
             ]
             try:
+                await eventually(
+                    "the sidecar accepted them all", lambda: 0 == _accept_queue(sidecar.app_port)
+                )
+                samples = await metric_samples(sidecar)
+                assert (400, 4096) == (
+                    samples["sidecar_app_connections"],
+                    samples["sidecar_open_files_limit"],
+                )
                 for _, writer in connections:
                     writer.write(request)
 
@@ -615,6 +633,7 @@ class TestOpenFileLimit:
                 for _, writer in connections:
                     writer.close()
             assert [b"HTTP/1.1 200 OK"] * 400 == answers
+            await _gauge_reaches(sidecar, "sidecar_app_connections", 0)
 
     async def test_a_low_hard_limit_is_a_warning_naming_the_fix(
         self, tmp_path: Path, upstreams: UpstreamFactory
