@@ -1,7 +1,8 @@
 """Composition root: builds the sidecar from its config and owns start and stop order.
 
 Start: raise the open-file limit → bind every listener → log each address → start
-Consul registration and discovery → ready (once registered and every upstream has its first answer).
+Consul registration and discovery → ready (once registered and every upstream has its
+first answer).
 Stop (SIGTERM/SIGINT): not ready → deregister from Consul → keep serving for
 `shutdown.drain` → stop accepting → finish in-flight requests until
 `shutdown.grace` (counted from the signal) → stop evaluating alerts (their queued
