@@ -130,7 +130,6 @@ class Sidecar:
         self._admin: AdminServer | None = None
         self.addresses: dict[str, str] = {}
         self.started = False
-        self.open_files = 0  # the soft open-file limit, once start() has raised it
 
     def all_upstreams(self) -> dict[str, Upstream]:
         """Configured upstreams plus those `allow_any_service` made on demand."""
@@ -248,11 +247,11 @@ class Sidecar:
             )
             for name in self.upstreams
         }
-        before, self.open_files = raise_open_file_limit()
-        if self.open_files < LOW_OPEN_FILES:
+        before, open_files = raise_open_file_limit()
+        if open_files < LOW_OPEN_FILES:
             log.warning(
                 "open_file_limit_low",
-                limit=self.open_files,
+                limit=open_files,
                 raised_from=before,
                 fix="raise the hard RLIMIT_NOFILE (ulimit -Hn) of the sidecar's container",
             )
@@ -339,7 +338,7 @@ class Sidecar:
             ready=readiness.ready,
             event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
             hot_path=hot_path_build(),
-            open_files=self.open_files,
+            open_files=open_files,
         )
 
     async def _unless_forced(self, work: Coroutine[Any, Any, None], within: float) -> None:

@@ -254,10 +254,11 @@ class Tracer:
         if not traceparent:
             # The common case, inlined: a new trace; decided as Sampler.sample_root does.
             bits = rand(192)
-            trace_id = bits >> 64 or 1
+            high = bits >> 64
+            trace_id = high or 1
             if (trace_id & _LOW64) >= self.sampler.bound:
                 span_id = bits & _LOW64  # not recorded: only the next hop's parent id
-                if span_id and bits >> 64:  # neither id is all zeros: the ids' 24 bytes
+                if span_id and high:  # neither id is all zeros: the ids' 24 bytes
                     # in hex, split after the trace id (about half the cost of two `%x`)
                     header = b"00-%s-00" % hexlify(bits.to_bytes(24, "big"), b"-", -16)
                 else:
