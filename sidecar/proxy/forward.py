@@ -12,7 +12,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 import httptools
 
@@ -50,19 +50,19 @@ class ResponseSink(Protocol):
 
 
 #: How the response body is delimited.
-FRAMING_NONE = 0  # no body (HEAD, 204, 304)
-FRAMING_LENGTH = 1  # Content-Length
-FRAMING_CHUNKED = 2  # Transfer-Encoding: chunked
-FRAMING_CLOSE = 3  # read until the upstream closes
-FRAMING_TUNNEL = 4  # 101 Switching Protocols: what follows is not HTTP
+FRAMING_NONE: Final = 0  # no body (HEAD, 204, 304)
+FRAMING_LENGTH: Final = 1  # Content-Length
+FRAMING_CHUNKED: Final = 2  # Transfer-Encoding: chunked
+FRAMING_CLOSE: Final = 3  # read until the upstream closes
+FRAMING_TUNNEL: Final = 4  # 101 Switching Protocols: what follows is not HTTP
 
 #: A response head (status line, headers, interim responses) above this is refused like
 #: garbage: httptools would otherwise buffer an endless header whole.
-MAX_RESPONSE_HEAD = 256 * 1024
+MAX_RESPONSE_HEAD: Final = 256 * 1024
 #: A pooled connection idle longer than this is closed instead of reused: a NAT or
 #: firewall may have dropped it silently, and a request sent into it would only
 #: fail at the per-try timeout. Go's http.Transport uses the same 90 s.
-POOL_IDLE_TIMEOUT = 90.0
+POOL_IDLE_TIMEOUT: Final = 90.0
 
 
 class UpstreamConnection(asyncio.Protocol):

@@ -6,6 +6,8 @@ path and easy to test exhaustively.
 
 from __future__ import annotations
 
+from typing import Final
+
 Headers = list[tuple[bytes, bytes]]
 
 #: Removed on every hop, both ways: RFC 9110 §7.6.1's list plus the proxy credentials
@@ -14,7 +16,7 @@ Headers = list[tuple[bytes, bytes]]
 #: removes. `TE` and `Trailer` go too: the sidecar does not forward trailers. A
 #: WebSocket handshake's `Connection: Upgrade` and `Upgrade: websocket` are written
 #: again by the proxy, which alone knows the request is tunnelled.
-HOP_BY_HOP: frozenset[bytes] = frozenset(
+HOP_BY_HOP: Final[frozenset[bytes]] = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -29,12 +31,12 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 )
 
 #: The sidecar answers `Expect: 100-continue` itself, so it is not forwarded.
-_REQUEST_ONLY_DROP: frozenset[bytes] = HOP_BY_HOP | {b"expect"}
+_REQUEST_ONLY_DROP: Final[frozenset[bytes]] = HOP_BY_HOP | {b"expect"}
 
 #: Never removed because `Connection` names them: without `Content-Length` the next
 #: hop would read the body as the next message (request smuggling, or an app waiting
 #: for a close that never comes), and without `Host` it could not route.
-PROTECTED: frozenset[bytes] = frozenset({b"content-length", b"host"})
+PROTECTED: Final[frozenset[bytes]] = frozenset({b"content-length", b"host"})
 
 
 def _tokens(value: bytes) -> set[bytes]:
@@ -58,7 +60,7 @@ def _strip(headers: Headers, drop: frozenset[bytes]) -> Headers:
     return out
 
 
-_TRACE_CONTEXT = frozenset((b"traceparent", b"tracestate"))
+_TRACE_CONTEXT: Final = frozenset((b"traceparent", b"tracestate"))
 
 
 def request_headers(
@@ -147,24 +149,24 @@ def serialize(headers: Headers) -> bytes:
 
 #: `Connection` tokens that change nothing in a request: fields already dropped, fields
 #: that are never removed, and `close` (see above).
-_REQUEST_HARMLESS: frozenset[bytes] = _REQUEST_ONLY_DROP | PROTECTED | {b"close"}
-_RESPONSE_HARMLESS: frozenset[bytes] = HOP_BY_HOP | PROTECTED | {b"close"}
+_REQUEST_HARMLESS: Final[frozenset[bytes]] = _REQUEST_ONLY_DROP | PROTECTED | {b"close"}
+_RESPONSE_HARMLESS: Final[frozenset[bytes]] = HOP_BY_HOP | PROTECTED | {b"close"}
 
 #: Every request field name the single pass treats specially; any other is copied as it
 #: is, after a check of its length (below) or one set lookup.
-_REQUEST_SPECIAL: frozenset[bytes] = (
+_REQUEST_SPECIAL: Final[frozenset[bytes]] = (
     _REQUEST_ONLY_DROP | _TRACE_CONTEXT | {b"close", b"host", b"x-forwarded-for"}
 )
-_RESPONSE_SPECIAL: frozenset[bytes] = HOP_BY_HOP | {b"close"}
+_RESPONSE_SPECIAL: Final[frozenset[bytes]] = HOP_BY_HOP | {b"close"}
 #: Their lengths: a field whose name has none of them is copied without lower-casing
 #: its name or looking it up (most fields: `Date`, `Server`, `Content-Type`, ...).
-_REQUEST_SPECIAL_LENGTHS: frozenset[int] = frozenset(len(n) for n in _REQUEST_SPECIAL)
-_RESPONSE_SPECIAL_LENGTHS: frozenset[int] = frozenset(len(n) for n in _RESPONSE_SPECIAL)
+_REQUEST_SPECIAL_LENGTHS: Final[frozenset[int]] = frozenset(len(n) for n in _REQUEST_SPECIAL)
+_RESPONSE_SPECIAL_LENGTHS: Final[frozenset[int]] = frozenset(len(n) for n in _RESPONSE_SPECIAL)
 
-_CHUNKED_FRAMING = b"Transfer-Encoding: chunked\r\n"
+_CHUNKED_FRAMING: Final = b"Transfer-Encoding: chunked\r\n"
 #: Written again by the proxy for a tunnelled WebSocket handshake (the app's copies are
 #: hop-by-hop and dropped).
-UPGRADE_WEBSOCKET = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+UPGRADE_WEBSOCKET: Final = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
 
 
 def request_head(
@@ -191,7 +193,6 @@ def request_head(
     replace_trace = traceparent is not None
     # parts[4] is the slot for a Host line, filled at the end if the app sent none.
     parts = [method, b" ", target, b" HTTP/1.1\r\n", b""]
-    append = parts.append
     xff = b""
     has_host = False
     for name, value in headers:
@@ -226,10 +227,10 @@ def request_head(
             if tracestate:
                 parts += (b"tracestate: ", tracestate.encode("latin-1"), b"\r\n")
         if chunked:
-            append(_CHUNKED_FRAMING)
+            parts.append(_CHUNKED_FRAMING)
         if upgrade:
-            append(UPGRADE_WEBSOCKET)
-        append(b"\r\n")
+            parts.append(UPGRADE_WEBSOCKET)
+        parts.append(b"\r\n")
         return b"".join(parts)
     # Connection may remove a kept field: the composition this function stands for.
     fields = request_headers(
@@ -249,7 +250,6 @@ def response_fields(headers: Headers, rechunk: bool) -> bytes:
     The caller adds the status line, its own `Connection` field and the final CRLF.
     """
     parts: list[bytes] = []
-    append = parts.append
     codings: bytes | None = None  # the first Transfer-Encoding, as rechunked_encoding reads
     for name, value in headers:
         if len(name) in _RESPONSE_SPECIAL_LENGTHS and (lname := name.lower()) in _RESPONSE_SPECIAL:
@@ -267,7 +267,7 @@ def response_fields(headers: Headers, rechunk: bool) -> bytes:
         parts += (name, b": ", value, b"\r\n")
     else:  # no break: the single pass stands
         if rechunk:
-            append(_rechunked_line(codings))
+            parts.append(_rechunked_line(codings))
         return b"".join(parts)
     fields = serialize(response_headers(headers))
     return fields + rechunked_encoding(headers) if rechunk else fields
@@ -285,7 +285,7 @@ def _rechunked_line(codings: bytes | None) -> bytes:
     return b"Transfer-Encoding: %s, chunked\r\n" % codings
 
 
-INVOKE_PREFIX = b"/v1/invoke/"
+INVOKE_PREFIX: Final = b"/v1/invoke/"
 
 
 def _split(rest: bytes, separators: bytes) -> tuple[bytes, bytes]:

@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 import httptools
 import structlog
@@ -62,49 +62,49 @@ from sidecar.telemetry.tracing import CLIENT, SERVER, SpanRecord, TraceContext, 
 log = get_logger("sidecar.proxy")
 
 #: A request body up to this size is kept so the request can be retried.
-REPLAY_LIMIT = 64 * 1024
+REPLAY_LIMIT: Final = 64 * 1024
 #: Body bytes buffered while no upstream is attached before the app is paused.
-BUFFER_LIMIT = 256 * 1024
+BUFFER_LIMIT: Final = 256 * 1024
 #: How often the deadline ticker checks the attempts of task-less exchanges: their
 #: per-try and overall timeouts fire up to this much late (seconds).
-TICK = 0.01
+TICK: Final = 0.01
 #: Before closing after an answer (a 400, `Connection: close`), what the app still sends
 #: is read and dropped until it sends nothing for this long once the answer is written,
 #: so the close does not reset the connection before the app has read the answer.
-LINGER = 2.0
+LINGER: Final = 2.0
 #: ... and no longer than this after the lingering close began, once the answer is
 #: written (nginx's lingering_time).
-LINGER_MAX = 30.0
+LINGER_MAX: Final = 30.0
 #: How early a lingering close's timer may fire and still count as LINGER (seconds).
-LINGER_SLACK = 0.01
+LINGER_SLACK: Final = 0.01
 
 # Why reading from the app's socket is paused (bit mask).
-_PAUSE_UPSTREAM = 1  # the upstream socket's write buffer is full
-_PAUSE_BUFFER = 2  # body buffered while connecting is above BUFFER_LIMIT
-_PAUSE_QUEUE = 4  # a pipelined request waits behind the current one
-_PAUSE_REJECT = 8  # a bad request waits for its 400 behind the ones before it
-_PAUSE_UPGRADE = 16  # what follows a WebSocket handshake waits for the upstream's answer
+_PAUSE_UPSTREAM: Final = 1  # the upstream socket's write buffer is full
+_PAUSE_BUFFER: Final = 2  # body buffered while connecting is above BUFFER_LIMIT
+_PAUSE_QUEUE: Final = 4  # a pipelined request waits behind the current one
+_PAUSE_REJECT: Final = 8  # a bad request waits for its 400 behind the ones before it
+_PAUSE_UPGRADE: Final = 16  # what follows a WebSocket handshake waits for the upstream's answer
 
 # How one attempt ended.
-_DONE = 0  # response fully relayed
-_RETRY_STATUS = 1  # retryable status, discarded before anything reached the app
-_TIMEOUT = 2  # no response head within the per-try (or overall) timeout
-_CONNECT_FAILED = 3  # the connection could not be made
-_RESET = 4  # connection closed or broken before the response head
-_CUT = 5  # response started but was cut short (upstream died, overall timeout)
-_CLIENT_GONE = 6  # the app closed its connection
-_UPGRADED = 7  # 101 relayed: the exchange became a tunnel
-_APP_STALLED = 8  # the app sent no body bytes for body_timeout
-_NO_DESCRIPTOR = 9  # the sidecar had no file descriptor (or buffer memory) to connect with
+_DONE: Final = 0  # response fully relayed
+_RETRY_STATUS: Final = 1  # retryable status, discarded before anything reached the app
+_TIMEOUT: Final = 2  # no response head within the per-try (or overall) timeout
+_CONNECT_FAILED: Final = 3  # the connection could not be made
+_RESET: Final = 4  # connection closed or broken before the response head
+_CUT: Final = 5  # response started but was cut short (upstream died, overall timeout)
+_CLIENT_GONE: Final = 6  # the app closed its connection
+_UPGRADED: Final = 7  # 101 relayed: the exchange became a tunnel
+_APP_STALLED: Final = 8  # the app sent no body bytes for body_timeout
+_NO_DESCRIPTOR: Final = 9  # the sidecar had no file descriptor (or buffer memory) to connect with
 
 #: connect() errors that are the sidecar's own shortage, not the endpoint's fault.
-_SHORTAGE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+_SHORTAGE_ERRNOS: Final = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
-_VERSIONS = frozenset(("1.1", "1.0"))
+_VERSIONS: Final = frozenset(("1.1", "1.0"))
 #: The lengths of the request fields `on_headers_complete` reads (content-length,
 #: transfer-encoding, expect, host, idempotency-key, traceparent, tracestate): a field
 #: of any other length is passed by without lower-casing its name.
-_READ_LENGTHS = frozenset(
+_READ_LENGTHS: Final = frozenset(
     len(n)
     for n in (
         b"content-length",
@@ -116,19 +116,21 @@ _READ_LENGTHS = frozenset(
         b"tracestate",
     )
 )
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_CHUNK_END = b"0\r\n\r\n"
-_CRLF = b"\r\n"
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CHUNK_END: Final = b"0\r\n\r\n"
+_CRLF: Final = b"\r\n"
 #: SO_LINGER on, 0 s: closing the socket sends a reset (see DownstreamProtocol.cut).
-_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+_RESET_ON_CLOSE: Final = struct.pack("ii", 1, 0)
 #: Methods whose `Max-Forwards` the sidecar honours (RFC 9110 §7.6.2).
-_MAX_FORWARDS_METHODS = frozenset((b"TRACE", b"OPTIONS"))
+_MAX_FORWARDS_METHODS: Final = frozenset((b"TRACE", b"OPTIONS"))
 #: What the sidecar answers, as the final recipient, to `OPTIONS` with `Max-Forwards: 0`.
-_ALLOW = b"allow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE\r\n"
+_ALLOW: Final = b"allow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE\r\n"
 #: Fields a reflected TRACE leaves out (RFC 9110 §9.3.8: likely to hold secrets).
-_TRACE_HIDDEN = frozenset((b"authorization", b"proxy-authorization", b"cookie"))
+_TRACE_HIDDEN: Final = frozenset((b"authorization", b"proxy-authorization", b"cookie"))
 #: A request line as RFC 9112 §3 spells it: method token, target, version.
-_REQUEST_LINE = re.compile(rb"(?:^|\n)([!#$%&'*+\-.^_`|~0-9A-Za-z]+) [^ \r\n]+ HTTP/\d\.\d\r?\n")
+_REQUEST_LINE: Final = re.compile(
+    rb"(?:^|\n)([!#$%&'*+\-.^_`|~0-9A-Za-z]+) [^ \r\n]+ HTTP/\d\.\d\r?\n"
+)
 
 
 def hot_path_build() -> str:
@@ -1414,7 +1416,7 @@ class Exchange:
     async def run(self) -> bool:
         down, req, up = self.down, self.req, self.up
         config = up.config
-        if up.inflight >= config.max_concurrent_requests:
+        if up.inflight >= up.max_inflight:
             return self._error(
                 ProxyError(
                     ErrorCode.OVERLOADED,
@@ -1449,7 +1451,7 @@ class Exchange:
         up = self.up
         self.begun = start = loop.time()
         if self.req.body_done:
-            self.deadline = start + up.config.timeout
+            self.deadline = start + up.timeout
         up.inflight += 1
         up.budget.deposit()
         self.down.exchange = self
@@ -1496,8 +1498,7 @@ class Exchange:
         per-try timer: a complete response finishes the exchange there; anything else
         is handled as `_attempts` would, and a retry goes on in a task (`retry`)."""
         up = self.up
-        config = up.config
-        if up.inflight >= config.max_concurrent_requests or not up.breaker.admits_freely():
+        if up.inflight >= up.max_inflight or not up.breaker.admits_freely():
             return False
         head = self._request_head()  # before anything is taken or counted: it may raise
         balancer = up.balancer
@@ -1528,7 +1529,7 @@ class Exchange:
             head = head.replace(trace.header, attempt.header, 1)
         if conn.start([head, *req.body] if req.has_body else [head], self, req.method == b"HEAD"):
             # The per-try deadline (the whole request is sent); see on_due.
-            self.due = self.begun + min(config.per_try_timeout, config.timeout)
+            self.due = self.begun + up.try_timeout
             down.proxy.watch(self, loop)
         else:
             outcome.set_result(_CONNECT_FAILED)  # reset right after the accept
@@ -1675,7 +1676,7 @@ class Exchange:
         `retrying` tells whether another attempt may follow (after a back-off)."""
         up, req = self.up, self.req
         balancer = up.balancer
-        retries = up.config.retries
+        retries = up.retry_policy
         self.retrying = False
         conn = self.conn
         self.conn = None
@@ -1886,14 +1887,12 @@ class Exchange:
         per-try timer of an attempt the body was streaming to."""
         loop = self.down.loop
         now = loop.time()
-        self.deadline = now + self.up.config.timeout
+        self.deadline = now + self.up.timeout
         fut = self._fut
         if fut is not None and not fut.done() and self.req.conn is not None:
             if self._timer is not None:
                 self._timer.cancel()
-            self._timer = loop.call_at(
-                now + min(self.up.config.per_try_timeout, self.up.config.timeout), self._on_timer
-            )
+            self._timer = loop.call_at(now + self.up.try_timeout, self._on_timer)
             if not self._head_seen:  # the endpoint's latency sample starts now too
                 self.started = self.up.balancer.now()
 
@@ -1923,7 +1922,7 @@ class Exchange:
 
     def _may_retry(self, loop: asyncio.AbstractEventLoop) -> bool:
         req, up = self.req, self.up
-        if self.attempts > up.config.retries.max or self.interim:
+        if self.attempts > up.retry_policy.max or self.interim:
             return False
         if not retryable_request(req.method, req.idempotency_key):
             return False
@@ -2142,7 +2141,7 @@ class _Outcome:
 
 
 #: error.type of a CLIENT span, by how the attempt ended (a 5xx adds its status code).
-_ATTEMPT_ERRORS = {
+_ATTEMPT_ERRORS: Final = {
     _TIMEOUT: ErrorCode.UPSTREAM_TIMEOUT.value,
     _CONNECT_FAILED: ErrorCode.UPSTREAM_CONNECT_FAILED.value,
     _RESET: "connection_reset",
@@ -2270,7 +2269,7 @@ class _BodyAfterUpgrade:
         self.down.on_message_complete()
 
 
-_REASONS: dict[int, bytes] = {status.value: status.phrase.encode() for status in HTTPStatus}
+_REASONS: Final[dict[int, bytes]] = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
 def _too_large(size: int | None, limit: int) -> ProxyError:

@@ -33,12 +33,16 @@ class Upstream:
         "fallback_headers",
         "host",
         "inflight",
+        "max_inflight",
         "name",
         "resolver",
         "retries",
+        "retry_policy",
         "retry_statuses",
         "served",
+        "timeout",
         "traffic",
+        "try_timeout",
     )
 
     def __init__(self, config: UpstreamConfig, resolver: Resolver, metrics: Metrics) -> None:
@@ -48,6 +52,12 @@ class Upstream:
         self.resolver = resolver
         self.inflight = 0
         self.served = 0  # finished requests; tells an idle on-demand upstream apart
+        # What every request reads of the (immutable) config, as plain attributes: each
+        # read of the pydantic model is an attribute lookup, of these a slot.
+        self.max_inflight = config.max_concurrent_requests
+        self.timeout = config.timeout
+        self.try_timeout = min(config.per_try_timeout, config.timeout)
+        self.retry_policy = config.retries
         outlier = config.outlier
         self.balancer = Balancer(
             config.name,

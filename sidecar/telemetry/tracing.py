@@ -24,7 +24,7 @@ import time
 from binascii import hexlify
 from collections import deque
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -42,18 +42,20 @@ log = get_logger("sidecar.tracing")
 # Span kinds, as the SDK's SpanKind member names.
 SERVER, CLIENT, PRODUCER, CONSUMER = "SERVER", "CLIENT", "PRODUCER", "CONSUMER"
 
-_HEX = frozenset(b"0123456789abcdef")
+_HEX: Final = frozenset(b"0123456789abcdef")
 #: One tracestate list member (W3C Trace Context §3.3.1.3): a key (simple, or
 #: tenant@system) and a value of printable ASCII without ',' and '=', not ending in a space.
-_TRACESTATE_MEMBER = re.compile(
+_TRACESTATE_MEMBER: Final = re.compile(
     rb"[ \t]*(?:[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13})"
     rb"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e][ \t]*"
 )
-_TRACESTATE_MAX_MEMBERS = 32
-_ZERO_TRACE = b"0" * 32
-_ZERO_SPAN = b"0" * 16
-_BOUND = 1 << 64
-_LOW64 = _BOUND - 1
+_TRACESTATE_MAX_MEMBERS: Final = 32
+_ZERO_TRACE: Final = b"0" * 32
+_ZERO_SPAN: Final = b"0" * 16
+_BOUND: Final = 1 << 64
+_LOW64: Final = _BOUND - 1
+#: A static of the compiled build (an imported name is looked up in the module dict).
+_hexlify: Final = hexlify
 
 
 def parse_traceparent(value: bytes) -> tuple[int, int, bool] | None:
@@ -260,7 +262,7 @@ class Tracer:
                 span_id = bits & _LOW64  # not recorded: only the next hop's parent id
                 if span_id and high:  # neither id is all zeros: the ids' 24 bytes
                     # in hex, split after the trace id (about half the cost of two `%x`)
-                    header = b"00-%s-00" % hexlify(bits.to_bytes(24, "big"), b"-", -16)
+                    header = b"00-%s-00" % _hexlify(bits.to_bytes(24, "big"), b"-", -16)
                 else:
                     span_id = span_id or 1
                     header = b"00-%032x-%016x-00" % (trace_id, span_id)

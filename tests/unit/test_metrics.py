@@ -3,9 +3,12 @@ registry a sidecar builds, its scrape-time gauges included."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import Metric
 from prometheus_client.metrics import MetricWrapperBase
 
 from sidecar.app import Sidecar
@@ -97,6 +100,40 @@ class TestLatencyBuckets:
         ]
         bounds = [s.labels["le"] for s in family.samples if s.name.endswith("_bucket")]
         assert [*(str(b) for b in LATENCY_BUCKETS), "+Inf"] == bounds
+
+    def test_the_hot_path_counts_as_prometheus_client_would(self) -> None:
+        """Samples counted by the proxy's plain integers (`UpstreamTraffic.observe`) give
+        the series prometheus_client's own Histogram gives for the same samples: on
+        every bound (`le` is inclusive), between bounds, below the first and above the
+        last."""
+        samples = [0.0, 0.00005, 30.0, 31.0, 1e9]
+        for bound in LATENCY_BUCKETS:
+            samples += [bound, bound * 0.999, bound * 1.001]
+        metrics = Metrics()
+        for value in samples:
+            metrics.traffic("billing").observe(value)
+        reference = Histogram(
+            "sidecar_upstream_request_duration_seconds",
+            "reference",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=CollectorRegistry(),
+        )
+        for value in samples:
+            reference.labels("billing").observe(value)
+
+        def series(families: Iterable[Metric]) -> dict[tuple[str, str], float]:
+            return {
+                (s.name, s.labels.get("le", "")): s.value
+                for f in families
+                if f.name == "sidecar_upstream_request_duration_seconds"
+                for s in f.samples
+                if not s.name.endswith("_created")
+            }
+
+        expected = series(reference.collect())
+        assert len(expected) == len(LATENCY_BUCKETS) + 3  # the buckets, +Inf, _count, _sum
+        assert expected == series(metrics.registry.collect())
 
 
 class TestDocumentation:
