@@ -45,6 +45,8 @@ _STATE_NAME: Final[dict[StateName, str]] = {
     "opened": OPEN,
 }
 _STATE_CODE: Final[dict[str, int]] = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+#: A static of the compiled build (an imported name is looked up in the module dict).
+_CLOSED_STATE: Final = ClosedState
 
 
 class CircuitOpenError(Exception):
@@ -133,7 +135,7 @@ class Breaker:
         """Whether `admit()` would now let a call through as a plain (non-probe) call
         and change nothing: the circuit is closed. The proxy's task-less path asks
         this first and leaves every other state to `admit()` on the coroutine path."""
-        return type(self._ctx._state) is ClosedState
+        return type(self._ctx._state) is _CLOSED_STATE
 
     def _admit(self) -> bool:
         ctx = self._ctx
@@ -160,7 +162,7 @@ class Breaker:
     def success(self, probe: bool) -> None:
         """Record a call that the upstream answered well."""
         state = self._ctx._state
-        if not probe and type(state) is ClosedState and not state.failure_count:
+        if not probe and type(state) is _CLOSED_STATE and not state.failure_count:
             return  # closed with no failure counted: _success would change nothing
         self._success(probe)
 

@@ -128,6 +128,8 @@ _ALLOW: Final = b"allow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE\r\n
 #: Fields a reflected TRACE leaves out (RFC 9110 §9.3.8: likely to hold secrets).
 _TRACE_HIDDEN: Final = frozenset((b"authorization", b"proxy-authorization", b"cookie"))
 #: A request line as RFC 9112 §3 spells it: method token, target, version.
+#: A static of the compiled build: `time.monotonic()` is an attribute lookup on the module.
+_monotonic: Final = time.monotonic
 _REQUEST_LINE: Final = re.compile(
     rb"(?:^|\n)([!#$%&'*+\-.^_`|~0-9A-Za-z]+) [^ \r\n]+ HTTP/\d\.\d\r?\n"
 )
@@ -302,7 +304,7 @@ class Proxy:
 
         def sweep() -> None:
             self._sweeper = loop.call_later(interval, sweep)  # first: a bug must not stop it
-            now = time.monotonic()
+            now = _monotonic()
             idle_before = now - limits.idle_timeout
             head_before = now - limits.header_timeout
             body_before = now - limits.body_timeout
@@ -425,7 +427,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.body_waiter: asyncio.Future[None] | None = None  # a publish reading its body
         self.paused = 0
         self.closed = False
-        self.last_active = time.monotonic()  # when the connection last became idle
+        self.last_active = _monotonic()  # when the connection last became idle
         self.in_head = True  # parsing a request head (or waiting for the next one)
         self.head_bytes = 0  # bytes received since that head began (or trailers, below)
         # After a chunk header and before its data: what comes may be the trailer
@@ -467,7 +469,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.lingering:
-            self.last_active = time.monotonic()  # see _linger_end
+            self.last_active = _monotonic()  # see _linger_end
             return
         if self.in_head or self.trailing:
             self.head_bytes += len(data)
@@ -570,7 +572,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.dispatched = False
         # The first byte of a head (llhttp skips blank lines between messages), also
         # when it came in the same read as the end of the previous request.
-        self.head_started = time.monotonic()
+        self.head_started = _monotonic()
 
     def on_url(self, url: bytes) -> None:
         assert self.req is not None
@@ -643,7 +645,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if not req.has_body:
             req.body_done = True
         else:
-            self.body_last = time.monotonic()
+            self.body_last = _monotonic()
         self.dispatched = True
         if self.busy or self.write_paused:
             self.queue.append(req)
@@ -666,7 +668,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.trailing:
             self.trailing = False
             self.head_bytes = 0
-        self.body_last = time.monotonic()
+        self.body_last = _monotonic()
         req.body_size += len(body)
         conn = req.conn
         if conn is not None:
@@ -848,7 +850,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.queue:
             if self.write_paused:
                 self.write_wait = True
-                self.last_active = time.monotonic()  # see sweep
+                self.last_active = _monotonic()  # see sweep
                 return None
             after = self.queue.popleft()
             if not self.queue:
@@ -869,7 +871,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _idle(self) -> None:
         self.busy = self.write_wait  # else still busy: resume_writing serves the next one
-        self.last_active = time.monotonic()
+        self.last_active = _monotonic()
 
     def resume_in_task(self, exchange: Exchange) -> None:
         """A task-less exchange's first attempt failed and may be retried: the retry
@@ -1151,7 +1153,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if not self.paused and self.transport is not None and not self.closed:
             self.transport.resume_reading()
             # A stalled body is measured only while the sidecar reads: a pause is its own.
-            self.body_last = time.monotonic()
+            self.body_last = _monotonic()
 
     def _reject(self, err: ProxyError) -> None:
         """Refuse a request we cannot parse (or that is too big), then close: the stream
@@ -1199,7 +1201,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if transport is None or self.closed or self.lingering:
             return
         self.lingering = True
-        self.linger_since = time.monotonic()  # last_active: from the answer's end (_linger_arm)
+        self.linger_since = _monotonic()  # last_active: from the answer's end (_linger_arm)
         if self.paused:
             self.paused = 0
             transport.resume_reading()
@@ -1212,11 +1214,11 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _linger_arm(self) -> None:
         """The answer is written: LINGER without input from now on closes."""
-        self.last_active = time.monotonic()
+        self.last_active = _monotonic()
         self.linger_timer = self.loop.call_later(LINGER, self._linger_end)
 
     def _linger_end(self) -> None:
-        now = time.monotonic()
+        now = _monotonic()
         # uvloop's timers count whole milliseconds: one may fire a little early.
         left = self.last_active + LINGER - now
         if left > LINGER_SLACK and now - self.linger_since < LINGER_MAX:
