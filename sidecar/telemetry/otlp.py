@@ -20,7 +20,7 @@ import random
 import struct
 import time
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 from urllib.parse import urlsplit
 
 from sidecar import __version__
@@ -30,22 +30,22 @@ if TYPE_CHECKING:
     from sidecar.telemetry.tracing import SpanRecord
 
 #: SpanKind values of trace.proto.
-KINDS = {"INTERNAL": 1, "SERVER": 2, "CLIENT": 3, "PRODUCER": 4, "CONSUMER": 5}
+KINDS: Final = {"INTERNAL": 1, "SERVER": 2, "CLIENT": 3, "PRODUCER": 4, "CONSUMER": 5}
 #: Span.flags / Link.flags bits (trace.proto SpanFlags): whether the parent (or linked)
 #: context is known to be remote. The low 8 bits (W3C trace flags) stay 0, as the SDK
 #: leaves them.
-_HAS_IS_REMOTE = 0x100
-_IS_REMOTE = 0x200
-_STATUS_ERROR = 2
-_LINK_FLAGS = b"\x35" + struct.pack("<I", _HAS_IS_REMOTE | _IS_REMOTE)  # field 6, fixed32
+_HAS_IS_REMOTE: Final = 0x100
+_IS_REMOTE: Final = 0x200
+_STATUS_ERROR: Final = 2
+_LINK_FLAGS: Final = b"\x35" + struct.pack("<I", _HAS_IS_REMOTE | _IS_REMOTE)  # field 6, fixed32
 
-_RETRY_HTTP = frozenset((429, 502, 503, 504))
+_RETRY_HTTP: Final = frozenset((429, 502, 503, 504))
 #: A string attribute longer than this (characters) is cut: one huge request path must not
 #: make a batch too large for the collector (gRPC's default limit is 4 MiB).
-MAX_VALUE_CHARS = 4096
+MAX_VALUE_CHARS: Final = 4096
 #: Spans of one batch are sent in requests of at most about this many bytes.
-MAX_REQUEST_BYTES = 2 * 1024 * 1024
-USER_AGENT = f"hms-sidecar/{__version__} (OTLP exporter)"
+MAX_REQUEST_BYTES: Final = 2 * 1024 * 1024
+USER_AGENT: Final = f"hms-sidecar/{__version__} (OTLP exporter)"
 
 
 class ExportError(Exception):
@@ -100,7 +100,7 @@ class _Keys(dict[str, bytes]):
         return encoded
 
 
-_KEYS = _Keys()
+_KEYS: Final = _Keys()
 
 
 def attributes(values: Mapping[str, object], number: int) -> bytes:

@@ -40,7 +40,10 @@ if TYPE_CHECKING:
 log = get_logger("sidecar.tracing")
 
 # Span kinds, as the SDK's SpanKind member names.
-SERVER, CLIENT, PRODUCER, CONSUMER = "SERVER", "CLIENT", "PRODUCER", "CONSUMER"
+SERVER: Final = "SERVER"
+CLIENT: Final = "CLIENT"
+PRODUCER: Final = "PRODUCER"
+CONSUMER: Final = "CONSUMER"
 
 _HEX: Final = frozenset(b"0123456789abcdef")
 #: One tracestate list member (W3C Trace Context §3.3.1.3): a key (simple, or
