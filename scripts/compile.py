@@ -15,6 +15,9 @@ compiles. Measured gain and the reasons are in docs/performance.md.
 
 Needs what `pip install -e '.[dev]'` installs (mypy, which ships mypyc, and
 setuptools), a C compiler and the Python headers (Debian: gcc, python3-dev).
+Module-level constants of these modules are declared `Final`: mypyc keeps those in C
+statics and looks any other name up in the module's dict on every use
+(tests/integration/test_compiled.py checks it).
 The unit tests run on plain Python (they patch and subclass these classes,
 which compiled classes do not allow); tests/integration/test_compiled.py runs the
 proxy's integration tests against a compiled copy.

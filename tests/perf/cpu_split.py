@@ -1,7 +1,8 @@
 """Per-request CPU of the proxy alone, split into user (Python) and kernel time.
 
-Starts nginx, the minimal forwarder, this checkout's sidecar and, with `--previous
-DIR`, an older checkout's sidecar, all with tracing at ratio 0.01 as in the
+Starts nginx, the minimal forwarder, this checkout's sidecar (with `--source DIR`,
+the one of DIR: a compiled copy, say) and, with `--previous DIR`, an older
+checkout's sidecar, all with tracing at ratio 0.01 as in the
 issue's throughput target; then loads each in turn with `wrk -t1 -c32` (or
 `--connections N`) for
 `--duration` seconds, `--rounds` times alternating, and reads `utime`/`stime`
@@ -14,7 +15,10 @@ with `--direct`, nginx itself is loaded in every round too (the added latency at
 one connection is each target's p50 less nginx's of the same round).
 
 Usage: .venv/bin/python tests/perf/cpu_split.py [--duration 8] [--rounds 3] [--previous DIR]
-       [--haproxy] [--body N] [--connections N] [--direct]
+       [--source DIR] [--haproxy] [--body N] [--connections N] [--direct]
+
+Two compiled builds side by side: `scripts/compile.py --root A --copy` in each
+checkout, then `cpu_split.py --source A --previous B`.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def measure(
     body: int = 0,
     connections: int = 32,
     direct: bool = False,
+    source: Path | None = None,
 ) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="cpu-split-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
@@ -72,7 +77,7 @@ def measure(
         minimal = stack.enter_context(bench.start_minimal(workdir, minimal_port, nginx_port))
         targets["minimal"] = (minimal.pid, minimal_port)
         proc, port = stack.enter_context(
-            bench.start_sidecar(workdir, nginx_port, "sidecar", TRACING)
+            bench.start_sidecar(workdir, nginx_port, "sidecar", TRACING, source)
         )
         targets["sidecar"] = (proc.pid, port)
         if previous is not None:
@@ -127,6 +132,7 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     parser.add_argument("--previous", type=Path, help="a checkout of the previous build")
+    parser.add_argument("--source", type=Path, help="run this build's sidecar from DIR")
     parser.add_argument(
         "--haproxy", action="store_true", help="also load HAProxy each round (p99 baseline)"
     )
@@ -147,6 +153,7 @@ def main() -> int:
             body=args.body,
             connections=args.connections,
             direct=args.direct,
+            source=args.source,
         )
     except bench.BenchError as exc:
         print(f"cpu_split: {exc}", file=sys.stderr)
