@@ -125,7 +125,7 @@ class Breaker:
         Raises `CircuitOpenError` while open, or while half-open with every probe
         slot taken.
         """
-        if type(self._ctx._state) is ClosedState:
+        if type(self._ctx._state) is _CLOSED_STATE:
             # The common case, exact: purgatory's closed state ignores a new request
             # (and every earlier event was drained), so this is what _admit does.
             return False

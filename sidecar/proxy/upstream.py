@@ -52,8 +52,8 @@ class Upstream:
         self.resolver = resolver
         self.inflight = 0
         self.served = 0  # finished requests; tells an idle on-demand upstream apart
-        # What every request reads of the (immutable) config, as plain attributes: each
-        # read of the pydantic model is an attribute lookup, of these a slot.
+        # What every request reads of the (frozen) config, as slots of this native
+        # class: each read of the config dataclass is a generic attribute lookup.
         self.max_inflight = config.max_concurrent_requests
         self.timeout = config.timeout
         self.try_timeout = min(config.per_try_timeout, config.timeout)

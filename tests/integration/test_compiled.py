@@ -58,8 +58,8 @@ def _is_final(annotation: ast.expr) -> bool:
 def test_the_compiled_modules_constants_are_final() -> None:
     """Every module-level constant of the compiled modules is declared `Final`: mypyc
     keeps a Final name in a C static, and looks any other up in the module's dict on
-    every use (a dozen such lookups cost the compiled build about 5 % of its
-    throughput; docs/performance.md)."""
+    every use (two dozen such lookups a request cost the compiled build about 4 % of
+    its throughput; docs/performance.md)."""
     plain: list[str] = []
     for name in runpy.run_path(str(REPO / "scripts" / "compile.py"))["HOT"]:
         for node in ast.parse((REPO / name).read_text()).body:
