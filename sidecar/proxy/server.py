@@ -127,9 +127,9 @@ _MAX_FORWARDS_METHODS: Final = frozenset((b"TRACE", b"OPTIONS"))
 _ALLOW: Final = b"allow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE\r\n"
 #: Fields a reflected TRACE leaves out (RFC 9110 §9.3.8: likely to hold secrets).
 _TRACE_HIDDEN: Final = frozenset((b"authorization", b"proxy-authorization", b"cookie"))
-#: A request line as RFC 9112 §3 spells it: method token, target, version.
 #: A static of the compiled build: `time.monotonic()` is an attribute lookup on the module.
 _monotonic: Final = time.monotonic
+#: A request line as RFC 9112 §3 spells it: method token, target, version.
 _REQUEST_LINE: Final = re.compile(
     rb"(?:^|\n)([!#$%&'*+\-.^_`|~0-9A-Za-z]+) [^ \r\n]+ HTTP/\d\.\d\r?\n"
 )
