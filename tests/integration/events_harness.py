@@ -49,20 +49,6 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-async def eventually_equal(
-    what: str, expected: object, probe: Callable[[], Awaitable[object]], timeout: float = 10.0
-) -> None:
-    """Poll `await probe()` until it returns `expected` (the broker applies acks and returns
-    asynchronously); AssertionError with the last value after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while (actual := await probe()) != expected:
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"{what}: {expected!r} expected, still {actual!r} after {timeout}s"
-            )
-        await asyncio.sleep(0.02)
-
-
 def events_config(
     service: str,
     app_port: int,

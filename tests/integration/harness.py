@@ -61,6 +61,30 @@ async def eventually(what: str, done: Callable[[], bool], timeout: float = 10.0)
         await asyncio.sleep(0.01)
 
 
+async def eventually_equal(
+    what: str, expected: object, probe: Callable[[], Awaitable[object]], timeout: float = 10.0
+) -> None:
+    """Poll `await probe()` until it returns `expected` (a queue's depth, a gauge on
+    /metrics: state that settles asynchronously); AssertionError with the last value
+    after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while (actual := await probe()) != expected:
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{what}: {expected!r} expected, still {actual!r} after {timeout}s"
+            )
+        await asyncio.sleep(0.02)
+
+
+def proc_number(pid: int, name: str, prefix: str, column: int) -> int:
+    """A number from /proc/<pid>/<name>: field `column` of the line starting with `prefix`
+    (`proc_number(pid, "io", "syscw:", 1)`)."""
+    for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+        if line.startswith(prefix):
+            return int(line.split()[column])
+    raise AssertionError(f"no {prefix!r} in /proc/{pid}/{name}")
+
+
 async def serve(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
     """Run `app` on 127.0.0.1 (`port`, or a free one); its runner (to clean up) and port."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)

@@ -22,7 +22,9 @@ from tests.integration.harness import (
     billing_sidecar,
     connect_reader,
     eventually,
+    eventually_equal,
     metric_samples,
+    proc_number,
     raw_responses,
     raw_until_close,
     raw_upstream,
@@ -569,24 +571,8 @@ def _accept_queue(port: int) -> int:
     raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
 
 
-async def _gauge_reaches(sidecar: Sidecar, name: str, value: float, timeout: float = 10) -> None:
-    """Poll /metrics until the unlabelled gauge `name` shows `value`."""
-    deadline = time.monotonic() + timeout
-    while (now := (await metric_samples(sidecar))[name]) != value:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{name} is {now}, not {value}, after {timeout}s")
-        await asyncio.sleep(0.05)
-
-
 def _open_fds(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
-
-
-def _soft_nofile(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith("Max open files"):
-            return int(line.split()[3])
-    raise AssertionError(f"no 'Max open files' in /proc/{pid}/limits")
 
 
 class TestOpenFileLimit:
@@ -606,7 +592,7 @@ class TestOpenFileLimit:
         request = GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
         async with _limited_sidecar(tmp_path, billing.endpoint, "256:4096") as sidecar:
             assert sidecar.proc is not None
-            assert 4096 == _soft_nofile(sidecar.proc.pid)
+            assert 4096 == proc_number(sidecar.proc.pid, "limits", "Max open files", 3)
             started = [e for e in sidecar.log_events() if e.get("event") == "started"]
             assert 4096 == started[0]["open_files"]
             assert not [e for e in sidecar.log_events() if e.get("event") == "open_file_limit_low"]
@@ -633,7 +619,11 @@ class TestOpenFileLimit:
                 for _, writer in connections:
                     writer.close()
             assert [b"HTTP/1.1 200 OK"] * 400 == answers
-            await _gauge_reaches(sidecar, "sidecar_app_connections", 0)
+
+            async def app_connections() -> float:
+                return (await metric_samples(sidecar))["sidecar_app_connections"]
+
+            await eventually_equal("sidecar_app_connections", 0, app_connections)
 
     async def test_a_low_hard_limit_is_a_warning_naming_the_fix(
         self, tmp_path: Path, upstreams: UpstreamFactory

@@ -28,6 +28,7 @@ from tests.integration.harness import (
     connect_reader,
     eventually,
     poll_json,
+    proc_number,
     raw_responses,
     raw_until_close,
     raw_upstream,
@@ -797,14 +798,6 @@ class TestTrailers:
         assert b"X-T" not in answer
 
 
-def _write_calls(pid: int) -> int:
-    """The write system calls a process has made so far (`syscw`, /proc/<pid>/io)."""
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        if line.startswith("syscw:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no syscw in /proc/{pid}/io")
-
-
 class TestTinyChunks:
     async def test_tiny_chunks_go_upstream_in_one_write_per_read(
         self, tmp_path: Path, upstreams: UpstreamFactory
@@ -827,10 +820,10 @@ class TestTinyChunks:
                 writer.write(head)
                 # Once the request is upstream, its body streams to the connection.
                 await eventually("the request reached the upstream", lambda: up.hits > 0)
-                before = _write_calls(sc.proc.pid)
+                before = proc_number(sc.proc.pid, "io", "syscw:", 1)
                 writer.write(framed + b"0\r\n\r\n")
                 answer = await asyncio.wait_for(reader.read(), 10)
-                writes = _write_calls(sc.proc.pid) - before
+                writes = proc_number(sc.proc.pid, "io", "syscw:", 1) - before
             finally:
                 writer.close()
                 await writer.wait_closed()

@@ -31,10 +31,9 @@ from tests.integration.events_harness import (
     Received,
     TcpCut,
     events_config,
-    eventually_equal,
     unique,
 )
-from tests.integration.harness import eventually
+from tests.integration.harness import eventually, eventually_equal
 
 
 def subscription(name: str = "orders", **overrides: Any) -> SubscriptionConfig:

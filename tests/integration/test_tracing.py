@@ -30,11 +30,12 @@ from tests.integration.amqp_harness import (
     tcp_proxy,
     wait_events,
 )
-from tests.integration.events_harness import EventApp, eventually_equal
+from tests.integration.events_harness import EventApp
 from tests.integration.harness import (
     Sidecar,
     Upstream,
     eventually,
+    eventually_equal,
     free_port,
     metric_samples,
     running_sidecar,
