@@ -1,11 +1,13 @@
 """One upstream connection's response framing, and the per-endpoint pool of idle
-connections: LIFO reuse, idle expiry, closing."""
+connections: LIFO reuse (across passes of the event loop), idle expiry, closing."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -106,6 +108,107 @@ class TestEndpointPool:
         assert idle.closed
         assert busy.closed
         assert [] == pool.idle
+
+
+@pytest.fixture
+async def listener() -> AsyncIterator[Endpoint]:
+    """A local server that holds every connection open until the client drops it."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield Endpoint("127.0.0.1", port)
+    server.close()
+    await server.wait_closed()
+
+
+async def next_pass() -> None:
+    """Let the event loop come round once (what a pool's `call_soon` waits for)."""
+    await asyncio.sleep(0)
+
+
+class TestPoolWithinOneLoopPass:
+    """A connection put back during the loop's current pass is taken only when no
+    other is idle: its socket still sits near the front of epoll's ready list, so
+    a response on it would overtake the responses to requests sent before it."""
+
+    async def test_one_put_back_before_this_pass_is_taken_first(self, listener: Endpoint) -> None:
+        pool = EndpointPool(listener)
+        earlier, now = await pool.connect(), await pool.connect()
+        try:
+            pool.put(earlier)
+            await next_pass()
+            pool.put(now)
+            assert [earlier, now] == pool.idle
+            assert earlier is pool.take()
+            assert now is pool.take()  # then this pass's, rather than a new connection
+            assert pool.take() is None
+        finally:
+            pool.close()
+            earlier.abort()
+            now.abort()
+
+    async def test_once_the_loop_comes_round_the_newest_is_taken_first(
+        self, listener: Endpoint
+    ) -> None:
+        pool = EndpointPool(listener)
+        older, newer = await pool.connect(), await pool.connect()
+        try:
+            pool.put(older)
+            pool.put(newer)
+            await next_pass()
+            assert newer is pool.take()
+            assert older is pool.take()
+        finally:
+            pool.close()
+            older.abort()
+            newer.abort()
+
+    async def test_a_settled_connection_that_closes_leaves_the_pool(
+        self, listener: Endpoint
+    ) -> None:
+        pool = EndpointPool(listener)
+        lost, kept = await pool.connect(), await pool.connect()
+        try:
+            pool.put(lost)
+            pool.put(kept)
+            await next_pass()
+            lost.abort()
+            while lost in pool.idle:  # connection_lost, a pass or two later
+                await next_pass()
+            assert 1 == pool.settled
+            assert kept is pool.take()
+            assert pool.take() is None
+        finally:
+            pool.close()
+            kept.abort()
+
+    async def test_a_stale_settled_connection_spares_those_of_this_pass(
+        self, listener: Endpoint, clock: FakeTime
+    ) -> None:
+        pool = EndpointPool(listener)
+        oldest, stale, fresh = [await pool.connect() for _ in range(3)]
+        try:
+            start = clock.now
+            pool.put(oldest)
+            clock.now = start + 1.0
+            pool.put(stale)
+            await next_pass()
+            clock.now = start + 60.0
+            pool.put(fresh)
+            clock.now = start + POOL_IDLE_TIMEOUT + 2.0  # the two settled ones aged out
+            assert fresh is pool.take()
+            assert oldest.closed
+            assert stale.closed
+            assert [] == pool.idle
+            assert 0 == pool.settled
+        finally:
+            pool.close()
+            for conn in (oldest, stale, fresh):
+                conn.abort()
 
 
 def framing(headers: list[tuple[bytes, bytes]], status: int = 200, head: bool = False) -> int:
