@@ -64,8 +64,6 @@ MAX_RESPONSE_HEAD: Final = 256 * 1024
 #: firewall may have dropped it silently, and a request sent into it would only
 #: fail at the per-try timeout. Go's http.Transport uses the same 90 s.
 POOL_IDLE_TIMEOUT: Final = 90.0
-#: The context `EndpointPool._settle` runs in: none of a request's.
-_SETTLE_CONTEXT: Final = contextvars.Context()
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -406,11 +404,13 @@ class EndpointPool:
     connections: p90 1.5 x the median instead of 1.3; docs/performance.md). So
     `idle[:settled]` were put back before this pass and are taken first, newest
     first; the rest, put back during it, become settled once the loop comes
-    round (one `call_soon` per pass with returns).
+    round, before the next pass's I/O callbacks (one `call_soon` per pass with
+    returns).
     """
 
     __slots__ = (
         "_connecting",
+        "_context",
         "_factory",
         "_loop",
         "_settling",
@@ -430,7 +430,10 @@ class EndpointPool:
         self._factory: Callable[[], UpstreamConnection] = lambda: UpstreamConnection(self)
         # The loop of the connections (set by `connect`); without one, plain LIFO.
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._settling = False
+        self._settling = False  # `_settle` is scheduled on `_loop`
+        # What `_settle` runs in: no request's context, and no other pool's (a context
+        # can be entered by one thread at a time).
+        self._context = contextvars.Context()
 
     def take(self) -> UpstreamConnection | None:
         """The most recently used idle connection that is still open, preferring one
@@ -452,11 +455,12 @@ class EndpointPool:
             if conn.idle_since < fresh_after:
                 # Everything below it in the stack is older still (those put back
                 # during this pass sit above the settled ones, and are fresh).
-                conn.abort()
-                for older in idle[:below]:
-                    older.abort()
+                older = idle[:below]
                 del idle[:below]
                 self.settled = 0
+                conn.abort()
+                for stale in older:
+                    stale.abort()
                 continue
             conn.reused = True
             return conn
@@ -464,7 +468,10 @@ class EndpointPool:
 
     async def connect(self) -> UpstreamConnection:
         """A new connection (OSError when it fails)."""
-        loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a `_settle` pending on another loop will not run
+            self._loop = loop
+            self._settling = False
         _, conn = await loop.create_connection(
             self._factory, self.endpoint.host, self.endpoint.port
         )
@@ -487,7 +494,7 @@ class EndpointPool:
             loop = self._loop
             if not self._settling and loop is not None:
                 self._settling = True
-                loop.call_soon(self._settle, context=_SETTLE_CONTEXT)
+                loop.call_soon(self._settle, context=self._context)
         else:
             conn.abort()
 
@@ -497,11 +504,13 @@ class EndpointPool:
         self.settled = len(self.idle)
 
     def forget(self, conn: UpstreamConnection) -> None:
-        idle = self.idle
-        if conn in idle:
-            if idle.index(conn) < self.settled:
-                self.settled -= 1
-            idle.remove(conn)
+        try:
+            at = self.idle.index(conn)
+        except ValueError:
+            return
+        del self.idle[at]
+        if at < self.settled:
+            self.settled -= 1
 
     def close(self) -> None:
         """Close every idle connection, and those that come back later (endpoint gone,
