@@ -856,7 +856,12 @@ class TcpRelay:
             except OSError:
                 client.close()
                 continue
+            upstream.settimeout(None)  # for connecting only: RabbitMQ may stay silent for long
             with self._lock:
+                if self._listener is not listener:  # cut while it connected: cut it too
+                    client.close()
+                    upstream.close()
+                    return
                 self._sockets.update((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
