@@ -55,9 +55,13 @@ class ExportError(Exception):
 # --- protobuf wire format ------------------------------------------------------------------
 
 
+#: Every one-byte varint, made once: most tags and lengths of a span are one byte.
+_ONE_BYTE: Final[tuple[bytes, ...]] = tuple(bytes((n,)) for n in range(0x80))
+
+
 def _varint(value: int) -> bytes:
     if value < 0x80:
-        return bytes((value,))
+        return _ONE_BYTE[value]
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -68,7 +72,10 @@ def _varint(value: int) -> bytes:
 
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited field (wire type 2): strings, bytes, messages."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    size = len(payload)
+    if number < 0x10 and size < 0x80:  # tag and length one byte each
+        return _ONE_BYTE[number << 3 | 2] + _ONE_BYTE[size] + payload
+    return _varint(number << 3 | 2) + _varint(size) + payload
 
 
 def _string(number: int, text: str) -> bytes:

@@ -579,6 +579,22 @@ class TestOtlpEncoder:
         theirs = encode_spans([queue.readable(r) for r in records])
         assert MessageToDict(ours) == MessageToDict(theirs)
 
+    def test_lengths_either_side_of_one_byte_decode_alike(self) -> None:
+        """Fields whose length (or the length of a message holding them) is 127, 128 or
+        near: one varint byte or two, the same message as the SDK's encoder makes."""
+        t, _ = tracer()
+        records = []
+        for n in range(118, 140):
+            context = t.begin(None, None, "n" * n, SERVER, {"k" * (n - 110): "v" * n})
+            assert context.span is not None
+            context.span.end_ns = context.span.start_ns + n
+            records.append(context.span)
+        queue = t.queue
+        [body] = queue.encoder.requests(records)
+        ours = ExportTraceServiceRequest.FromString(body)
+        theirs = encode_spans([queue.readable(r) for r in records])
+        assert MessageToDict(ours) == MessageToDict(theirs)
+
     def test_large_values_and_many_spans_stay_valid(self) -> None:
         """Varint lengths past one byte, 64-bit ids and times, a big batch."""
         t, _ = tracer()
