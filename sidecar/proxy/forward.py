@@ -401,7 +401,7 @@ class EndpointPool:
     holds it near the front of its ready list, and a response on it would be read
     in the next pass ahead of the responses to requests sent before it. Under
     load that reordering spread the proxy's latencies (closed loop at 32
-    connections: p90 1.5 x the median instead of 1.3; docs/performance.md). So
+    connections: p90 1.5 x the median, 1.36 without it; docs/performance.md). So
     `idle[:settled]` were put back before this pass and are taken first, newest
     first; the rest, put back during it, become settled once the loop comes
     round, before the next pass's I/O callbacks (one `call_soon` per pass with

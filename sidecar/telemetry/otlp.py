@@ -60,8 +60,11 @@ _ONE_BYTE: Final[tuple[bytes, ...]] = tuple(bytes((n,)) for n in range(0x80))
 
 
 def _varint(value: int) -> bytes:
-    if value < 0x80:
+    """An unsigned varint (`value` >= 0: callers mask signed ones to 64 bits)."""
+    if 0 <= value < 0x80:
         return _ONE_BYTE[value]
+    if value < 0:
+        raise ValueError(f"a varint is unsigned: {value}")
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)

@@ -595,6 +595,21 @@ class TestOtlpEncoder:
         theirs = encode_spans([queue.readable(r) for r in records])
         assert MessageToDict(ours) == MessageToDict(theirs)
 
+    @pytest.mark.parametrize(
+        ("value", "wire"),
+        [(0, b"\x00"), (1, b"\x01"), (127, b"\x7f"), (128, b"\x80\x01"), (300, b"\xac\x02")],
+    )
+    def test_varints_as_protobuf_writes_them(self, value: int, wire: bytes) -> None:
+        from sidecar.telemetry.otlp import _varint  # noqa: PLC0415
+
+        assert wire == _varint(value)
+
+    def test_a_negative_varint_is_refused_not_misencoded(self) -> None:
+        from sidecar.telemetry.otlp import _varint  # noqa: PLC0415
+
+        with pytest.raises(ValueError, match="unsigned"):
+            _varint(-1)
+
     def test_large_values_and_many_spans_stay_valid(self) -> None:
         """Varint lengths past one byte, 64-bit ids and times, a big batch."""
         t, _ = tracer()
