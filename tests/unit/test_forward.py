@@ -111,16 +111,31 @@ class TestEndpointPool:
 
 
 @pytest.fixture
-async def listener() -> AsyncIterator[Endpoint]:
-    """A local server that holds every connection open until the client drops it."""
+async def live_pool() -> AsyncIterator[tuple[EndpointPool, list[UpstreamConnection]]]:
+    """A pool of an endpoint that holds every connection open, and three connections
+    of it (not put in yet); all closed afterwards."""
+
+    held: list[asyncio.Task[None]] = []
 
     async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        held.append(task)
         await reader.read()
         writer.close()
+        await writer.wait_closed()
 
     server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    yield Endpoint("127.0.0.1", port)
+    pool = EndpointPool(Endpoint("127.0.0.1", server.sockets[0].getsockname()[1]))
+    conns = [await pool.connect() for _ in range(3)]
+    yield pool, conns
+    pool.close()
+    for conn in conns:
+        conn.abort()
+    async with asyncio.timeout(5):  # the server's side of each connection closed, too
+        while len(held) < len(conns):
+            await next_pass()
+        await asyncio.gather(*held)
     server.close()
     await server.wait_closed()
 
@@ -130,85 +145,65 @@ async def next_pass() -> None:
     await asyncio.sleep(0)
 
 
+LivePool = tuple[EndpointPool, list[UpstreamConnection]]
+
+
 class TestPoolWithinOneLoopPass:
     """A connection put back during the loop's current pass is taken only when no
     other is idle: its socket still sits near the front of epoll's ready list, so
     a response on it would overtake the responses to requests sent before it."""
 
-    async def test_one_put_back_before_this_pass_is_taken_first(self, listener: Endpoint) -> None:
-        pool = EndpointPool(listener)
-        earlier, now = await pool.connect(), await pool.connect()
-        try:
-            pool.put(earlier)
-            await next_pass()
-            pool.put(now)
-            assert [earlier, now] == pool.idle
-            assert earlier is pool.take()
-            assert now is pool.take()  # then this pass's, rather than a new connection
-            assert pool.take() is None
-        finally:
-            pool.close()
-            earlier.abort()
-            now.abort()
+    async def test_one_put_back_before_this_pass_is_taken_first(self, live_pool: LivePool) -> None:
+        pool, (earlier, now, _) = live_pool
+        pool.put(earlier)
+        await next_pass()
+        pool.put(now)
+        assert [earlier, now] == pool.idle
+        assert earlier is pool.take()
+        assert now is pool.take()  # then this pass's, rather than a new connection
+        assert pool.take() is None
 
     async def test_once_the_loop_comes_round_the_newest_is_taken_first(
-        self, listener: Endpoint
+        self, live_pool: LivePool
     ) -> None:
-        pool = EndpointPool(listener)
-        older, newer = await pool.connect(), await pool.connect()
-        try:
-            pool.put(older)
-            pool.put(newer)
-            await next_pass()
-            assert newer is pool.take()
-            assert older is pool.take()
-        finally:
-            pool.close()
-            older.abort()
-            newer.abort()
+        pool, (older, newer, _) = live_pool
+        pool.put(older)
+        pool.put(newer)
+        await next_pass()
+        assert newer is pool.take()
+        assert older is pool.take()
 
     async def test_a_settled_connection_that_closes_leaves_the_pool(
-        self, listener: Endpoint
+        self, live_pool: LivePool
     ) -> None:
-        pool = EndpointPool(listener)
-        lost, kept = await pool.connect(), await pool.connect()
-        try:
-            pool.put(lost)
-            pool.put(kept)
+        pool, (lost, kept, _) = live_pool
+        pool.put(lost)
+        pool.put(kept)
+        await next_pass()
+        lost.abort()
+        while lost in pool.idle:  # connection_lost, a pass or two later
             await next_pass()
-            lost.abort()
-            while lost in pool.idle:  # connection_lost, a pass or two later
-                await next_pass()
-            assert 1 == pool.settled
-            assert kept is pool.take()
-            assert pool.take() is None
-        finally:
-            pool.close()
-            kept.abort()
+        assert 1 == pool.settled
+        assert kept is pool.take()
+        assert pool.take() is None
 
     async def test_a_stale_settled_connection_spares_those_of_this_pass(
-        self, listener: Endpoint, clock: FakeTime
+        self, live_pool: LivePool, clock: FakeTime
     ) -> None:
-        pool = EndpointPool(listener)
-        oldest, stale, fresh = [await pool.connect() for _ in range(3)]
-        try:
-            start = clock.now
-            pool.put(oldest)
-            clock.now = start + 1.0
-            pool.put(stale)
-            await next_pass()
-            clock.now = start + 60.0
-            pool.put(fresh)
-            clock.now = start + POOL_IDLE_TIMEOUT + 2.0  # the two settled ones aged out
-            assert fresh is pool.take()
-            assert oldest.closed
-            assert stale.closed
-            assert [] == pool.idle
-            assert 0 == pool.settled
-        finally:
-            pool.close()
-            for conn in (oldest, stale, fresh):
-                conn.abort()
+        pool, (oldest, stale, fresh) = live_pool
+        start = clock.now
+        pool.put(oldest)
+        clock.now = start + 1.0
+        pool.put(stale)
+        await next_pass()
+        clock.now = start + 60.0
+        pool.put(fresh)
+        clock.now = start + POOL_IDLE_TIMEOUT + 2.0  # the two settled ones aged out
+        assert fresh is pool.take()
+        assert oldest.closed
+        assert stale.closed
+        assert [] == pool.idle
+        assert 0 == pool.settled
 
 
 def framing(headers: list[tuple[bytes, bytes]], status: int = 200, head: bool = False) -> int:
