@@ -93,6 +93,7 @@ class BenchError(Exception):
 class WrkResult:
     rps: float
     p50_us: float
+    p90_us: float
     p99_us: float
     errors: int
     non_2xx: int
@@ -295,7 +296,7 @@ upstreams:
 
 
 def parse_wrk(output: str) -> WrkResult:
-    """Requests/s, p50/p99 in microseconds and error counts from `wrk --latency` output."""
+    """Requests/s, p50/p90/p99 in microseconds and error counts from `wrk --latency` output."""
 
     def latency_us(percent: str) -> float:
         match = re.search(rf"^\s*{percent}%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.MULTILINE)
@@ -313,6 +314,7 @@ def parse_wrk(output: str) -> WrkResult:
     return WrkResult(
         rps=round(float(rps[1]), 1),
         p50_us=round(latency_us("50"), 1),
+        p90_us=round(latency_us("90"), 1),
         p99_us=round(latency_us("99"), 1),
         errors=non_2xx + socket_errors,
         non_2xx=non_2xx,
@@ -528,17 +530,22 @@ def summarize(  # noqa: PLR0917 - the report of one run, all of it
 
 
 def tails(c32: dict[str, WrkResult]) -> dict[str, dict[str, float]]:
-    """Every target's p99 against HAProxy's and its own p99/p50 at 32 connections.
+    """Every target's p99 against HAProxy's, and its own p99/p50 and p90/p50, at 32
+    connections.
 
     wrk keeps 32 requests in flight, so a target's median latency is about 32 / its
     requests per second (Little's law) and its p99 against HAProxy's is about HAProxy's
     throughput over its own, times the ratio of their spreads (p99/p50). The spread is
-    what a target's own stalls (a GC pause, a thread holding the GIL) would widen.
+    what a target's own stalls (a GC pause, a thread holding the GIL) would widen; p90/p50
+    is the body of the distribution, which a proxy that answers requests out of the order
+    they came in widens too (the pool's order within one pass of the loop did: see
+    docs/performance.md). HAProxy's and the minimal forwarder's is about 1.2-1.3.
     """
     haproxy = c32["haproxy"].p99_us
     return {
         "p99_vs_haproxy": {t: round(r.p99_us / haproxy, 2) for t, r in c32.items()},
         "p99_over_p50": {t: round(r.p99_us / r.p50_us, 2) for t, r in c32.items()},
+        "p90_over_p50": {t: round(r.p90_us / r.p50_us, 2) for t, r in c32.items()},
     }
 
 
@@ -652,7 +659,8 @@ def bench(
                 flag = f"  <-- {res.errors} errors" if res.errors else ""
                 log(
                     f"c{conns:<3} {target:18} {res.rps:>10.1f} rps"
-                    f"  p50 {res.p50_us:>8.1f}us  p99 {res.p99_us:>9.1f}us{flag}"
+                    f"  p50 {res.p50_us:>8.1f}us  p90 {res.p90_us:>8.1f}us"
+                    f"  p99 {res.p99_us:>9.1f}us{flag}"
                 )
         # The same requests at the same times for every target (see open_tails); not
         # the sidecar at 1.0, which could not keep up with the rate.
