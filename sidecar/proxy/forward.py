@@ -409,7 +409,6 @@ class EndpointPool:
     """
 
     __slots__ = (
-        "_connecting",
         "_context",
         "_factory",
         "_loop",
@@ -455,12 +454,8 @@ class EndpointPool:
             if conn.idle_since < fresh_after:
                 # Everything below it in the stack is older still (those put back
                 # during this pass sit above the settled ones, and are fresh).
-                older = idle[:below]
-                del idle[:below]
-                self.settled = 0
                 conn.abort()
-                for stale in older:
-                    stale.abort()
+                self._drop_oldest(below)
                 continue
             conn.reused = True
             return conn
@@ -485,10 +480,11 @@ class EndpointPool:
         now = time.monotonic()
         conn.idle_since = now
         # The oldest sit at the bottom; drop those too old to be reused.
-        while idle and idle[0].idle_since < now - POOL_IDLE_TIMEOUT:
-            idle.pop(0).abort()
-            if self.settled:
-                self.settled -= 1
+        aged = 0
+        while aged < len(idle) and idle[aged].idle_since < now - POOL_IDLE_TIMEOUT:
+            aged += 1
+        if aged:
+            self._drop_oldest(aged)
         if len(idle) < self.max_idle:
             idle.append(conn)
             loop = self._loop
@@ -516,12 +512,15 @@ class EndpointPool:
         """Close every idle connection, and those that come back later (endpoint gone,
         or shutting down)."""
         self.closed = True
-        self._drop_idle()
+        self._drop_oldest(len(self.idle))
 
-    def _drop_idle(self) -> None:
-        idle, self.idle = self.idle, []
-        self.settled = 0
-        for conn in idle:
+    def _drop_oldest(self, count: int) -> None:
+        """Close the `count` connections at the bottom of the stack, the oldest."""
+        idle = self.idle
+        older = idle[:count]
+        del idle[:count]  # out of the list first: an abort must not find them there
+        self.settled = max(0, self.settled - count)
+        for conn in older:
             conn.abort()
 
     def __repr__(self) -> str:

@@ -39,11 +39,9 @@ PROXY_TESTS = (
     "test_tracing.py",
     "test_metrics.py",
 )
-#: The compiled modules, as imported: scripts/compile.py's HOT files.
-COMPILED = tuple(
-    name.removesuffix(".py").replace("/", ".")
-    for name in runpy.run_path(str(REPO / "scripts" / "compile.py"))["HOT"]
-)
+#: scripts/compile.py's HOT files, and the modules they are, as imported.
+HOT: tuple[str, ...] = runpy.run_path(str(REPO / "scripts" / "compile.py"))["HOT"]
+COMPILED = tuple(name.removesuffix(".py").replace("/", ".") for name in HOT)
 
 #: A module-level constant by its name: `LIMIT`, `_PAUSE_QUEUE`.
 CONSTANT = re.compile(r"^_?[A-Z][A-Z0-9_]*$")
@@ -61,7 +59,7 @@ def test_the_compiled_modules_constants_are_final() -> None:
     every use (two dozen such lookups a request cost the compiled build about 4 % of
     its throughput; docs/performance.md)."""
     plain: list[str] = []
-    for name in runpy.run_path(str(REPO / "scripts" / "compile.py"))["HOT"]:
+    for name in HOT:
         for node in ast.parse((REPO / name).read_text()).body:
             if isinstance(node, ast.Assign):
                 targets = [
