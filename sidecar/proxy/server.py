@@ -102,8 +102,8 @@ _SHORTAGE_ERRNOS: Final = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, 
 
 _VERSIONS: Final = frozenset(("1.1", "1.0"))
 #: The lengths of the request fields `on_headers_complete` reads (content-length,
-#: transfer-encoding, expect, host, idempotency-key, traceparent, tracestate): a field
-#: of any other length is passed by without lower-casing its name.
+#: transfer-encoding, expect, host, idempotency-key, traceparent, tracestate,
+#: connection): a field of any other length is passed by without lower-casing its name.
 _READ_LENGTHS: Final = frozenset(
     len(n)
     for n in (
@@ -114,6 +114,7 @@ _READ_LENGTHS: Final = frozenset(
         b"idempotency-key",
         b"traceparent",
         b"tracestate",
+        b"connection",
     )
 )
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -596,11 +597,11 @@ class DownstreamProtocol(asyncio.Protocol):
         req.method = parser.get_method()
         if req.method == b"CONNECT":
             return  # feed_data raises HttpParserUpgrade next; _reject answers 400
-        req.version = parser.get_http_version()
-        if req.version not in _VERSIONS:
-            raise _Refused(f"HTTP/{req.version} is not supported: only HTTP/1.1 and HTTP/1.0")
-        req.keep_alive = parser.should_keep_alive()
+        req.keep_alive = keep_alive = parser.should_keep_alive()
         size = len(req.target)
+        connection = False  # a Connection field was sent
+        expect: bytes | None = None
+        refused: str | None = None  # the first field refused: raised after the version's check
         for name, value in req.headers:
             size += len(name) + len(value)
             if len(name) not in _READ_LENGTHS:
@@ -612,20 +613,19 @@ class DownstreamProtocol(asyncio.Protocol):
             elif lname == b"transfer-encoding":
                 # Only plain chunked can be relayed: the body is re-chunked on the way
                 # out, so any other coding (gzip, ...) would reach the upstream unnamed.
-                if req.chunked or value.strip().lower() != b"chunked":
+                if (req.chunked or value.strip().lower() != b"chunked") and refused is None:
                     shown = value.decode("latin-1")
-                    raise _Refused(
+                    refused = (
                         f"Transfer-Encoding {shown!r} is not supported: only a single 'chunked'"
                     )
                 req.chunked = req.has_body = True
+            elif lname == b"connection":
+                connection = True
             elif lname == b"expect":
-                # RFC 9110 §10.1.1: ignored in an HTTP/1.0 request.
-                req.expect_continue = (
-                    value.strip().lower() == b"100-continue" and req.version == "1.1"
-                )
+                expect = value
             elif lname == b"host":
-                if req.host is not None:  # RFC 9112 §3.2: 400, whichever would be used
-                    raise _Refused("a request must have one Host field, not several")
+                if req.host is not None and refused is None:  # RFC 9112 §3.2: 400, whichever
+                    refused = "a request must have one Host field, not several"
                 req.host = value
             elif lname == b"idempotency-key":
                 req.idempotency_key = True
@@ -635,6 +635,20 @@ class DownstreamProtocol(asyncio.Protocol):
             elif lname == b"tracestate":
                 # Several fields combine into one list (W3C Trace Context §3.3.1.1).
                 req.tracestate = value if req.tracestate is None else req.tracestate + b"," + value
+        if keep_alive and not connection:
+            # Of the versions llhttp accepts (0.9, 1.0, 1.1 and 2.0; any other is a parse
+            # error), it keeps a request without a Connection field alive only for 1.1:
+            # the common case skips get_http_version, which formats a new str each time.
+            req.version = "1.1"
+        else:
+            req.version = version = parser.get_http_version()
+            if version not in _VERSIONS:
+                raise _Refused(f"HTTP/{version} is not supported: only HTTP/1.1 and HTTP/1.0")
+        if refused is not None:
+            raise _Refused(refused)
+        if expect is not None:
+            # RFC 9110 §10.1.1: ignored in an HTTP/1.0 request.
+            req.expect_continue = expect.strip().lower() == b"100-continue" and req.version == "1.1"
         if size > self.proxy.max_header_bytes:
             raise _Refused(self._head_too_large())
         upgrade = parser.should_upgrade()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, cast
 
+import httptools
 import pytest
 import structlog
 import structlog.testing
@@ -714,6 +715,80 @@ async def test_an_app_connection_keeps_its_state_in_slots(rig: RigFactory) -> No
     with _app_connection(r.proxy) as (down, _):
         assert not hasattr(down, "__dict__")
     await r.settled()
+
+
+class _VersionAsked:
+    """An app connection's parser that counts its `get_http_version` calls."""
+
+    def __init__(self, parser: httptools.HttpRequestParser) -> None:
+        self.parser = parser
+        self.asked = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.parser, name)
+
+    def get_http_version(self) -> str:
+        self.asked += 1
+        return str(self.parser.get_http_version())
+
+
+class TestRequestVersion:
+    def test_llhttp_keeps_alive_by_default_no_version_it_accepts_but_1_1(self) -> None:
+        """What the version shortcut in `on_headers_complete` stands on: llhttp parses
+        only HTTP/0.9, 1.0, 1.1 and 2.0, and keeps a request without a Connection field
+        alive only for 1.1. An httptools that accepted, say, 1.2 would fail here."""
+
+        class Callbacks:
+            def on_headers_complete(self) -> None:
+                pass
+
+        for version in (b"0.9", b"1.0", b"1.1", b"2.0"):
+            parser = httptools.HttpRequestParser(Callbacks())
+            parser.feed_data(b"GET / HTTP/" + version + b"\r\nHost: a\r\n\r\n")
+            assert (version == b"1.1") is parser.should_keep_alive(), version
+        for version in (b"1.2", b"1.9", b"2.1", b"3.0", b"9.9"):
+            parser = httptools.HttpRequestParser(Callbacks())
+            with pytest.raises(httptools.HttpParserError, match="Invalid HTTP version"):
+                parser.feed_data(b"GET / HTTP/" + version + b"\r\nHost: a\r\n\r\n")
+
+    async def test_the_parser_is_asked_the_version_unless_keep_alive_gives_it(
+        self, rig: RigFactory, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An HTTP/1.1 request without a Connection field (curl's, Go's, wrk's) is known
+        to be 1.1 from llhttp's keep-alive alone: `get_http_version`, which formats a
+        new str each time, is not called. Every other request asks it, and gets its
+        version and keep-alive right."""
+        r = await rig()
+        seen: list[tuple[str, bool]] = []
+        monkeypatch.setattr(
+            DownstreamProtocol,
+            "_dispatch",
+            lambda _, req: seen.append((req.version, req.keep_alive)),
+        )
+        cases = [
+            (b"GET / HTTP/1.1\r\nHost: billing\r\n\r\n", ("1.1", True), 0),
+            (b"GET / HTTP/1.1\r\nHost: billing\r\nConnection: close\r\n\r\n", ("1.1", False), 1),
+            (
+                b"GET / HTTP/1.1\r\nconnection: Keep-Alive\r\nHost: billing\r\n\r\n",
+                ("1.1", True),
+                1,
+            ),
+            (
+                b"GET / HTTP/1.0\r\nHost: billing\r\nConnection: keep-alive\r\n\r\n",
+                ("1.0", True),
+                1,
+            ),
+            (b"GET / HTTP/1.0\r\nHost: billing\r\n\r\n", ("1.0", False), 1),
+        ]
+        for data, expected, asked in cases:
+            with _app_connection(r.proxy) as (down, _):
+                parser = _VersionAsked(down.parser)
+                down.parser = cast(httptools.HttpRequestParser, parser)
+                down.data_received(data)
+            assert [expected] == seen, data
+            assert asked == parser.asked, data
+            seen.clear()
+        await r.settled()
 
 
 class TestPipelinedSelfAnswers:
