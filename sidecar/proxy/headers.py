@@ -215,9 +215,14 @@ def request_head(
                 break  # `Connection: close` would remove it: fall back, below
             elif replace_trace:
                 continue  # traceparent or tracestate, replaced below
-        # One in-place extend by a tuple beats four appends, `b"%s: %s\r\n" %` and
-        # concatenation (measured, CPython 3.11).
-        parts += (name, b": ", value, b"\r\n")
+        # Four appends beat one extend by a tuple (which builds the tuple first),
+        # `b"%s: %s\r\n" %`, concatenation and a bytearray: compiled, nginx's eight
+        # response fields took 616 ns this way and 742 ns by a tuple; plain 3.11, 804
+        # and 953 ns (docs/performance.md).
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
     else:  # no break: the single pass stands
         if host is not None and not has_host:
             parts[4] = b"Host: " + host + b"\r\n"
@@ -264,7 +269,10 @@ def response_fields(headers: Headers, rechunk: bool) -> bytes:
             elif lname == b"close":
                 break
             continue
-        parts += (name, b": ", value, b"\r\n")
+        parts.append(name)  # as in request_head
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
     else:  # no break: the single pass stands
         if rechunk:
             parts.append(_rechunked_line(codings))
