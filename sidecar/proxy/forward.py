@@ -71,6 +71,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "_ended",
+        "_final",
         "_framing_is_close",
         "_head_bytes",
         "_head_only",
@@ -102,6 +103,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._ended: ResponseSink | None = None  # a complete response, told after the parse
         self._headers: Headers = []
         self._reason = b""
+        self._final = False  # the message being parsed is a final response (not a 1xx)
         self._head_only = False
         self._upgrade = False  # the request asked to switch protocols (a WebSocket handshake)
         self._spare = -1  # a second descriptor of the socket, read after a failed write
@@ -261,6 +263,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        self._final = status >= 200
         sink = self._sink
         if status < 200:
             if status < 100:
@@ -301,7 +304,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._sink.on_response_body(body)
 
     def on_message_complete(self) -> None:
-        if self._parser.get_status_code() >= 200 and self._sink is not None:
+        if self._final and self._sink is not None:
             self._finish()
 
     # -- exchange -------------------------------------------------------------------------

@@ -651,7 +651,9 @@ class DownstreamProtocol(asyncio.Protocol):
             req.expect_continue = expect.strip().lower() == b"100-continue" and req.version == "1.1"
         if size > self.proxy.max_header_bytes:
             raise _Refused(self._head_too_large())
-        upgrade = parser.should_upgrade()
+        # llhttp upgrades a request (other than CONNECT) only when its Connection field
+        # lists `upgrade`: without one, the parser need not be asked.
+        upgrade = connection and parser.should_upgrade()
         if upgrade:
             req.upgrade = (
                 not req.has_body and req.version == "1.1" and websocket_upgrade(req.headers)

@@ -718,11 +718,13 @@ async def test_an_app_connection_keeps_its_state_in_slots(rig: RigFactory) -> No
 
 
 class _VersionAsked:
-    """An app connection's parser that counts its `get_http_version` calls."""
+    """An app connection's parser that counts its `get_http_version` and
+    `should_upgrade` calls."""
 
     def __init__(self, parser: httptools.HttpRequestParser) -> None:
         self.parser = parser
         self.asked = 0
+        self.upgrade_asked = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.parser, name)
@@ -730,6 +732,10 @@ class _VersionAsked:
     def get_http_version(self) -> str:
         self.asked += 1
         return str(self.parser.get_http_version())
+
+    def should_upgrade(self) -> bool:
+        self.upgrade_asked += 1
+        return bool(self.parser.should_upgrade())
 
 
 class TestRequestVersion:
@@ -756,8 +762,9 @@ class TestRequestVersion:
     ) -> None:
         """An HTTP/1.1 request without a Connection field (curl's, Go's, wrk's) is known
         to be 1.1 from llhttp's keep-alive alone: `get_http_version`, which formats a
-        new str each time, is not called. Every other request asks it, and gets its
-        version and keep-alive right."""
+        new str each time, is not called, and neither is `should_upgrade` (llhttp
+        upgrades only a request whose Connection lists `upgrade`). Every other request
+        asks for its version, and gets it and its keep-alive right."""
         r = await rig()
         seen: list[tuple[str, bool]] = []
         monkeypatch.setattr(
@@ -765,28 +772,31 @@ class TestRequestVersion:
             "_dispatch",
             lambda _, req: seen.append((req.version, req.keep_alive)),
         )
+        # (request, its version and keep-alive, get_http_version calls, should_upgrade calls)
         cases = [
-            (b"GET / HTTP/1.1\r\nHost: billing\r\n\r\n", ("1.1", True), 0),
-            (b"GET / HTTP/1.1\r\nHost: billing\r\nConnection: close\r\n\r\n", ("1.1", False), 1),
+            (b"GET / HTTP/1.1\r\nHost: billing\r\n\r\n", ("1.1", True), 0, 0),
+            (b"GET / HTTP/1.1\r\nHost: billing\r\nConnection: close\r\n\r\n", ("1.1", False), 1, 1),
             (
                 b"GET / HTTP/1.1\r\nconnection: Keep-Alive\r\nHost: billing\r\n\r\n",
                 ("1.1", True),
+                1,
                 1,
             ),
             (
                 b"GET / HTTP/1.0\r\nHost: billing\r\nConnection: keep-alive\r\n\r\n",
                 ("1.0", True),
                 1,
+                1,
             ),
-            (b"GET / HTTP/1.0\r\nHost: billing\r\n\r\n", ("1.0", False), 1),
+            (b"GET / HTTP/1.0\r\nHost: billing\r\n\r\n", ("1.0", False), 1, 0),
         ]
-        for data, expected, asked in cases:
+        for data, expected, asked, upgrade_asked in cases:
             with _app_connection(r.proxy) as (down, _):
                 parser = _VersionAsked(down.parser)
                 down.parser = cast(httptools.HttpRequestParser, parser)
                 down.data_received(data)
             assert [expected] == seen, data
-            assert asked == parser.asked, data
+            assert (asked, upgrade_asked) == (parser.asked, parser.upgrade_asked), data
             seen.clear()
         await r.settled()
 
