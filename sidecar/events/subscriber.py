@@ -47,7 +47,6 @@ from urllib.parse import quote
 import aio_pika
 import aiohttp
 import aiormq
-import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
@@ -61,7 +60,7 @@ from sidecar.config import Config, SubscriptionConfig
 from sidecar.events.publisher import masked_url
 from sidecar.telemetry.logging import get_logger
 from sidecar.telemetry.metrics import Metrics
-from sidecar.telemetry.tracing import CLIENT, CONSUMER, TraceContext, Tracer
+from sidecar.telemetry.tracing import CLIENT, CONSUMER, TraceContext, Tracer, unbind_log_ids
 
 __all__ = [
     "Outcome",
@@ -611,7 +610,7 @@ class Subscriptions:
     async def _deliver(self, sub: _Subscription, delivery: _Delivery) -> None:
         tracer = self.tracer
         trace = None if tracer is None else self._consumer_span(tracer, sub, delivery)
-        tokens = {} if trace is None else structlog.contextvars.bind_contextvars(**trace.log_ids())
+        tokens = None if trace is None else trace.bind_log_ids()
         error: str | None = None
         try:
             await self._attempt(sub, delivery)
@@ -623,8 +622,9 @@ class Subscriptions:
             log.exception("delivery_failed", subscription=sub.name, ce_id=_ce_id(delivery))
             await self._settle(sub, delivery, requeue=True)
         finally:
+            if tokens is not None:
+                unbind_log_ids(tokens)
             if trace is not None and tracer is not None:
-                structlog.contextvars.reset_contextvars(**tokens)
                 self._end_consumer_span(tracer, trace, delivery, error)
 
     def _consumer_span(

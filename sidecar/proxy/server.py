@@ -28,7 +28,6 @@ from http import HTTPStatus
 from typing import Final, Protocol, cast
 
 import httptools
-import structlog
 
 from sidecar.config import AppConnectionsConfig
 from sidecar.errors import ErrorCode, ProxyError
@@ -57,7 +56,14 @@ from sidecar.proxy.tunnel import Tunnel
 from sidecar.proxy.upstream import Upstream
 from sidecar.telemetry.logging import get_logger
 from sidecar.telemetry.metrics import Metrics
-from sidecar.telemetry.tracing import CLIENT, SERVER, SpanRecord, TraceContext, Tracer
+from sidecar.telemetry.tracing import (
+    CLIENT,
+    SERVER,
+    SpanRecord,
+    TraceContext,
+    Tracer,
+    unbind_log_ids,
+)
 
 log = get_logger("sidecar.proxy")
 
@@ -961,7 +967,7 @@ class DownstreamProtocol(asyncio.Protocol):
         retried, its SERVER span begun already."""
         if resumed is None:
             server_span_begin(req, trace)
-        tokens = structlog.contextvars.bind_contextvars(**trace.log_ids())
+        tokens = trace.bind_log_ids()
         error: str | None = None
         try:
             return await (self._handle(req) if resumed is None else resumed.retry())
@@ -969,7 +975,7 @@ class DownstreamProtocol(asyncio.Protocol):
             error = type(exc).__name__
             raise
         finally:
-            structlog.contextvars.reset_contextvars(**tokens)
+            unbind_log_ids(tokens)
             server_span_end(req, tracer, trace, error)
 
     async def _handle(self, req: Request) -> bool:
@@ -1572,7 +1578,7 @@ class Exchange:
             assert tracer is not None
             assert trace is not None
             self._end_attempt_span(tracer, attempt, result)
-            tokens = structlog.contextvars.bind_contextvars(**trace.log_ids())
+            tokens = trace.bind_log_ids()
         error: str | None = None
         retrying = False
         try:
@@ -1591,7 +1597,7 @@ class Exchange:
             if tokens is not None:
                 # Unbound before anything else runs: the retry's task (and the requests
                 # queued behind it, served in that task) must not inherit these ids.
-                structlog.contextvars.reset_contextvars(**tokens)
+                unbind_log_ids(tokens)
             if retrying:
                 down.resume_in_task(self)  # a sampled request's task ends its SERVER span
             else:

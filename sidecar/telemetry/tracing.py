@@ -24,8 +24,10 @@ import time
 from binascii import hexlify
 from collections import deque
 from collections.abc import Iterator
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, Final
 
+import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from sidecar import __version__
@@ -213,6 +215,42 @@ class TraceContext:
     def log_ids(self) -> dict[str, str]:
         """`trace_id` and `span_id` as the log lines carry them (hex)."""
         return {"trace_id": f"{self.trace_id:032x}", "span_id": f"{self.span_id:016x}"}
+
+    def bind_log_ids(self) -> LogIdTokens:
+        """Put `log_ids` on every log line written in this context until `unbind_log_ids`,
+        as `structlog.contextvars.bind_contextvars(**self.log_ids())` would, at a tenth
+        of its cost: the ids are cut from `header`, which holds them in hex whichever
+        way the context was made (W3C: `version-trace-span-flags`, fixed widths), and
+        structlog's two context variables are set directly."""
+        header = self.header
+        return (
+            _LOG_TRACE_ID.set(header[3:35].decode("ascii")),
+            _LOG_SPAN_ID.set(header[36:52].decode("ascii")),
+        )
+
+
+#: What `TraceContext.bind_log_ids` returns, for `unbind_log_ids`.
+LogIdTokens = tuple[Token[Any], Token[Any]]
+
+
+def unbind_log_ids(tokens: LogIdTokens) -> None:
+    """Take the ids `bind_log_ids` put on log lines off again."""
+    _LOG_TRACE_ID.reset(tokens[0])
+    _LOG_SPAN_ID.reset(tokens[1])
+
+
+def _structlog_variables() -> tuple[ContextVar[Any], ContextVar[Any]]:
+    """The context variables structlog keeps `trace_id` and `span_id` in (found through
+    its public API: a bind's tokens name their variables; `merge_contextvars` puts them
+    on each log line)."""
+    tokens = structlog.contextvars.bind_contextvars(trace_id=None, span_id=None)
+    structlog.contextvars.reset_contextvars(**tokens)
+    return tokens["trace_id"].var, tokens["span_id"].var
+
+
+_LOG_VARIABLES: Final = _structlog_variables()
+_LOG_TRACE_ID: Final = _LOG_VARIABLES[0]
+_LOG_SPAN_ID: Final = _LOG_VARIABLES[1]
 
 
 class Tracer:

@@ -227,6 +227,59 @@ class TestBegin:
         assert client.span_id != server.span_id
 
 
+class TestLogIds:
+    @pytest.mark.parametrize(
+        ("ratio", "traceparent", "bits"),
+        [
+            (0.0, None, 0x0123456789ABCDEF_FEDCBA9876543210_0011223344556677),  # new, unsampled
+            (0.0, None, 0x00000000000000000000000000000000_0000000000000000),  # ids of 1
+            (0.0, b"00-bad", None),  # an invalid header: a new trace
+            (0.0, f" 00-{TRACE}-{PARENT}-00 ".encode(), None),  # carried on unchanged
+            (0.0, f"cc-{TRACE}-{PARENT}-00-future".encode(), None),  # a later version
+            (1.0, None, None),  # a sampled root
+            (1.0, f"00-{TRACE}-{PARENT}-01".encode(), None),  # sampled, the app's parent
+        ],
+    )
+    def test_bound_ids_are_the_contexts_on_every_way_it_is_made(
+        self, ratio: float, traceparent: bytes | None, bits: int | None
+    ) -> None:
+        """`bind_log_ids` cuts the ids from the header: for every way `begin` and `child`
+        make a context they are exactly `log_ids()`, on a log line until unbound."""
+        t, _ = tracer({"sampler": "parentbased_traceidratio", "sampler_ratio": ratio})
+        if bits is not None:
+            t._rand = lambda _: bits
+        server = t.begin(traceparent, None, "GET", SERVER)
+        contexts = [server] + ([t.child(server, "GET", CLIENT, {})] if server.sampled else [])
+        log = structlog.get_logger("test")
+        with structlog.testing.capture_logs([structlog.contextvars.merge_contextvars]) as logs:
+            for context in contexts:
+                tokens = context.bind_log_ids()
+                log.info("inside")
+                tracing.unbind_log_ids(tokens)
+                log.info("after")
+        assert 2 * len(contexts) == len(logs)
+        for context, inside, after in zip(contexts, logs[::2], logs[1::2], strict=True):
+            assert context.log_ids() == {k: inside[k] for k in ("trace_id", "span_id")}
+            assert not {"trace_id", "span_id"} & after.keys()
+
+    def test_binding_nests_and_unbinding_restores_the_outer_ids(self) -> None:
+        """A retried request's task binds its ids inside a context that may have others
+        bound: unbinding gives the outer ones back, as `reset_contextvars` does."""
+        t, _ = tracer({"sampler_ratio": 1.0})
+        outer, inner = t.begin(None, None, "GET", SERVER), t.begin(None, None, "GET", SERVER)
+        log = structlog.get_logger("test")
+        with structlog.testing.capture_logs([structlog.contextvars.merge_contextvars]) as logs:
+            first = outer.bind_log_ids()
+            second = inner.bind_log_ids()
+            log.info("inner")
+            tracing.unbind_log_ids(second)
+            log.info("outer")
+            tracing.unbind_log_ids(first)
+        assert [inner.log_ids()["span_id"], outer.log_ids()["span_id"]] == [
+            entry["span_id"] for entry in logs
+        ]
+
+
 class TestExport:
     def test_spans_are_encoded_when_they_end_and_the_thread_only_sends(self) -> None:
         """With an OTLP transport, a span is encoded by `put` on the caller's thread (the
