@@ -109,7 +109,8 @@ _SHORTAGE_ERRNOS: Final = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, 
 _VERSIONS: Final = frozenset(("1.1", "1.0"))
 #: The lengths of the request fields `on_headers_complete` reads (content-length,
 #: transfer-encoding, expect, host, idempotency-key, traceparent, tracestate,
-#: connection): a field of any other length is passed by without lower-casing its name.
+#: connection, proxy-connection): a field of any other length is passed by without
+#: lower-casing its name.
 _READ_LENGTHS: Final = frozenset(
     len(n)
     for n in (
@@ -121,8 +122,11 @@ _READ_LENGTHS: Final = frozenset(
         b"traceparent",
         b"tracestate",
         b"connection",
+        b"proxy-connection",
     )
 )
+#: The fields llhttp reads a request's keep-alive and upgrade from.
+_CONNECTION_FIELDS: Final = frozenset((b"connection", b"proxy-connection"))
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNK_END: Final = b"0\r\n\r\n"
 _CRLF: Final = b"\r\n"
@@ -605,7 +609,9 @@ class DownstreamProtocol(asyncio.Protocol):
             return  # feed_data raises HttpParserUpgrade next; _reject answers 400
         req.keep_alive = keep_alive = parser.should_keep_alive()
         size = len(req.target)
-        connection = False  # a Connection field was sent
+        # A Connection field was sent, or a Proxy-Connection one: llhttp reads both alike
+        # (keep-alive, close, upgrade).
+        connection = False
         expect: bytes | None = None
         refused: str | None = None  # the first field refused: raised after the version's check
         for name, value in req.headers:
@@ -625,7 +631,7 @@ class DownstreamProtocol(asyncio.Protocol):
                         f"Transfer-Encoding {shown!r} is not supported: only a single 'chunked'"
                     )
                 req.chunked = req.has_body = True
-            elif lname == b"connection":
+            elif lname in _CONNECTION_FIELDS:
                 connection = True
             elif lname == b"expect":
                 expect = value
@@ -643,8 +649,9 @@ class DownstreamProtocol(asyncio.Protocol):
                 req.tracestate = value if req.tracestate is None else req.tracestate + b"," + value
         if keep_alive and not connection:
             # Of the versions llhttp accepts (0.9, 1.0, 1.1 and 2.0; any other is a parse
-            # error), it keeps a request without a Connection field alive only for 1.1:
-            # the common case skips get_http_version, which formats a new str each time.
+            # error), it keeps a request without a Connection (or Proxy-Connection) field
+            # alive only for 1.1: the common case skips get_http_version, which formats
+            # a new str each time.
             req.version = "1.1"
         else:
             req.version = version = parser.get_http_version()
@@ -657,8 +664,8 @@ class DownstreamProtocol(asyncio.Protocol):
             req.expect_continue = expect.strip().lower() == b"100-continue" and req.version == "1.1"
         if size > self.proxy.max_header_bytes:
             raise _Refused(self._head_too_large())
-        # llhttp upgrades a request (other than CONNECT) only when its Connection field
-        # lists `upgrade`: without one, the parser need not be asked.
+        # llhttp upgrades a request (other than CONNECT) only when its Connection (or
+        # Proxy-Connection) field lists `upgrade`: without one, it need not be asked.
         upgrade = connection and parser.should_upgrade()
         if upgrade:
             req.upgrade = (

@@ -492,6 +492,32 @@ class TestHttp10:
         assert b"connection: keep-alive" in not_found.lower()
         assert echoed.startswith(b"HTTP/1.1 200")
 
+    async def test_proxy_connection_keep_alive_is_read_as_connection_and_stays_http10(
+        self, tmp_path: Path, upstreams: UpstreamFactory
+    ) -> None:
+        """`Proxy-Connection: keep-alive` (old HTTP/1.0 clients behind a proxy send it;
+        llhttp reads it as Connection): the request is still HTTP/1.0, so a chunked
+        upstream body comes close-delimited, never chunked, which a 1.0 client cannot
+        read; and an HTTP/2.0 request sent that way is still refused."""
+        billing = await upstreams("billing")
+        async with billing_sidecar(tmp_path, billing.endpoint) as sc:
+            http10 = await raw_until_close(
+                sc.app_port,
+                b"GET /v1/invoke/billing/chunked HTTP/1.0\r\nHost: x\r\n"
+                b"Proxy-Connection: keep-alive\r\n\r\n",
+            )
+            http20 = await raw_until_close(
+                sc.app_port,
+                b"GET /v1/invoke/billing/echo HTTP/2.0\r\nProxy-Connection: keep-alive\r\n\r\n",
+            )
+        head, _, body = http10.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert b"transfer-encoding" not in head.lower()
+        assert b"connection: close" in head.lower()
+        assert b"part0\npart1\npart2\n" == body
+        assert http20.startswith(b"HTTP/1.1 400"), http20
+        assert b"HTTP/2.0 is not supported" in http20
+
     async def test_expect_100_continue_is_ignored_in_http10(
         self, tmp_path: Path, upstreams: UpstreamFactory
     ) -> None:

@@ -789,6 +789,13 @@ class TestRequestVersion:
                 1,
             ),
             (b"GET / HTTP/1.0\r\nHost: billing\r\n\r\n", ("1.0", False), 1, 0),
+            # llhttp reads Proxy-Connection as Connection: kept alive, yet 1.0.
+            (
+                b"GET / HTTP/1.0\r\nHost: billing\r\nProxy-Connection: keep-alive\r\n\r\n",
+                ("1.0", True),
+                1,
+                1,
+            ),
         ]
         for data, expected, asked, upgrade_asked in cases:
             with _app_connection(r.proxy) as (down, _):
