@@ -1402,6 +1402,10 @@ def _otlp_grpc_target(value: object) -> str:
 _HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
 
 
+#: Export headers that would break the request's framing: refused at start.
+_EXPORTER_FRAMING = frozenset(("content-length", "transfer-encoding", "connection"))
+
+
 def _export_header_problem(name: str, value: str, grpc: bool) -> str | None:
     """Why a header cannot be sent with an export (checked at start, not at each export)."""
     if not _HEADER_NAME.fullmatch(name):
@@ -1410,6 +1414,8 @@ def _export_header_problem(name: str, value: str, grpc: bool) -> str | None:
         return "the value must be printable ASCII (no line breaks)"
     if grpc and name.lower().endswith("-bin"):
         return "binary (-bin) gRPC metadata is not supported"
+    if name.lower() in _EXPORTER_FRAMING:
+        return "the exporter sets it itself (it frames the request)"
     return None
 
 

@@ -209,7 +209,11 @@ def _backoff(attempt: int, rng: random.Random) -> float:
 
 
 class _Answer:
-    """httptools callbacks that collect the answer to one export (after any 1xx)."""
+    """httptools callbacks that collect the answer to one export (after any 1xx).
+
+    Anything after the answer (a second response, garbage) is not read as part of it:
+    it marks the connection out of step (`extra`), and the answer stands.
+    """
 
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
@@ -218,23 +222,29 @@ class _Answer:
         self.retry_after: bytes | None = None
         self.body = b""  # its first bytes, for the error message
         self.done = False
+        self.extra = False  # bytes came after the answer
 
     def on_message_begin(self) -> None:
+        if self.done:
+            self.extra = True
+            return
         self.retry_after = None
         self.body = b""
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) == 11 and name.lower() == b"retry-after":
+        if not self.done and len(name) == 11 and name.lower() == b"retry-after":
             self.retry_after = value
 
     def on_headers_complete(self) -> None:
+        if self.done:
+            return
         status = self.parser.get_status_code()
         if status >= 200:
             self.status = status
             self.keep_alive = bool(self.parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
-        if len(self.body) < 200:
+        if not self.done and len(self.body) < 200:
             self.body += body[:200]
 
     def on_message_complete(self) -> None:
@@ -260,20 +270,29 @@ class HttpTransport:
         self.port = url.port or (443 if self.https else 80)
         self.path = (url.path or "/") + (f"?{url.query}" if url.query else "")
         self.gzip = config.compression == "gzip"
-        self.headers = {
-            "Content-Type": "application/x-protobuf",
-            "User-Agent": USER_AGENT,
-            **dict(config.headers),
+        # By lower-cased name: a configured field replaces the exporter's own.
+        fields = {
+            "content-type": ("Content-Type", "application/x-protobuf"),
+            "user-agent": ("User-Agent", USER_AGENT),
         }
+        for name, value in config.headers:
+            fields[name.lower()] = (name, value)
         if self.gzip:
-            self.headers["Content-Encoding"] = "gzip"
-        authority = f"[{self.host}]" if ":" in self.host else self.host
+            fields["content-encoding"] = ("Content-Encoding", "gzip")
+        # The head up to Content-Length's value, as http.client wrote it: Host first and
+        # Accept-Encoding: identity, unless configured; a host name in IDNA.
+        host = self.host
+        if not host.isascii():
+            host = host.encode("idna").decode("ascii")
+        authority = f"[{host}]" if ":" in host else host
         if self.port != (443 if self.https else 80):
             authority += f":{self.port}"
-        # The head up to Content-Length's value, as http.client wrote it (Host first,
-        # Accept-Encoding: identity, names ASCII, values Latin-1).
-        lines = [f"POST {self.path} HTTP/1.1", f"Host: {authority}", "Accept-Encoding: identity"]
-        lines += [f"{name}: {value}" for name, value in self.headers.items()]
+        lines = [f"POST {self.path} HTTP/1.1"]
+        if "host" not in fields:
+            lines.append(f"Host: {authority}")
+        if "accept-encoding" not in fields:
+            lines.append("Accept-Encoding: identity")
+        lines += [f"{name}: {value}" for name, value in fields.values()]
         self._head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
         self.timeout = config.export_timeout
         self._sock: socket.socket | None = None
@@ -313,7 +332,12 @@ class HttpTransport:
                         break  # a body delimited by the close: complete
                     raise ConnectionError("the collector closed the connection before answering")
                 got = True
-                answer.parser.feed_data(data)
+                try:
+                    answer.parser.feed_data(data)
+                except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+                    if not answer.done:
+                        raise
+                    answer.extra = True  # garbage after the answer, which stands
         except OSError as exc:
             self.close()
             if reused and not got and not isinstance(exc, TimeoutError):
@@ -322,8 +346,8 @@ class HttpTransport:
         except BaseException:
             self.close()
             raise
-        if not answer.keep_alive:
-            self.close()
+        if not answer.keep_alive or answer.extra:
+            self.close()  # nothing more can be read from it in step
         return answer
 
     def send(self, body: bytes, deadline: float) -> None:
@@ -340,6 +364,8 @@ class HttpTransport:
                 if answer is None:  # a stale kept-alive connection: again, on a new one
                     answer = self._exchange(request, deadline)
                     assert answer is not None  # a new connection is never stale
+            except httptools.HttpParserUpgrade:
+                raise ExportError("HTTP 101: the collector switched protocols") from None
             except (OSError, httptools.HttpParserError) as exc:
                 self.close()
                 reason = f"{type(exc).__name__}: {exc}"

@@ -8,6 +8,7 @@ while the servers run on the test's loop.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -89,6 +90,8 @@ async def _raw_server(serve: Serve) -> AsyncIterator[tuple[str, list[int]]]:
         yield f"http://127.0.0.1:{port}/v1/traces", accepted
     finally:
         server.close()
+        if handlers:  # each ends when the transport closes its side; any left is cancelled
+            await asyncio.wait(list(handlers), timeout=5)
         for task in list(handlers):
             task.cancel()
         await server.wait_closed()
@@ -259,3 +262,98 @@ class TestTheConnection:
         assert 2 == len(accepted)
         assert 1 == len(no_backoff)
         assert 0.8 <= no_backoff[0] <= 1.2
+
+
+class TestWhatTheCollectorSends:
+    async def test_bytes_after_a_complete_answer_leave_it_standing(self) -> None:
+        """Garbage, or a second response, after a whole 200: the export succeeded (it is
+        not sent again), and the connection, out of step, is not used again."""
+        answers = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nJUNK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+            b"HTTP/1.1 400 Bad\r\nContent-Length: 0\r\n\r\n",
+        ]
+        requests: list[bytes] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            requests.append(await _read_request(reader))
+            writer.write(answers[len(requests) - 1])
+            await writer.drain()
+            await reader.read()  # until the client closes
+
+        async with _raw_server(serve) as (url, accepted):
+            transport = HttpTransport(_config(url))
+            try:
+                await _send(transport, _body())
+                await _send(transport, _body())
+            finally:
+                transport.close()
+        assert 2 == len(requests)
+        assert 2 == len(accepted)
+
+    async def test_a_switch_of_protocols_fails_the_export_at_once(
+        self, no_backoff: list[float]
+    ) -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await _read_request(reader)
+            writer.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+            )
+            await writer.drain()
+            await reader.read()
+
+        async with _raw_server(serve) as (url, _):
+            transport = HttpTransport(_config(url))
+            try:
+                with pytest.raises(ExportError, match="HTTP 101"):
+                    await _send(transport, _body())
+            finally:
+                transport.close()
+        assert [] == no_backoff
+
+    async def test_a_configured_host_replaces_the_exporters_own_and_idna_is_used(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """One Host field, the configured one when there is one (Go's server, the
+        Collector's, answers 400 to two); a host name outside ASCII goes out in IDNA,
+        as http.client sent it."""
+        heads: list[bytes] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            heads.append(await _read_request(reader))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            await reader.read()
+
+        async with _raw_server(serve) as (url, _):
+            port = int(url.split(":")[2].split("/")[0])
+            connect = socket.create_connection
+            monkeypatch.setattr(  # every host name reaches the raw server
+                "sidecar.telemetry.otlp.socket.create_connection",
+                lambda _address, timeout: connect(("127.0.0.1", port), timeout),
+            )
+            configured = HttpTransport(
+                _config(url, headers=(("host", "otel.internal"), ("accept-encoding", "gzip")))
+            )
+            idn = HttpTransport(_config("http://tracé.example:4318/v1/traces"))
+            try:
+                await _send(configured, _body())
+                await _send(idn, _body())
+            finally:
+                configured.close()
+                idn.close()
+        fields = [
+            [
+                line.split(b":", 1)[0].lower() + b":" + line.split(b":", 1)[1]
+                for line in head.split(b"\r\n")[1:]
+                if b":" in line
+            ]
+            for head in heads
+        ]
+        assert [b"host: otel.internal"] == [f for f in fields[0] if f.startswith(b"host:")]
+        assert [b"accept-encoding: gzip"] == [
+            f for f in fields[0] if f.startswith(b"accept-encoding:")
+        ]
+        assert [b"host: " + "tracé.example".encode("idna") + b":4318"] == [
+            f for f in fields[1] if f.startswith(b"host:")
+        ]

@@ -754,6 +754,14 @@ class TestReviewFindings:
             with pytest.raises(ConfigError, match="x-"):
                 config({"otlp_endpoint": "http://collector:4318"}, env)
 
+    @pytest.mark.parametrize("name", ["Content-Length", "transfer-encoding", "Connection"])
+    def test_export_headers_that_frame_the_request_are_refused(self, name: str) -> None:
+        """The exporter frames its own requests: a configured Content-Length (or the
+        like) would make the collector misread every export."""
+        env = {"OTEL_EXPORTER_OTLP_HEADERS": f"{name}=5"}
+        with pytest.raises(ConfigError, match="the exporter sets it itself"):
+            config({"otlp_endpoint": "http://collector:4318"}, env)
+
     def test_a_grpc_endpoint_may_be_a_bare_host_and_port(self) -> None:
         """As the gRPC exporters accept it: 127.0.0.1:4317."""
         tracing = config(
