@@ -1390,6 +1390,13 @@ def _otlp_url(value: object) -> str:
             f"invalid OTLP endpoint {_shown(value)} (expected http(s)://host:port, e.g. "
             "http://jaeger-collector:4318)"
         )
+    host = urlsplit(text).hostname or ""
+    try:
+        host.encode("idna")  # how the exporter names it on the wire (Host, TLS, DNS)
+    except UnicodeError:
+        raise ValueError(
+            f"invalid OTLP endpoint {_shown(value)}: its host name cannot be written in IDNA"
+        ) from None
     return text
 
 

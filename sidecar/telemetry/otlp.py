@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import random
+import select
 import socket
 import ssl
 import struct
@@ -223,6 +224,7 @@ class _Answer:
         self.body = b""  # its first bytes, for the error message
         self.done = False
         self.extra = False  # bytes came after the answer
+        self.switched = False  # the answer is a 101: the collector switched protocols
 
     def on_message_begin(self) -> None:
         if self.done:
@@ -242,6 +244,8 @@ class _Answer:
         if status >= 200:
             self.status = status
             self.keep_alive = bool(self.parser.should_keep_alive())
+        elif status == 101:
+            self.switched = True
 
     def on_body(self, body: bytes) -> None:
         if not self.done and len(self.body) < 200:
@@ -287,9 +291,8 @@ class HttpTransport:
         authority = f"[{host}]" if ":" in host else host
         if self.port != (443 if self.https else 80):
             authority += f":{self.port}"
-        lines = [f"POST {self.path} HTTP/1.1"]
-        if "host" not in fields:
-            lines.append(f"Host: {authority}")
+        name, value = fields.pop("host", ("Host", authority))
+        lines = [f"POST {self.path} HTTP/1.1", f"{name}: {value}"]  # Host first (RFC 9110)
         if "accept-encoding" not in fields:
             lines.append("Accept-Encoding: identity")
         lines += [f"{name}: {value}" for name, value in fields.values()]
@@ -305,6 +308,10 @@ class HttpTransport:
             context.set_alpn_protocols(["http/1.1"])
             try:
                 sock = context.wrap_socket(sock, server_hostname=self.host)
+            except ssl.SSLCertVerificationError as exc:
+                sock.close()
+                # Not retried: the same certificate comes back on every attempt.
+                raise ExportError(f"the collector's certificate was refused: {exc}") from None
             except BaseException:
                 sock.close()
                 raise
@@ -316,6 +323,11 @@ class HttpTransport:
         while idle (its keep-alive timeout), and the request can go again at once on a
         new connection."""
         sock = self._sock
+        if sock is not None and _readable(sock):
+            # Bytes nobody asked for, or the collector's close (its idle timeout): either
+            # way the connection is out of step or gone. A new one instead.
+            self.close()
+            sock = None
         reused = sock is not None
         if sock is None:
             sock = self._sock = self._connect(deadline)
@@ -335,6 +347,8 @@ class HttpTransport:
                 try:
                     answer.parser.feed_data(data)
                 except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+                    if answer.switched:  # llhttp stops at a 101, with or without Upgrade
+                        raise ExportError("HTTP 101: the collector switched protocols") from None
                     if not answer.done:
                         raise
                     answer.extra = True  # garbage after the answer, which stands
@@ -364,8 +378,6 @@ class HttpTransport:
                 if answer is None:  # a stale kept-alive connection: again, on a new one
                     answer = self._exchange(request, deadline)
                     assert answer is not None  # a new connection is never stale
-            except httptools.HttpParserUpgrade:
-                raise ExportError("HTTP 101: the collector switched protocols") from None
             except (OSError, httptools.HttpParserError) as exc:
                 self.close()
                 reason = f"{type(exc).__name__}: {exc}"
@@ -389,6 +401,18 @@ class HttpTransport:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether an idle connection has something to read: data or its end (or TLS bytes
+    already decrypted)."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True  # closed under us: not reusable either
+    return bool(readable)
 
 
 def _left(deadline: float) -> float:

@@ -8,10 +8,14 @@ while the servers run on the test's loop.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -62,6 +66,19 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     slept: list[float] = []
     monkeypatch.setattr("sidecar.telemetry.otlp.time.sleep", slept.append)
     return slept
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (made by the openssl command)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    request = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    request += ["-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+    subprocess.run([openssl, *request], check=True, capture_output=True)
+    return cert, key
 
 
 @asynccontextmanager
@@ -291,14 +308,19 @@ class TestWhatTheCollectorSends:
         assert 2 == len(requests)
         assert 2 == len(accepted)
 
+    @pytest.mark.parametrize(
+        "answer",
+        [
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",  # llhttp stops there all the same
+        ],
+    )
     async def test_a_switch_of_protocols_fails_the_export_at_once(
-        self, no_backoff: list[float]
+        self, answer: bytes, no_backoff: list[float]
     ) -> None:
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await _read_request(reader)
-            writer.write(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
-            )
+            writer.write(answer)
             await writer.drain()
             await reader.read()
 
@@ -357,3 +379,64 @@ class TestWhatTheCollectorSends:
         assert [b"host: " + "tracé.example".encode("idna") + b":4318"] == [
             f for f in fields[1] if f.startswith(b"host:")
         ]
+
+    @pytest.mark.parametrize(
+        "late",
+        [b"JUNK\r\n", b"HTTP/1.1 400 Bad\r\nContent-Length: 0\r\n\r\n"],
+    )
+    async def test_bytes_that_come_after_the_answer_retire_the_connection(
+        self, late: bytes, no_backoff: list[float]
+    ) -> None:
+        """Bytes the collector sends after a complete answer, in a later packet: the next
+        export does not read them as its answer (a parse error, a resend, or a 400 that
+        was not its own) but goes on a new connection, once."""
+        requests: list[bytes] = []
+        more, written = asyncio.Event(), asyncio.Event()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            requests.append(await _read_request(reader))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            if len(requests) == 1:
+                await more.wait()
+                writer.write(late)  # in the client's socket once drained (loopback)
+                await writer.drain()
+                written.set()
+            await reader.read()
+
+        async with _raw_server(serve) as (url, accepted):
+            transport = HttpTransport(_config(url))
+            try:
+                await _send(transport, _body())
+                more.set()
+                await written.wait()
+                await _send(transport, _body())
+            finally:
+                transport.close()
+        assert 2 == len(requests)
+        assert 2 == len(accepted)
+        assert [] == no_backoff
+
+    async def test_a_certificate_that_fails_verification_fails_the_export_at_once(
+        self, self_signed: tuple[Path, Path], no_backoff: list[float]
+    ) -> None:
+        """A self-signed certificate: an export error naming it, without the back-off
+        (the same certificate would come back on every attempt)."""
+        cert, key = self_signed
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+        port = server.sockets[0].getsockname()[1]
+        transport = HttpTransport(_config(f"https://127.0.0.1:{port}/v1/traces"))
+        try:
+            with pytest.raises(ExportError, match="certificate"):
+                await _send(transport, _body())
+        finally:
+            transport.close()
+            server.close()
+            await server.wait_closed()
+        assert [] == no_backoff

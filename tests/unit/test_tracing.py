@@ -754,6 +754,12 @@ class TestReviewFindings:
             with pytest.raises(ConfigError, match="x-"):
                 config({"otlp_endpoint": "http://collector:4318"}, env)
 
+    def test_an_endpoint_whose_host_has_no_idna_form_is_refused(self) -> None:
+        """The exporter names the collector in IDNA (Host, TLS, DNS): a host name that
+        has no such form is a config error, not a traceback at start."""
+        with pytest.raises(ConfigError, match="IDNA"):
+            config({"otlp_endpoint": "http://\u00e4..b:4318/v1/traces"})
+
     @pytest.mark.parametrize("name", ["Content-Length", "transfer-encoding", "Connection"])
     def test_export_headers_that_frame_the_request_are_refused(self, name: str) -> None:
         """The exporter frames its own requests: a configured Content-Length (or the
