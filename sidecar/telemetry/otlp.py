@@ -297,17 +297,19 @@ class HttpTransport:
             lines.append("Accept-Encoding: identity")
         lines += [f"{name}: {value}" for name, value in fields.values()]
         self._head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
-        self.timeout = config.export_timeout
+        # Made once: loading the system's CA certificates takes milliseconds of the GIL.
+        self._tls: ssl.SSLContext | None = None
+        if self.https:
+            self._tls = ssl.create_default_context()
+            self._tls.set_alpn_protocols(["http/1.1"])
         self._sock: socket.socket | None = None
         self._rng = random.Random()
 
     def _connect(self, deadline: float) -> socket.socket:
         sock = socket.create_connection((self.host, self.port), _left(deadline))
-        if self.https:
-            context = ssl.create_default_context()
-            context.set_alpn_protocols(["http/1.1"])
+        if self._tls is not None:
             try:
-                sock = context.wrap_socket(sock, server_hostname=self.host)
+                sock = self._tls.wrap_socket(sock, server_hostname=self.host)
             except ssl.SSLCertVerificationError as exc:
                 sock.close()
                 # Not retried: the same certificate comes back on every attempt.
@@ -378,8 +380,7 @@ class HttpTransport:
                 if answer is None:  # a stale kept-alive connection: again, on a new one
                     answer = self._exchange(request, deadline)
                     assert answer is not None  # a new connection is never stale
-            except (OSError, httptools.HttpParserError) as exc:
-                self.close()
+            except (OSError, httptools.HttpParserError) as exc:  # closed by _exchange
                 reason = f"{type(exc).__name__}: {exc}"
             else:
                 status = answer.status
