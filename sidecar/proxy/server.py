@@ -37,6 +37,7 @@ from sidecar.proxy.forward import (
     FRAMING_CLOSE,
     FRAMING_TUNNEL,
     EndpointPool,
+    Outbox,
     UpstreamConnection,
 )
 from sidecar.proxy.headers import (
@@ -256,6 +257,14 @@ class Proxy:
         self.events: EventSink | None = None
         # Tracing (None when off): a SERVER span per request, a CLIENT span per attempt.
         self.tracer: Tracer | None = None
+        self._outbox: Outbox | None = None
+
+    def outbox(self, loop: asyncio.AbstractEventLoop) -> Outbox:
+        """The writes held until the end of the loop's pass, of every connection."""
+        outbox = self._outbox
+        if outbox is None or outbox.loop is not loop:
+            outbox = self._outbox = Outbox(loop)
+        return outbox
 
     def protocol(self, fixed: Upstream | None = None) -> DownstreamProtocol:
         return DownstreamProtocol(self, fixed)
@@ -409,6 +418,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "linger_timer",
         "lingering",
         "loop",
+        "outbox",
         "parser",
         "paused",
         "proxy",
@@ -418,6 +428,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "task",
         "trailing",
         "transport",
+        "unsent",
         "write_paused",
         "write_wait",
     )
@@ -466,7 +477,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self.held = b""  # what the app sent after a WebSocket handshake, until the answer
         # The loop, once per connection: asyncio.get_running_loop() costs a getpid()
         # system call on CPython 3.11, twice per request on the hot path otherwise.
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
+        self.outbox = proxy.outbox(loop)
+        self.unsent: list[bytes] = []  # written at the end of the loop's pass (see Outbox)
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -540,6 +553,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.unsent = []
         self.proxy.connections.discard(self)
         if self.linger_timer is not None:  # it would keep this connection for LINGER
             self.linger_timer.cancel()
@@ -1124,12 +1138,40 @@ class DownstreamProtocol(asyncio.Protocol):
     # -- writing to the app ----------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
+        """Write now, after anything held."""
+        transport = self.transport
+        if transport is not None and not self.closed:
+            if self.unsent:
+                self.send_unsent()
+            transport.write(data)
 
     def writelines(self, data: list[bytes]) -> None:
+        """Write now, after anything held."""
+        transport = self.transport
+        if transport is not None and not self.closed:
+            if self.unsent:
+                self.send_unsent()
+            transport.writelines(data)
+
+    def hold(self, data: list[bytes]) -> None:
+        """Write `data` (taken, not copied) at the end of the loop's pass (see Outbox):
+        the end of an answer, bounded by one read of the upstream."""
         if self.transport is not None and not self.closed:
-            self.transport.writelines(data)
+            unsent = self.unsent
+            if unsent:
+                unsent += data
+            else:
+                self.unsent = data
+                self.outbox.add(self)
+
+    def send_unsent(self) -> None:
+        unsent = self.unsent
+        if unsent:
+            self.unsent = []
+            transport = self.transport
+            if transport is not None and not self.closed:
+                transport.writelines(unsent)
+                self.proxy.flushed()  # a shutdown's wait_ended may wait for this
 
     def send_error(self, req: Request, err: ProxyError) -> bool:
         """Answer with the JSON error contract; return whether to keep the connection."""
@@ -1234,6 +1276,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.paused:
             self.paused = 0
             transport.resume_reading()
+        self.send_unsent()
         if transport.can_write_eof():
             transport.write_eof()
         if self.unflushed():
@@ -1313,7 +1356,11 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def unflushed(self) -> bool:
         transport = self.transport
-        return transport is not None and not self.closed and transport.get_write_buffer_size() > 0
+        return (
+            transport is not None
+            and not self.closed
+            and (bool(self.unsent) or transport.get_write_buffer_size() > 0)
+        )
 
     def ending(self) -> bool:
         """Still writing out answers made, or lingering: a shutdown lets it end."""
@@ -1321,6 +1368,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def watch_flush(self) -> None:
         """Have resume_writing tell when every byte is handed to the kernel."""
+        self.send_unsent()
         if self.unflushed():
             assert self.transport is not None
             self.transport.set_write_buffer_limits(0, 0)
@@ -1328,6 +1376,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def finish(self) -> None:
         """Shutdown's last word: close when no request is in flight and every answer is
         handed to the kernel (it goes on sending them after the exit), else cut."""
+        self.send_unsent()
         if self.unflushed() or (self.busy and not self.lingering):
             self.cut()
         else:
@@ -1335,10 +1384,14 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
+            self.send_unsent()
             self.transport.close()
 
     def abort(self) -> None:
         if self.transport is not None and not self.closed:
+            # What was written goes to the kernel first, as it went at once before
+            # writes were held (see Outbox): only the transport's own buffer is dropped.
+            self.send_unsent()
             self.transport.abort()
         self.closed = True
 
@@ -1856,7 +1909,9 @@ class Exchange:
                 self._timer = loop.call_later(budget, self._on_timer)
                 # A new connection's callbacks run in the context it was made in: an
                 # empty one, or every later request on it would log this one's trace ids.
-                connect = loop.create_task(pool.connect(), context=contextvars.Context())
+                connect = loop.create_task(
+                    pool.connect(self.down.outbox), context=contextvars.Context()
+                )
                 await asyncio.wait((connect, fut), return_when=asyncio.FIRST_COMPLETED)
                 if fut.done():  # timed out, or the app went away (or stalled)
                     connect.cancel()
@@ -2091,7 +2146,8 @@ class Exchange:
         if fut is None or fut.done() or transport is None or down.closed:
             upstream.abort()  # the attempt ended (timed out, the app left) while it came
             return
-        self.flush()  # the 101 head
+        self.flush()  # the 101 head (after anything held: the tunnel writes at once)
+        down.send_unsent()
         if rest:
             transport.write(rest)
         held, down.held = down.held, b""
@@ -2129,7 +2185,10 @@ class Exchange:
             return
         if self.downstream_chunked:
             self._out.append(_CHUNK_END)
-        self.flush()
+        if self._out:
+            # The answer's end (one read at most): written with the pass's other writes.
+            self.down.hold(self._out)
+            self._out = []
         # A request whose body the app is still sending can't share the connection,
         # and neither can the upstream connection that answered before reading it all.
         self._body_sent = self.req.body_done
