@@ -234,6 +234,9 @@ class UpstreamConnection(asyncio.Protocol):
             ended.on_response_end(True)
 
     def eof_received(self) -> bool:
+        # The loop closes the transport next, and would drop anything written later:
+        # what is held goes first, as it would have gone at once (see Outbox).
+        self.send_unsent()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -548,7 +548,11 @@ class DownstreamProtocol(asyncio.Protocol):
         """The app closed its sending side. That is how an HTTP client that gave up (its
         own timeout) looks, so it counts as the app leaving: the connection closes and
         any attempt in flight is cancelled. A half-close after the requests (`nc`
-        without `-q`) is not supported, as in nginx's and Envoy's defaults."""
+        without `-q`) is not supported, as in nginx's and Envoy's defaults.
+
+        An answer held for the end of this pass (see Outbox) goes to the transport
+        first: the loop closes it next, and it would drop anything written later."""
+        self.send_unsent()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -1240,6 +1240,39 @@ class TestAppLeaves:
         assert 0 == r.upstream.breaker.failure_count
         assert not r.proxy.connections
 
+    async def test_an_answer_ended_in_the_pass_that_reads_the_apps_half_close_reaches_it(
+        self, rig: RigFactory, paths: Paths
+    ) -> None:
+        """The upstream's answer and the app's FIN (it half-closed after its request)
+        are read in one pass of the loop, the answer first: the answer, held for the
+        end of the pass, reaches the app, as it did when it was written at once (the
+        loop closes the transport right after `eof_received`, dropping later writes).
+        The upstream answers and the app half-closes in one callback, so both are
+        ready, in that order, when the loop next polls."""
+        rigs: list[Rig] = []
+        apps: list[AppConnection] = []
+
+        def answer_then_half_close(seen: Seen) -> Reply:
+            if seen.target != "/last":
+                return Reply()
+            transport = rigs[0].backend.connections[seen.conn].transport
+            assert transport is not None
+            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n/last")
+            apps[0].writer.write_eof()
+            return STALL  # answered above
+
+        r = await rig(answer_then_half_close)
+        rigs.append(r)
+        app = await r.connect()
+        apps.append(app)
+        await app.get("/v1/invoke/billing/warm")
+        app.send(get("/v1/invoke/billing/last"))
+
+        answer = await app.answer()
+        assert (200, b"/last") == (answer.status, answer.body)
+        assert b"" == await asyncio.wait_for(app.reader.read(), PATIENCE)
+        assert ["/v1/invoke/billing/last"] == paths.fast
+
 
 class TestUnexpectedErrors:
     """A bug on the task-less path is contained as on the coroutine path: logged, the

@@ -171,6 +171,13 @@ class TestUpstreamConnection:
         await next_pass()
         assert [("up", "write", b"GET / HTTP/1.1\r\n\r\n"), ("up", "abort", b"")] == log
 
+    async def test_the_upstreams_half_close_sends_what_is_held_first(self) -> None:
+        log: Log = []
+        conn, _ = upstream("up", log, Outbox(asyncio.get_running_loop()))
+        assert conn.start([b"GET / HTTP/1.1\r\n\r\n"], Sink(), False)  # type: ignore[arg-type]
+        assert not conn.eof_received()
+        assert [("up", "write", b"GET / HTTP/1.1\r\n\r\n")] == log
+
     async def test_a_lost_connection_sends_nothing(self) -> None:
         log: Log = []
         conn, _ = upstream("up", log, Outbox(asyncio.get_running_loop()))
@@ -244,6 +251,15 @@ class TestDownstreamProtocol:
         assert down.ending()
         down.finish()
         assert [("app", "write", b"answer"), ("app", "close", b"")] == log
+
+    async def test_the_apps_half_close_sends_what_is_held_first(self) -> None:
+        """The app's FIN read in the pass that held its answer: the loop closes the
+        transport right after `eof_received`, and a closed transport drops writes."""
+        log: Log = []
+        down, _ = downstream("app", log)
+        down.hold([b"answer"])
+        assert not down.eof_received()
+        assert [("app", "write", b"answer")] == log
 
     async def test_a_lost_connection_sends_nothing(self) -> None:
         log: Log = []
