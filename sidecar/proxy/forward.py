@@ -212,7 +212,6 @@ class UpstreamConnection(asyncio.Protocol):
             if sink is not None and self._upgrade and self.head_seen:
                 # The 101 the request asked for: the rest of the stream is the tunnel's.
                 self._sink = None
-                self.send_unsent()  # nothing, as the 101 came: the tunnel writes at once
                 self.closed = True  # never pooled, never read here again
                 self._close_spare()
                 sink.on_upgraded(self, data[upgrade.args[0] :])

@@ -2150,8 +2150,7 @@ class Exchange:
         if fut is None or fut.done() or transport is None or down.closed:
             upstream.abort()  # the attempt ended (timed out, the app left) while it came
             return
-        self.flush()  # the 101 head (after anything held: the tunnel writes at once)
-        down.send_unsent()
+        self.flush()  # the 101 head, after anything held (writelines): the tunnel writes at once
         if rest:
             transport.write(rest)
         held, down.held = down.held, b""
