@@ -75,6 +75,10 @@ class Outbox:
     transports' back-pressure works as before. A connection writing at once sends
     what it holds first, and sends it before it closes. `_send` runs in the loop's
     next round of callbacks, before it polls again (one `call_soon` per pass).
+
+    Held only while another request is in flight (the proxy decides, `Proxy.alone`):
+    a request alone has no other write to share a wake-up with, and held, its
+    answer would wait for the exchange's bookkeeping (15-20 us at one connection).
     """
 
     __slots__ = ("_context", "_queued", "loop")
@@ -389,10 +393,16 @@ class UpstreamConnection(asyncio.Protocol):
         return framing
 
     def start(
-        self, data: list[bytes], sink: ResponseSink, head_only: bool, upgrade: bool = False
+        self,
+        data: list[bytes],
+        sink: ResponseSink,
+        head_only: bool,
+        upgrade: bool = False,
+        hold: bool = True,
     ) -> bool:
         """Send a request head (and any body at hand; `data` is taken, not copied) at
-        the end of the loop's pass (see Outbox); the response goes to `sink`.
+        the end of the loop's pass (see Outbox), or at once when not `hold`; the
+        response goes to `sink`.
 
         False when the connection closed before anything could be sent (the upstream
         reset it right after accepting, and the reset was seen before the write):
@@ -411,7 +421,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._trailing = False
         self._trailer_bytes = 0
         unsent = self.unsent
-        if unsent:
+        if not hold:
+            if unsent:
+                self.send_unsent()
+            transport.writelines(data)
+        elif unsent:
             unsent += data
         else:
             self.unsent = data

@@ -272,6 +272,11 @@ class Proxy:
     def begin(self) -> None:
         self.active += 1
 
+    def alone(self) -> bool:
+        """No request in flight but the caller's: its writes need not wait for the
+        end of the loop's pass, as nothing else can write with them (see Outbox)."""
+        return self.active < 2
+
     def end(self) -> None:
         self.active -= 1
         if self.active == 0 and self._idle_waiter is not None and not self._idle_waiter.done():
@@ -1615,7 +1620,13 @@ class Exchange:
             server_span_route(req, trace.span, up)
             self.attempt_span = attempt = self._attempt_span(tracer, trace, stats)
             head = head.replace(trace.header, attempt.header, 1)
-        if conn.start([head, *req.body] if req.has_body else [head], self, req.method == b"HEAD"):
+        if conn.start(
+            [head, *req.body] if req.has_body else [head],
+            self,
+            req.method == b"HEAD",
+            False,
+            not down.proxy.alone(),
+        ):
             # The per-try deadline (the whole request is sent); see on_due.
             self.due = self.begun + up.try_timeout
             down.proxy.watch(self, loop)
@@ -1949,7 +1960,9 @@ class Exchange:
                         out.append(_CHUNK_END)
                 else:
                     out += body
-            if not conn.start(out, self, req.method == b"HEAD", req.upgrade):
+            if not conn.start(
+                out, self, req.method == b"HEAD", req.upgrade, not self.down.proxy.alone()
+            ):
                 return _CONNECT_FAILED  # reset right after the accept: nothing was sent
             if req.body_done:
                 # The whole request is sent: the upstream's time starts now (one timer:
@@ -2189,8 +2202,11 @@ class Exchange:
         if self.downstream_chunked:
             self._out.append(_CHUNK_END)
         if self._out:
-            # The answer's end (one read at most): written with the pass's other writes.
-            self.down.hold(self._out)
+            down = self.down
+            if down.proxy.alone():  # at once: before the exchange's bookkeeping below
+                down.writelines(self._out)
+            else:  # the answer's end (one read at most): with the pass's other writes
+                down.hold(self._out)
             self._out = []
         # A request whose body the app is still sending can't share the connection,
         # and neither can the upstream connection that answered before reading it all.

@@ -1240,19 +1240,22 @@ class TestAppLeaves:
         assert 0 == r.upstream.breaker.failure_count
         assert not r.proxy.connections
 
+    @pytest.mark.parametrize("others_in_flight", [0, 1], ids=["alone", "held"])
     async def test_an_answer_ended_in_the_pass_that_reads_the_apps_half_close_reaches_it(
-        self, rig: RigFactory, paths: Paths
+        self, rig: RigFactory, paths: Paths, others_in_flight: int
     ) -> None:
         """The upstream's answer and the app's FIN (it half-closed after its request)
-        are read in one pass of the loop, the answer first: the answer, held for the
-        end of the pass, reaches the app, as it did when it was written at once (the
-        loop closes the transport right after `eof_received`, dropping later writes).
-        The upstream answers and the app half-closes in one callback, so both are
-        ready, in that order, when the loop next polls."""
+        are read in one pass of the loop, the answer first: the answer reaches the app,
+        written at once (alone) or held for the end of the pass (another request in
+        flight): the loop closes the transport right after `eof_received`, dropping
+        later writes. The upstream answers and the app half-closes in one callback, so
+        both are ready, in that order, when the loop next polls."""
         rigs: list[Rig] = []
         apps: list[AppConnection] = []
 
         def answer_then_half_close(seen: Seen) -> Reply:
+            if seen.target == "/stall":
+                return STALL
             if seen.target != "/last":
                 return Reply()
             transport = rigs[0].backend.connections[seen.conn].transport
@@ -1263,6 +1266,9 @@ class TestAppLeaves:
 
         r = await rig(answer_then_half_close)
         rigs.append(r)
+        if others_in_flight:  # on a connection of its own, taken before the pool has one
+            (await r.connect()).send(get("/v1/invoke/billing/stall"))
+            await until("another request in flight", lambda: r.proxy.active == 1)
         app = await r.connect()
         apps.append(app)
         await app.get("/v1/invoke/billing/warm")
@@ -1272,6 +1278,67 @@ class TestAppLeaves:
         assert (200, b"/last") == (answer.status, answer.body)
         assert b"" == await asyncio.wait_for(app.reader.read(), PATIENCE)
         assert ["/v1/invoke/billing/last"] == paths.fast
+
+
+class TestWritesOfARequestAlone:
+    """A request alone in flight has no other write to share a wake-up with (Outbox):
+    its head goes upstream, and its answer's end to the app, at once, before the
+    exchange's bookkeeping. With another request in flight, both wait for the end of
+    the loop's pass, to leave with that pass's other writes."""
+
+    @staticmethod
+    def spy(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[bool]]:
+        """Whether the head was still held when `start_fast` returned, and the answer
+        when the exchange's bookkeeping got to `served`, by request."""
+        held: dict[str, list[bool]] = {"head": [], "answer": []}
+        start_fast = Exchange.start_fast
+        served = DownstreamProtocol.served
+
+        def spy_start_fast(exchange: Exchange) -> bool:
+            taken = start_fast(exchange)
+            if taken and exchange.conn is not None:
+                held["head"].append(bool(exchange.conn.unsent))
+            return taken
+
+        def spy_served(down: DownstreamProtocol, req: Request, keep: bool) -> None:
+            held["answer"].append(bool(down.unsent))
+            served(down, req, keep)
+
+        monkeypatch.setattr(Exchange, "start_fast", spy_start_fast)
+        monkeypatch.setattr(DownstreamProtocol, "served", spy_served)
+        return held
+
+    async def test_a_request_alone_is_written_at_once_both_ways(
+        self, rig: RigFactory, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        r = await rig()
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/warm")  # pools a connection: the next is task-less
+        held = self.spy(monkeypatch)
+
+        answer = await app.get("/v1/invoke/billing/alone")
+
+        assert (200, b"/alone") == (answer.status, answer.body)
+        assert {"head": [False], "answer": [False]} == held
+        await r.settled()
+
+    async def test_with_another_request_in_flight_both_wait_for_the_end_of_the_pass(
+        self, rig: RigFactory, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        r = await rig(lambda seen: STALL if seen.target == "/stall" else Reply())
+        # On a connection of its own, taken before the pool has one.
+        (await r.connect()).send(get("/v1/invoke/billing/stall"))
+        await until("the other request sent", lambda: len(r.backend.seen) == 1)
+        app = await r.connect()
+        await app.get("/v1/invoke/billing/warm")  # pools a connection: the next is task-less
+        held = self.spy(monkeypatch)
+
+        answer = await app.get("/v1/invoke/billing/together")
+
+        assert (200, b"/together") == (answer.status, answer.body)
+        assert {"head": [True], "answer": [True]} == held
+        assert [] == [d for d in r.downstreams if d.unsent]  # and then sent
+        assert 1 == r.proxy.active  # the stalled one
 
 
 class TestUnexpectedErrors:
