@@ -273,8 +273,8 @@ class Proxy:
         self.active += 1
 
     def alone(self) -> bool:
-        """No request in flight but the caller's: its writes need not wait for the
-        end of the loop's pass, as nothing else can write with them (see Outbox)."""
+        """No request in flight but the caller's: the end of its answer need not wait
+        for the end of the loop's pass, as no other answer can go with it (Outbox)."""
         return self.active < 2
 
     def end(self) -> None:
@@ -1620,13 +1620,7 @@ class Exchange:
             server_span_route(req, trace.span, up)
             self.attempt_span = attempt = self._attempt_span(tracer, trace, stats)
             head = head.replace(trace.header, attempt.header, 1)
-        if conn.start(
-            [head, *req.body] if req.has_body else [head],
-            self,
-            req.method == b"HEAD",
-            False,
-            not down.proxy.alone(),
-        ):
+        if conn.start([head, *req.body] if req.has_body else [head], self, req.method == b"HEAD"):
             # The per-try deadline (the whole request is sent); see on_due.
             self.due = self.begun + up.try_timeout
             down.proxy.watch(self, loop)
@@ -1960,9 +1954,7 @@ class Exchange:
                         out.append(_CHUNK_END)
                 else:
                     out += body
-            if not conn.start(
-                out, self, req.method == b"HEAD", req.upgrade, not self.down.proxy.alone()
-            ):
+            if not conn.start(out, self, req.method == b"HEAD", req.upgrade):
                 return _CONNECT_FAILED  # reset right after the accept: nothing was sent
             if req.body_done:
                 # The whole request is sent: the upstream's time starts now (one timer:
@@ -2203,7 +2195,7 @@ class Exchange:
             self._out.append(_CHUNK_END)
         if self._out:
             down = self.down
-            if down.proxy.alone():  # at once: before the exchange's bookkeeping below
+            if down.proxy.alone():  # at once, not after the exchange's bookkeeping below
                 down.writelines(self._out)
             else:  # the answer's end (one read at most): with the pass's other writes
                 down.hold(self._out)

@@ -162,21 +162,6 @@ class TestUpstreamConnection:
         await next_pass()
         assert 2 == len(log)  # the head went once
 
-    async def test_a_head_not_held_is_written_at_once_after_what_is_held(self) -> None:
-        """`hold=False` (the request is alone in flight): written at once, in order."""
-        log: Log = []
-        conn, _ = upstream("up", log, Outbox(asyncio.get_running_loop()))
-        sink = Sink()
-        assert conn.start([b"GET /a HTTP/1.1\r\n\r\n"], sink, False)  # type: ignore[arg-type]
-        assert [] == log
-        assert conn.start([b"GET /b HTTP/1.1\r\n\r\n"], sink, False, hold=False)  # type: ignore[arg-type]
-        assert [
-            ("up", "write", b"GET /a HTTP/1.1\r\n\r\n"),
-            ("up", "write", b"GET /b HTTP/1.1\r\n\r\n"),
-        ] == log
-        await next_pass()
-        assert 2 == len(log)  # nothing sent twice
-
     async def test_an_abort_sends_what_is_held_first(self) -> None:
         """As when the head went at once: the abort drops only the transport's buffer."""
         log: Log = []
