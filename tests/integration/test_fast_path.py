@@ -1309,37 +1309,30 @@ class TestWritesOfARequestAlone:
         monkeypatch.setattr(DownstreamProtocol, "served", spy_served)
         return held
 
-    async def test_the_answer_of_a_request_alone_is_written_before_its_bookkeeping(
-        self, rig: RigFactory, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        r = await rig()
-        app = await r.connect()
-        await app.get("/v1/invoke/billing/warm")  # pools a connection: the next is task-less
-        held = self.spy(monkeypatch)
-
-        answer = await app.get("/v1/invoke/billing/alone")
-
-        assert (200, b"/alone") == (answer.status, answer.body)
-        assert {"head": [True], "answer": [False]} == held
-        await r.settled()
-
-    async def test_with_another_request_in_flight_the_answer_waits_for_the_end_of_the_pass(
-        self, rig: RigFactory, monkeypatch: pytest.MonkeyPatch
+    @pytest.mark.parametrize(
+        ("others_in_flight", "answer_held"), [(0, False), (1, True)], ids=["alone", "held"]
+    )
+    async def test_the_answer_waits_for_the_end_of_the_pass_only_with_another_in_flight(
+        self,
+        rig: RigFactory,
+        monkeypatch: pytest.MonkeyPatch,
+        others_in_flight: int,
+        answer_held: bool,
     ) -> None:
         r = await rig(lambda seen: STALL if seen.target == "/stall" else Reply())
-        # On a connection of its own, taken before the pool has one.
-        (await r.connect()).send(get("/v1/invoke/billing/stall"))
-        await until("the other request sent", lambda: len(r.backend.seen) == 1)
+        if others_in_flight:  # on a connection of its own, taken before the pool has one
+            (await r.connect()).send(get("/v1/invoke/billing/stall"))
+            await until("the other request sent", lambda: len(r.backend.seen) == 1)
         app = await r.connect()
         await app.get("/v1/invoke/billing/warm")  # pools a connection: the next is task-less
         held = self.spy(monkeypatch)
 
-        answer = await app.get("/v1/invoke/billing/together")
+        answer = await app.get("/v1/invoke/billing/it")
 
-        assert (200, b"/together") == (answer.status, answer.body)
-        assert {"head": [True], "answer": [True]} == held
-        assert [] == [d for d in r.downstreams if d.unsent]  # and then sent
-        assert 1 == r.proxy.active  # the stalled one
+        assert (200, b"/it") == (answer.status, answer.body)
+        assert {"head": [True], "answer": [answer_held]} == held
+        assert [] == [d for d in r.downstreams if d.unsent]  # what was held is sent
+        assert others_in_flight == r.proxy.active  # the stalled one, if any
 
 
 class TestUnexpectedErrors:
