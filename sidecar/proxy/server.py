@@ -273,8 +273,9 @@ class Proxy:
         self.active += 1
 
     def alone(self) -> bool:
-        """No request in flight but the caller's: the end of its answer need not wait
-        for the end of the loop's pass, as no other answer can go with it (Outbox)."""
+        """No request in flight but the caller's, so the end of its answer need not wait
+        for the end of the loop's pass: no other answer can go with it (Outbox). An
+        open WebSocket tunnel, a publish or a retry's back-off counts as in flight."""
         return self.active < 2
 
     def end(self) -> None:
