@@ -2194,12 +2194,10 @@ class Exchange:
             return
         if self.downstream_chunked:
             self._out.append(_CHUNK_END)
-        if self._out:
-            down = self.down
-            if down.proxy.alone():  # at once, not after the exchange's bookkeeping below
-                down.writelines(self._out)
-            else:  # the answer's end (one read at most): with the pass's other writes
-                down.hold(self._out)
+        if self.down.proxy.alone():
+            self.flush()  # at once, not after the exchange's bookkeeping below
+        elif self._out:  # the answer's end (one read at most): with the pass's other writes
+            self.down.hold(self._out)
             self._out = []
         # A request whose body the app is still sending can't share the connection,
         # and neither can the upstream connection that answered before reading it all.

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from sidecar.discovery.base import Endpoint
 from sidecar.proxy.forward import EndpointPool, Outbox, UpstreamConnection
 from sidecar.proxy.server import DownstreamProtocol, Proxy
@@ -224,21 +226,14 @@ class TestDownstreamProtocol:
             ("app", "write", b"third"),
         ] == log
 
-    async def test_a_close_sends_what_is_held_first(self) -> None:
+    @pytest.mark.parametrize("end", ["close", "abort"])
+    async def test_a_close_or_an_abort_sends_what_is_held_first(self, end: str) -> None:
         log: Log = []
         down, _ = downstream("app", log)
         down.hold([b"answer"])
-        down.close()
+        getattr(down, end)()
         await next_pass()
-        assert [("app", "write", b"answer"), ("app", "close", b"")] == log
-
-    async def test_an_abort_sends_what_is_held_first(self) -> None:
-        log: Log = []
-        down, _ = downstream("app", log)
-        down.hold([b"answer"])
-        down.abort()
-        await next_pass()
-        assert [("app", "write", b"answer"), ("app", "abort", b"")] == log
+        assert [("app", "write", b"answer"), ("app", end, b"")] == log
 
     async def test_held_is_unflushed_and_a_shutdown_closes_after_sending_it(self) -> None:
         """`finish` (a shutdown's last word) closes a connection whose answers are all
