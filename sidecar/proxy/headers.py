@@ -158,10 +158,43 @@ _REQUEST_SPECIAL: Final[frozenset[bytes]] = (
     _REQUEST_ONLY_DROP | _TRACE_CONTEXT | {b"close", b"host", b"x-forwarded-for"}
 )
 _RESPONSE_SPECIAL: Final[frozenset[bytes]] = HOP_BY_HOP | {b"close"}
-#: Their lengths: a field whose name has none of them is copied without lower-casing
-#: its name or looking it up (most fields: `Date`, `Server`, `Content-Type`, ...).
-_REQUEST_SPECIAL_LENGTHS: Final[frozenset[int]] = frozenset(len(n) for n in _REQUEST_SPECIAL)
-_RESPONSE_SPECIAL_LENGTHS: Final[frozenset[int]] = frozenset(len(n) for n in _RESPONSE_SPECIAL)
+#: Their lengths, as bits (`1 << length`): a field whose name has none of them is copied
+#: without lower-casing its name or looking it up (most fields: `Date`, `Server`,
+#: `Content-Type`, ...). A shift and a mask, compiled, where a set of lengths boxed the
+#: length and looked it up (docs/performance.md, "An eleventh machine").
+_REQUEST_LENGTH_BITS: Final[int] = sum({1 << len(n) for n in _REQUEST_SPECIAL})
+_RESPONSE_LENGTH_BITS: Final[int] = sum({1 << len(n) for n in _RESPONSE_SPECIAL})
+
+
+def _spellings(name: bytes) -> tuple[bytes, ...]:
+    """`name` (lower case) as it is usually written: as it is, each word capitalized
+    (`Keep-Alive`), in capitals (`TE`)."""
+    return (name, b"-".join(word.capitalize() for word in name.split(b"-")), name.upper())
+
+
+#: The usual spellings of the names the single pass treats specially, of the
+#: `Connection` tokens it takes as they are, and of the request fields the server reads
+#: (`DownstreamProtocol.on_headers_complete`), each mapped to its lower case: one lookup
+#: instead of `lower()`, a method call that makes a new object whose hash the set lookups
+#: after it compute again. Any other spelling is lower-cased as before.
+_LOWER: Final[dict[bytes, bytes]] = {
+    spelling: name
+    for name in (
+        _REQUEST_SPECIAL
+        | _RESPONSE_SPECIAL
+        | _REQUEST_HARMLESS
+        | _RESPONSE_HARMLESS
+        | {b"idempotency-key"}
+    )
+    for spelling in _spellings(name)
+}
+
+
+def lowered(value: bytes) -> bytes:
+    """`value.lower()`, looked up when it is one of `_LOWER`'s spellings."""
+    lower = _LOWER.get(value)
+    return value.lower() if lower is None else lower
+
 
 _CHUNKED_FRAMING: Final = b"Transfer-Encoding: chunked\r\n"
 #: Written again by the proxy for a tunnelled WebSocket handshake (the app's copies are
@@ -196,11 +229,12 @@ def request_head(
     xff = b""
     has_host = False
     for name, value in headers:
-        if len(name) in _REQUEST_SPECIAL_LENGTHS and (lname := name.lower()) in _REQUEST_SPECIAL:
+        special = (_REQUEST_LENGTH_BITS >> len(name)) & 1
+        if special and (lname := lowered(name)) in _REQUEST_SPECIAL:
             if lname in _REQUEST_ONLY_DROP:
                 # A lone token (`keep-alive`) is looked up as it is, without _tokens' set.
                 if lname == b"connection" and not (
-                    value.lower() in _REQUEST_HARMLESS or _tokens(value) <= _REQUEST_HARMLESS
+                    lowered(value) in _REQUEST_HARMLESS or _tokens(value) <= _REQUEST_HARMLESS
                 ):
                     break  # it may name a field already written: fall back, below
                 continue
@@ -257,13 +291,14 @@ def response_fields(headers: Headers, rechunk: bool) -> bytes:
     parts: list[bytes] = []
     codings: bytes | None = None  # the first Transfer-Encoding, as rechunked_encoding reads
     for name, value in headers:
-        if len(name) in _RESPONSE_SPECIAL_LENGTHS and (lname := name.lower()) in _RESPONSE_SPECIAL:
+        special = (_RESPONSE_LENGTH_BITS >> len(name)) & 1
+        if special and (lname := lowered(name)) in _RESPONSE_SPECIAL:
             if lname == b"transfer-encoding":
                 if codings is None:
                     codings = value
             elif lname == b"connection":
                 if not (
-                    value.lower() in _RESPONSE_HARMLESS or _tokens(value) <= _RESPONSE_HARMLESS
+                    lowered(value) in _RESPONSE_HARMLESS or _tokens(value) <= _RESPONSE_HARMLESS
                 ):
                     break  # as in request_head: fall back, below
             elif lname == b"close":

@@ -45,6 +45,7 @@ from sidecar.proxy.headers import (
     Headers,
     absolute_target,
     host_name,
+    lowered,
     request_head,
     response_fields,
     route_target,
@@ -110,21 +111,23 @@ _SHORTAGE_ERRNOS: Final = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, 
 _VERSIONS: Final = frozenset(("1.1", "1.0"))
 #: The lengths of the request fields `on_headers_complete` reads (content-length,
 #: transfer-encoding, expect, host, idempotency-key, traceparent, tracestate,
-#: connection, proxy-connection): a field of any other length is passed by without
-#: lower-casing its name.
-_READ_LENGTHS: Final = frozenset(
-    len(n)
-    for n in (
-        b"content-length",
-        b"transfer-encoding",
-        b"expect",
-        b"host",
-        b"idempotency-key",
-        b"traceparent",
-        b"tracestate",
-        b"connection",
-        b"proxy-connection",
-    )
+#: connection, proxy-connection), as bits (`1 << length`): a field of any other length
+#: is passed by without lower-casing its name.
+_READ_LENGTH_BITS: Final[int] = sum(
+    {
+        1 << len(n)
+        for n in (
+            b"content-length",
+            b"transfer-encoding",
+            b"expect",
+            b"host",
+            b"idempotency-key",
+            b"traceparent",
+            b"tracestate",
+            b"connection",
+            b"proxy-connection",
+        )
+    }
 )
 #: The fields llhttp reads a request's keep-alive and upgrade from.
 _CONNECTION_FIELDS: Final = frozenset((b"connection", b"proxy-connection"))
@@ -640,9 +643,9 @@ class DownstreamProtocol(asyncio.Protocol):
         refused: str | None = None  # the first field refused: raised after the version's check
         for name, value in req.headers:
             size += len(name) + len(value)
-            if len(name) not in _READ_LENGTHS:
+            if not (_READ_LENGTH_BITS >> len(name)) & 1:
                 continue  # none of the fields read below (most fields)
-            lname = name.lower()
+            lname = lowered(name)
             if lname == b"content-length":
                 req.content_length = length = value.strip()
                 req.has_body = length != b"0"
@@ -1424,8 +1427,9 @@ class DownstreamProtocol(asyncio.Protocol):
 class Exchange:
     """One app request through one upstream: admission, attempts, and the response relay.
 
-    Implements `forward.ResponseSink`: the upstream connection calls it as the
-    response arrives, and it writes straight to the app's transport.
+    It is `forward.ResponseSink`, where an upstream response goes: the upstream
+    connection calls it as the response arrives, and it writes straight to the app's
+    transport.
 
     Timers measure the upstream, never the app: the overall `timeout` starts once
     the app's whole request is in (for a request without a body, at once), and
@@ -2095,7 +2099,7 @@ class Exchange:
         if fut is not None and not fut.done():
             fut.set_result(_CLIENT_GONE)
 
-    # -- forward.ResponseSink --------------------------------------------------------------------
+    # -- forward.ResponseSink: what the upstream connection calls ----------------------------------
 
     def on_interim(self, status: int, reason: bytes, headers: Headers) -> None:
         """Relay a 1xx the upstream sent on its own (103 Early Hints) to an HTTP/1.1 app
@@ -2147,7 +2151,9 @@ class Exchange:
         )
 
     def on_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
-        """The upstream answered 101: relay it, then join the two sockets in a tunnel."""
+        """The upstream answered 101 (already given to `on_response_head`): relay it, then
+        join the two sockets in a tunnel. `rest` is what the upstream sent after the 101
+        head; the connection no longer reads or pools its transport."""
         fut = self._fut
         down = self.down
         transport = down.transport
@@ -2180,6 +2186,7 @@ class Exchange:
             self._out.append(chunk)
 
     def flush(self) -> None:
+        """Write what the last `data_received` produced, in one go."""
         if self._out:
             self.down.writelines(self._out)
             self._out = []

@@ -16,6 +16,7 @@ from sidecar.proxy.headers import (
     PROTECTED,
     absolute_target,
     host_name,
+    lowered,
     rechunked_encoding,
     request_head,
     request_headers,
@@ -573,3 +574,32 @@ class TestResponseFields:
         assert 0 == len(calls)
         response_fields([(b"Connection", b"x-internal")], False)
         assert 1 == len(calls)
+
+
+class TestLowered:
+    def test_every_spelling_looked_up_is_its_lower_case(self) -> None:
+        """The names and tokens looked up instead of lower-cased map to `lower()`'s result,
+        in their usual spellings: as they are, capitalized by word, in capitals."""
+        table = headers_module._LOWER
+        assert all(spelling.lower() == name for spelling, name in table.items())
+        for name in (b"connection", b"keep-alive", b"host", b"content-length", b"close"):
+            title = b"-".join(word.capitalize() for word in name.split(b"-"))
+            for spelling in (name, title, name.upper()):
+                assert lowered(spelling) is table[spelling]  # looked up, not made anew
+
+    @given(st.binary(max_size=24), st.sampled_from([bytes.lower, bytes.upper, bytes.title]))
+    def test_any_bytes_come_out_as_lower_makes_them(self, data: bytes, case: Any) -> None:
+        spelled = case(data)
+        assert spelled.lower() == lowered(spelled)
+
+    @pytest.mark.parametrize("length", [1, 19, 20, 63, 64, 65, 200, 5000])
+    def test_names_of_any_length_are_copied_by_the_single_pass(self, length: int) -> None:
+        """A field name's length is tested against the special names' lengths as a bit
+        of an integer: a long name (past the integer's width) is copied like any other,
+        and one as long as a special name is still compared."""
+        for name in (b"x" * length, b"X-" + b"a" * max(length - 2, 0)):
+            headers = [(b"Host", b"h"), (name, b"v"), (b"Connection", b"keep-alive")]
+            options = REQUEST_OPTIONS[0]
+            expected = composed_request_head(b"GET", b"/", headers, b"ip", **options)
+            assert expected == request_head(b"GET", b"/", headers, b"ip", **options)
+            assert composed_response_fields(headers, True) == response_fields(headers, True)

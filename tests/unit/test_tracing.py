@@ -774,3 +774,46 @@ class TestReviewFindings:
             env={"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": "j:4317"}
         ).telemetry.tracing
         assert tracing.endpoint == "http://j:4317"
+
+
+class TestNewTraceIds:
+    def test_new_traces_draw_their_ids_a_batch_at_a_time(self) -> None:
+        """A new trace takes the next 192 bits of one draw made for many: every id
+        distinct and valid, the context's ids those of its header, one draw a batch."""
+        t, _ = tracer({"sampler_ratio": 0.0})
+        real = t._rand
+        draws: list[int] = []
+
+        def counted(bits: int) -> int:
+            draws.append(bits)
+            return real(bits)
+
+        t._rand = counted
+        contexts = [t.begin(None, None, "GET", SERVER) for _ in range(3 * tracing._ID_BATCH + 1)]
+        assert [192 * tracing._ID_BATCH] * 4 == draws
+        assert len(contexts) == len({c.header for c in contexts})
+        for context in contexts:
+            assert parse_traceparent(context.header) == (context.trace_id, context.span_id, False)
+            assert context.log_ids() == {
+                "trace_id": context.header[3:35].decode(),
+                "span_id": context.header[36:52].decode(),
+            }
+
+    @pytest.mark.parametrize("ratio", [0.0, 0.01, 0.5, 1.0])
+    def test_a_new_trace_is_sampled_as_sample_root_decides(self, ratio: float) -> None:
+        """Decided on the hex digits of the trace id's low 64 bits, as `Sampler.sample_root`
+        decides on the integer: also for ids one under, at and over the bound."""
+        t, _ = tracer({"sampler_ratio": ratio})
+        bound = t.sampler.bound
+        edges = [low for low in (bound - 1, bound, bound + 1) if 0 < low < 1 << 64]
+        for low in [*edges, *(random.getrandbits(64) or 1 for _ in range(300))]:
+            bits = (random.getrandbits(64) or 1) << 128 | low << 64 | 0x0123
+
+            def draw(_: int, bits: int = bits) -> int:
+                return bits  # the batch's lowest 192 bits: this trace's
+
+            t._rand = draw
+            t._ids_end = 0  # a new draw for each
+            context = t.begin(None, None, "GET", SERVER)
+            assert context.trace_id == bits >> 64
+            assert context.sampled == t.sampler.sample_root(bits >> 64) == (low < bound)
